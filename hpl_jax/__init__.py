@@ -1,0 +1,1 @@
+"""hpl-jax: Hierarchical Proxy-based Loss (Yang et al., WACV 2022) in JAX/Flax."""
