@@ -1,0 +1,134 @@
+"""The embedded default: HPL on Proxy-Anchor, a small ResNet, the procedurally generated dataset.
+
+This file is also the base every dataset config imports and overrides; each field is documented here.
+
+Run (no download, CPU is enough):
+  python -m hpl_jax.main --config=configs/default.py --workdir=/tmp/hpl_default
+Flat Proxy-Anchor on the same data, for comparison:
+  python -m hpl_jax.main --config=configs/default.py --workdir=/tmp/pa_default --config.hpl.weights='(1.0,)'
+Expected: see README.md, "The default run" (runtime and Recall@1 measured on a 2-core CPU).
+"""
+import ml_collections
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    # Seed of everything random: parameter init, data order, augmentation, k-means.
+    config.seed = 0
+
+    config.dataset = dataset = ml_collections.ConfigDict()
+    # Which data: 'synthetic' (embedded, no files), 'cub', 'cars', 'sop', 'inshop', 'cifar100', 'image_folder'.
+    dataset.name = "synthetic"
+    # TFDS data_dir (where prepared TFDS datasets live), or the root of an image folder. '' = TFDS default.
+    dataset.data_dir = ""
+    # TFDS manual_dir for datasets whose files must be placed by hand (In-Shop, Cars196). '' = TFDS default.
+    dataset.manual_dir = ""
+    # Side of the square training/test crop fed to the network.
+    dataset.image_size = 32
+    # Test transform: resize the shorter side to this, then centre-crop image_size (224 * 8 / 7 = 256).
+    dataset.resize_size = 36
+    # Train transform: random resized crop with this area fraction range and aspect-ratio range, then flip.
+    dataset.crop_scale = (0.25, 1.0)
+    dataset.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
+    dataset.horizontal_flip = True
+    # Per-channel normalisation of [0, 1] RGB pixels (ImageNet statistics).
+    dataset.mean = (0.485, 0.456, 0.406)
+    dataset.std = (0.229, 0.224, 0.225)
+    # 'random' (plain shuffled batches, the Proxy-Anchor recipe) or 'class_balanced' (m images per class).
+    dataset.sampler = "random"
+    # m for the class-balanced sampler (global batch size must be a multiple of it).
+    dataset.samples_per_class = 4
+    # tf.data shuffle buffer (TFDS datasets only); the synthetic data shuffles exactly.
+    dataset.shuffle_buffer = 16384
+    # The embedded dataset: coarse families of fine classes that share visible structure.
+    dataset.synthetic = synthetic = ml_collections.ConfigDict()
+    synthetic.num_families = 6
+    synthetic.classes_per_family = 8  # half of each family trains, the other half is the unseen test set
+    synthetic.images_per_class = 40
+
+    config.model = model = ml_collections.ConfigDict()
+    # 'resnet18', 'resnet34', 'resnet50' (torchvision v1.5 layout).
+    model.backbone = "resnet18"
+    # Channel multiplier of the backbone (1.0 = the published widths); small values for CPU runs.
+    model.width = 0.25
+    # d, the embedding dimension (512 in the benchmarks).
+    model.embedding_dim = 64
+    # True: BatchNorm uses fixed running statistics (CUB, Cars); False: train mode, synchronised over devices.
+    model.bn_frozen = False
+    # Compute dtype of the backbone ('float32' or 'bfloat16'); parameters stay float32.
+    model.dtype = "float32"
+    # Path of converted ImageNet weights (python -m hpl_jax.convert_weights); '' = random init.
+    model.pretrained = ""
+
+    config.loss = loss = ml_collections.ConfigDict()
+    # Base proxy loss applied at every level: 'proxy_anchor' or 'proxy_nca'.
+    loss.base = "proxy_anchor"
+    # Proxy-Anchor scale alpha and margin delta.
+    loss.alpha = 32.0
+    loss.delta = 0.1
+    # Proxy-NCA softmax temperature T, and whether the positive is left out of the denominator.
+    loss.temperature = 1.0 / 32.0
+    loss.exclude_positive = False
+
+    config.hpl = hpl = ml_collections.ConfigDict()
+    # w_l per level; its length is the number of levels L + 1. (1.0,) = the flat base loss.
+    hpl.weights = (1.0, 0.1)
+    # K_l for l = 1..L (decreasing, each smaller than the level below). Only the first len(weights) - 1 used.
+    hpl.num_coarse = (6,)
+    # What level 1's first grouping clusters: 'class_means' (train embeddings of the initial network)
+    # or 'proxies' (the initial fine proxies).
+    hpl.first_grouping = "class_means"
+    # Refresh the groupings every this many steps; 0 = once per epoch (at each epoch's end).
+    hpl.refresh_every_steps = 0
+    # At a refresh, coarse proxies are 'reset' to the normalised cluster centres (moments zeroed), or
+    # 'rematch': kept, and the new clusters matched to them (Hungarian matching).
+    hpl.coarse_policy = "reset"
+    # Use the dataset's ground-truth super-classes for level 1 instead of k-means (ablation).
+    hpl.ground_truth_level1 = False
+
+    config.optim = optim = ml_collections.ConfigDict()
+    # Base learning rate of AdamW (the backbone's).
+    optim.lr = 1e-3
+    # Decoupled weight decay, applied to every trainable group.
+    optim.weight_decay = 1e-4
+    # Learning-rate multipliers by parameter path, first match wins. Paths look like
+    # 'model/backbone/...', 'model/embedding/kernel', 'proxies/0' (level 0), 'proxies/1', ...
+    optim.lr_mults = (("proxies/.*", 100.0),)
+    # Epochs at the start during which only the parameters matching warmup_trainable train.
+    optim.warmup_epochs = 1
+    optim.warmup_trainable = ("model/embedding/.*", "proxies/.*")
+    # Parameters that never train (regexes on the same paths), e.g. BatchNorm scale/bias.
+    optim.frozen = ()
+    # Element-wise gradient clipping to [-clip, clip] (0 = off).
+    optim.grad_clip_value = 10.0
+    # Step decay: multiply the learning rate by gamma every decay_epochs epochs, counted from epoch 0.
+    optim.decay_epochs = 5
+    optim.decay_gamma = 0.5
+
+    # Global batch size over all devices of all hosts (must divide by the device count).
+    config.batch_size = 64
+    config.num_epochs = 8
+
+    config.eval = eval_config = ml_collections.ConfigDict()
+    # Evaluate on the test split every this many epochs (and always at the end, and at epoch 0).
+    eval_config.every_epochs = 1
+    # Global batch size of evaluation (a multiple of the device count; the last batch is padded).
+    eval_config.batch_size = 128
+    # K of the Recall@K table.
+    eval_config.recall_at = (1, 2, 4, 8)
+    # Also compute NMI (k-means on the test embeddings; slow for SOP-scale test sets).
+    eval_config.nmi = True
+    # Queries per chunk of the blocked similarity search.
+    eval_config.chunk_size = 1024
+
+    config.checkpoint = ckpt = ml_collections.ConfigDict()
+    # Keep the last this many epoch checkpoints.
+    ckpt.keep = 2
+    # Also keep the best checkpoint by this metric (a key of the evaluation metrics; '' = don't).
+    ckpt.best_metric = "recall@1"
+    # Additionally save every this many steps inside an epoch (0 = only at epoch ends).
+    ckpt.every_steps = 0
+
+    # Progress line and TensorBoard scalars every this many steps.
+    config.log_every_steps = 10
+    return config

@@ -1,0 +1,165 @@
+"""Checks of every config field, run before any compile or data read.
+
+A bad value stops the run with one `ConfigError` whose message names the field and what to do.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+from hpl_jax import data
+
+BASE_LOSSES = ("proxy_anchor", "proxy_nca")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "bn_inception")
+DTYPES = ("float32", "bfloat16")
+FIRST_GROUPINGS = ("class_means", "proxies")
+COARSE_POLICIES = ("reset", "rematch")
+SAMPLERS = ("random", "class_balanced")
+METRIC_NAMES = ("precision@1", "r_precision", "map@r", "nmi")
+
+
+class ConfigError(ValueError):
+    """A config value a user can fix; the message names the field."""
+
+
+def _require(condition: bool, field: str, problem: str) -> None:
+    if not condition:
+        raise ConfigError(f"config.{field}: {problem}")
+
+
+def _check_regexes(patterns, field: str) -> None:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ConfigError(f"config.{field}: {pattern!r} is not a valid regex ({error}).") from None
+
+
+def validate_config(config, *, device_count: int, process_count: int) -> None:
+    """Checks each field on its own and against the device layout; raises ConfigError."""
+    dataset = config.dataset
+    _require(dataset.name in data.DATASETS, "dataset.name",
+             f"{dataset.name!r} is unknown; use one of {', '.join(data.DATASETS)}.")
+    if dataset.name == "image_folder":
+        _require(bool(dataset.data_dir), "dataset.data_dir",
+                 "is empty; set it to the image folder root (ROOT/<class>/<images>).")
+    if dataset.data_dir and not dataset.data_dir.startswith("gs://"):
+        _require(os.path.isdir(dataset.data_dir), "dataset.data_dir",
+                 f"{dataset.data_dir!r} is not a directory; create it or point it at the data.")
+    if dataset.manual_dir and not dataset.manual_dir.startswith("gs://"):
+        _require(os.path.isdir(dataset.manual_dir), "dataset.manual_dir",
+                 f"{dataset.manual_dir!r} is not a directory; point it at the folder with the dataset files.")
+    _require(dataset.image_size >= 8, "dataset.image_size", f"{dataset.image_size} is too small; use >= 8.")
+    _require(dataset.resize_size >= dataset.image_size, "dataset.resize_size",
+             f"{dataset.resize_size} must be >= dataset.image_size ({dataset.image_size}).")
+    low, high = dataset.crop_scale
+    _require(0 < low <= high <= 1, "dataset.crop_scale", f"{dataset.crop_scale} must satisfy 0 < min <= max <= 1.")
+    low, high = dataset.crop_ratio
+    _require(0 < low <= high, "dataset.crop_ratio", f"{dataset.crop_ratio} must satisfy 0 < min <= max.")
+    _require(len(dataset.mean) == 3 and len(dataset.std) == 3 and min(dataset.std) > 0, "dataset.mean/std",
+             "need three values each, std > 0.")
+    _require(dataset.sampler in SAMPLERS, "dataset.sampler", f"{dataset.sampler!r}; use one of {SAMPLERS}.")
+    if dataset.sampler == "class_balanced":
+        _require(dataset.samples_per_class >= 2 and config.batch_size % dataset.samples_per_class == 0,
+                 "dataset.samples_per_class",
+                 f"{dataset.samples_per_class} must be >= 2 and divide config.batch_size ({config.batch_size}).")
+    _require(dataset.shuffle_buffer >= 1, "dataset.shuffle_buffer", "must be >= 1.")
+    synthetic = dataset.synthetic
+    _require(synthetic.num_families >= 2, "dataset.synthetic.num_families", "must be >= 2.")
+    _require(synthetic.classes_per_family >= 2, "dataset.synthetic.classes_per_family",
+             "must be >= 2 (half train, half test).")
+    _require(synthetic.images_per_class >= 2, "dataset.synthetic.images_per_class", "must be >= 2.")
+
+    model = config.model
+    _require(model.backbone in BACKBONES, "model.backbone", f"{model.backbone!r}; use one of {BACKBONES}.")
+    _require(model.width > 0, "model.width", f"{model.width} must be > 0.")
+    _require(model.embedding_dim >= 2, "model.embedding_dim", f"{model.embedding_dim} must be >= 2.")
+    _require(model.dtype in DTYPES, "model.dtype", f"{model.dtype!r}; use one of {DTYPES}.")
+    if model.pretrained and not model.pretrained.startswith("gs://"):
+        _require(os.path.isdir(model.pretrained), "model.pretrained",
+                 f"{model.pretrained!r} does not exist; convert weights with `python -m hpl_jax.convert_weights` "
+                 "and pass the output directory.")
+
+    loss = config.loss
+    _require(loss.base in BASE_LOSSES, "loss.base", f"{loss.base!r}; use one of {BASE_LOSSES}.")
+    _require(loss.alpha > 0, "loss.alpha", "must be > 0.")
+    _require(loss.delta >= 0, "loss.delta", "must be >= 0.")
+    _require(loss.temperature > 0, "loss.temperature", "must be > 0.")
+
+    hpl = config.hpl
+    weights = tuple(hpl.weights)
+    _require(len(weights) >= 1 and weights[0] > 0 and min(weights) >= 0, "hpl.weights",
+             f"{weights}: need at least the level-0 weight, w_0 > 0 and every w_l >= 0.")
+    num_coarse = tuple(hpl.num_coarse)[:len(weights) - 1]
+    _require(len(num_coarse) == len(weights) - 1, "hpl.num_coarse",
+             f"{tuple(hpl.num_coarse)} gives {len(hpl.num_coarse)} coarse level(s) but hpl.weights has "
+             f"{len(weights)} entries; give one K_l per level above 0.")
+    for level, k in enumerate(num_coarse, start=1):
+        _require(k >= 2, "hpl.num_coarse", f"K_{level} = {k} must be >= 2.")
+        if level > 1:
+            _require(k < num_coarse[level - 2], "hpl.num_coarse",
+                     f"K_{level} = {k} must be smaller than K_{level - 1} = {num_coarse[level - 2]}.")
+    _require(hpl.first_grouping in FIRST_GROUPINGS, "hpl.first_grouping",
+             f"{hpl.first_grouping!r}; use one of {FIRST_GROUPINGS}.")
+    _require(hpl.refresh_every_steps >= 0, "hpl.refresh_every_steps", "must be >= 0 (0 = every epoch).")
+    _require(hpl.coarse_policy in COARSE_POLICIES, "hpl.coarse_policy",
+             f"{hpl.coarse_policy!r}; use one of {COARSE_POLICIES}.")
+    if hpl.ground_truth_level1:
+        _require(len(weights) == 2, "hpl.ground_truth_level1",
+                 "the ground-truth hierarchy has one level above the classes; set hpl.weights to two entries.")
+
+    optim = config.optim
+    _require(optim.lr > 0, "optim.lr", "must be > 0.")
+    _require(optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0.")
+    for entry in optim.lr_mults:
+        _require(len(entry) == 2 and entry[1] >= 0, "optim.lr_mults",
+                 f"{entry!r}: each entry is (regex, multiplier >= 0).")
+    _check_regexes([entry[0] for entry in optim.lr_mults], "optim.lr_mults")
+    _check_regexes(optim.warmup_trainable, "optim.warmup_trainable")
+    _check_regexes(optim.frozen, "optim.frozen")
+    _require(0 <= optim.warmup_epochs < config.num_epochs, "optim.warmup_epochs",
+             f"{optim.warmup_epochs} must be >= 0 and smaller than config.num_epochs ({config.num_epochs}).")
+    _require(optim.grad_clip_value >= 0, "optim.grad_clip_value", "must be >= 0 (0 = off).")
+    _require(optim.decay_epochs >= 1, "optim.decay_epochs", "must be >= 1.")
+    _require(0 < optim.decay_gamma <= 1, "optim.decay_gamma", "must be in (0, 1].")
+
+    _require(config.num_epochs >= 1, "num_epochs", "must be >= 1.")
+    _require(config.batch_size >= device_count and config.batch_size % device_count == 0, "batch_size",
+             f"{config.batch_size} is not divisible by the {device_count} devices; use a multiple of "
+             f"{device_count}.")
+    _require(config.batch_size % process_count == 0, "batch_size",
+             f"{config.batch_size} is not divisible by the {process_count} processes.")
+
+    evaluation = config.eval
+    _require(evaluation.every_epochs >= 1, "eval.every_epochs", "must be >= 1.")
+    _require(evaluation.batch_size >= device_count and evaluation.batch_size % device_count == 0,
+             "eval.batch_size", f"{evaluation.batch_size} is not divisible by the {device_count} devices.")
+    recall_at = tuple(evaluation.recall_at)
+    _require(len(recall_at) >= 1 and all(isinstance(k, int) and k >= 1 for k in recall_at), "eval.recall_at",
+             f"{recall_at}: give positive integers.")
+    _require(evaluation.chunk_size >= 1, "eval.chunk_size", "must be >= 1.")
+
+    checkpoint = config.checkpoint
+    _require(checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1.")
+    _require(checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0 = epoch ends only).")
+    valid_metrics = tuple(f"recall@{k}" for k in recall_at) + METRIC_NAMES
+    if checkpoint.best_metric:
+        _require(checkpoint.best_metric in valid_metrics, "checkpoint.best_metric",
+                 f"{checkpoint.best_metric!r}; use '' or one of {valid_metrics}.")
+        _require(checkpoint.best_metric != "nmi" or evaluation.nmi, "checkpoint.best_metric",
+                 "'nmi' needs config.eval.nmi = True.")
+    _require(config.log_every_steps >= 1, "log_every_steps", "must be >= 1.")
+
+
+def validate_against_dataset(config, info: data.DatasetInfo) -> None:
+    """Checks that need the dataset's sizes (known before any image is read)."""
+    num_coarse = tuple(config.hpl.num_coarse)[:len(config.hpl.weights) - 1]
+    if num_coarse:
+        _require(num_coarse[0] < info.num_train_classes, "hpl.num_coarse",
+                 f"K_1 = {num_coarse[0]} must be smaller than the {info.num_train_classes} training classes of "
+                 f"{info.name}.")
+    if config.hpl.ground_truth_level1:
+        _require(info.train_super_labels is not None, "hpl.ground_truth_level1",
+                 f"{info.name} has no ground-truth super-classes; set it to False.")
+    _require(config.batch_size <= info.num_train_examples, "batch_size",
+             f"{config.batch_size} exceeds the {info.num_train_examples} training images; lower it.")

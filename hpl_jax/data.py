@@ -1,0 +1,124 @@
+"""What the training loop asks of a dataset, whichever source it comes from.
+
+A dataset is class-disjoint (METHOD.md, "Benchmarks and class splits"): train labels are 0..C-1, test labels
+are 0..C_test-1 and name other classes. Every host reads only its own shard. Two sources implement it:
+`synthetic.py` (NumPy, the embedded default) and `input_pipeline.py` (tf.data + TFDS, the only module that
+imports TensorFlow); `get_dataset` picks one and never imports TensorFlow for the synthetic default.
+
+Batches are dicts of host-local NumPy arrays:
+  train:  {'image': f32[local_batch, H, W, 3], 'label': i32[local_batch]}
+  eval:   {'image': f32[local_batch, H, W, 3], 'label': i32[local_batch], 'mask': bool[local_batch]}
+`shard_for_devices` reshapes them to [local_devices, per_device_batch, ...] for pmap.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+from typing import Dict, Iterator, Optional, Protocol, Sequence, Tuple
+
+import jax
+import numpy as np
+
+Batch = Dict[str, np.ndarray]
+
+SYNTHETIC = "synthetic"
+TFDS_DATASETS = ("cub", "cars", "sop", "inshop", "cifar100", "image_folder")
+DATASETS = (SYNTHETIC,) + TFDS_DATASETS
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts the training loop needs before it reads any image.
+
+    Attributes:
+      name: the `config.dataset.name` it came from.
+      num_train_classes: C, the number of fine proxies.
+      num_train_examples: training images over all hosts (steps per epoch follow from it).
+      image_shape: (H, W, 3) of the batches.
+      eval_splits: ('test',) for self-retrieval (CUB, Cars, SOP) or ('query', 'gallery') (In-Shop).
+      num_eval_examples: images of each eval split over all hosts, e.g. {'test': 5924}.
+      train_super_labels: i32[num_train_classes], the ground-truth super-class of each train class, if any.
+      test_super_labels: i32[num_test_classes], the same for the test classes, if any.
+    """
+
+    name: str
+    num_train_classes: int
+    num_train_examples: int
+    image_shape: Tuple[int, int, int]
+    eval_splits: Tuple[str, ...]
+    num_eval_examples: Dict[str, int]
+    train_super_labels: Optional[np.ndarray] = None
+    test_super_labels: Optional[np.ndarray] = None
+
+
+class Dataset(Protocol):
+    info: DatasetInfo
+
+    def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """This host's training batches of `epoch`, in an order fixed by (seed, epoch).
+
+        Yields exactly `steps_per_epoch - start_step` batches of `local_batch_size` (the last partial global
+        batch is dropped, as the Proxy-Anchor recipe does); `start_step` skips ahead when resuming mid-epoch.
+        """
+
+    def eval_batches(self, split: str) -> Iterator[Batch]:
+        """This host's share of `split` ('test', 'query', 'gallery', or 'train' with test transforms).
+
+        Every example of the split appears exactly once over all hosts with mask True; the last batches are
+        padded (mask False) so that every host yields the same number of full local batches.
+        """
+
+
+def steps_per_epoch(num_train_examples: int, global_batch_size: int) -> int:
+    return num_train_examples // global_batch_size
+
+
+def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
+    return -(-num_examples // global_batch_size)
+
+
+def host_shard(num_examples: int, process_index: int, process_count: int) -> np.ndarray:
+    """Indices of the examples a host reads: a strided slice, so every example belongs to one host."""
+    return np.arange(process_index, num_examples, process_count)
+
+
+def get_dataset(config, *, local_batch_size: int, local_eval_batch_size: int,
+                process_index: int = 0, process_count: int = 1) -> Dataset:
+    """Builds the dataset named by `config.dataset.name` for this host."""
+    name = config.dataset.name
+    if name == SYNTHETIC:
+        from hpl_jax import synthetic
+        return synthetic.SyntheticDataset(
+            config, local_batch_size=local_batch_size, local_eval_batch_size=local_eval_batch_size,
+            process_index=process_index, process_count=process_count)
+    if name in TFDS_DATASETS:
+        from hpl_jax import input_pipeline
+        return input_pipeline.create_dataset(
+            config, local_batch_size=local_batch_size, local_eval_batch_size=local_eval_batch_size,
+            process_index=process_index, process_count=process_count)
+    raise ValueError(f"config.dataset.name={name!r} is unknown; use one of {DATASETS}.")
+
+
+def shard_for_devices(batch: Batch, num_devices: int) -> Batch:
+    """[local_batch, ...] -> [num_devices, local_batch // num_devices, ...] for pmap."""
+    return jax.tree_util.tree_map(
+        lambda x: x.reshape((num_devices, x.shape[0] // num_devices) + x.shape[1:]), batch)
+
+
+def prefetch_to_devices(batches: Iterator[Batch], size: int = 2,
+                        devices: Optional[Sequence[jax.Device]] = None) -> Iterator[Batch]:
+    """Shards host batches over the local devices and keeps `size` of them in flight on the devices."""
+    devices = list(devices or jax.local_devices())
+    queue = collections.deque()
+
+    def put(batch):
+        sharded = shard_for_devices(batch, len(devices))
+        return jax.tree_util.tree_map(lambda x: jax.device_put_sharded(list(x), devices), sharded)
+
+    for batch in itertools.islice(batches, size):
+        queue.append(put(batch))
+    while queue:
+        yield queue.popleft()
+        for batch in itertools.islice(batches, 1):
+            queue.append(put(batch))

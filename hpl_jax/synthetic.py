@@ -1,0 +1,166 @@
+"""The embedded default dataset: procedurally generated images with a known two-level hierarchy.
+
+Made in memory from `config.seed` with NumPy alone (no files, no download, no TensorFlow). Each coarse *family*
+fixes a palette and a stripe orientation; each fine *class* inside it adds its own stripe frequency, a colour
+shift and a blob at its own place. Every image is its class's pattern under a random phase, shift, contrast
+and noise. As in the real benchmarks, the classes are split disjointly: the first half of each family's classes
+trains, the other half is the unseen test set, so the test measures what the embedding learned about the
+families' shared structure.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from hpl_jax import data
+
+
+def _class_patterns(rng: np.random.Generator, num_families: int, classes_per_family: int):
+    """Random parameters of every class; families share palette and orientation."""
+    classes = []
+    for family in range(num_families):
+        palette = rng.uniform(0.15, 0.85, size=(2, 3))
+        orientation = np.pi * family / num_families + rng.uniform(-0.1, 0.1)
+        for _ in range(classes_per_family):
+            classes.append(dict(
+                family=family,
+                colours=np.clip(palette + rng.normal(0.0, 0.08, size=(2, 3)), 0.0, 1.0),
+                orientation=orientation + rng.normal(0.0, 0.08),
+                frequency=rng.uniform(1.5, 5.0),
+                blob_centre=rng.uniform(0.25, 0.75, size=2),
+                blob_colour=rng.uniform(0.0, 1.0, size=3),
+            ))
+    return classes
+
+
+def render_images(rng: np.random.Generator, pattern: dict, num_images: int, size: int) -> np.ndarray:
+    """Images of one class, f32[num_images, size, size, 3] in [0, 1]."""
+    coords = (np.arange(size) + 0.5) / size
+    y, x = np.meshgrid(coords, coords, indexing="ij")
+    images = np.empty((num_images, size, size, 3), np.float32)
+    for i in range(num_images):
+        shift = rng.uniform(-0.12, 0.12, size=2)
+        theta = pattern["orientation"] + rng.normal(0.0, 0.05)
+        phase = rng.uniform(0.0, 2.0 * np.pi)
+        along = (x - shift[1]) * np.cos(theta) + (y - shift[0]) * np.sin(theta)
+        stripes = 0.5 + 0.5 * np.sin(2.0 * np.pi * pattern["frequency"] * along + phase)
+        low, high = pattern["colours"]
+        image = low + stripes[..., None] * (high - low)
+        centre = pattern["blob_centre"] + shift
+        blob = np.exp(-((y - centre[0]) ** 2 + (x - centre[1]) ** 2) / (2 * 0.12 ** 2))
+        image = image * (1.0 - 0.7 * blob[..., None]) + 0.7 * blob[..., None] * pattern["blob_colour"]
+        image = rng.uniform(0.7, 1.2) * (image - 0.5) + 0.5 + rng.normal(0.0, 0.06, size=image.shape)
+        images[i] = np.clip(image, 0.0, 1.0)
+    return images
+
+
+def random_resized_crop(rng: np.random.Generator, images: np.ndarray, out_size: int, scale, ratio,
+                        flip: bool) -> np.ndarray:
+    """Inception-style random resized crop (bilinear) and horizontal flip, f32[n, S, S, 3] -> [n, out, out, 3]."""
+    n, height, width, _ = images.shape
+    area = height * width * rng.uniform(scale[0], scale[1], size=n)
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), size=n))
+    crop_h = np.clip(np.sqrt(area / aspect), 1.0, height)
+    crop_w = np.clip(np.sqrt(area * aspect), 1.0, width)
+    top = rng.uniform(0.0, 1.0, size=n) * (height - crop_h)
+    left = rng.uniform(0.0, 1.0, size=n) * (width - crop_w)
+    steps = (np.arange(out_size) + 0.5) / out_size
+    ys = np.clip(top[:, None] + steps[None] * crop_h[:, None] - 0.5, 0.0, height - 1.0)  # [n, out]
+    xs = np.clip(left[:, None] + steps[None] * crop_w[:, None] - 0.5, 0.0, width - 1.0)
+    if flip:
+        flipped = rng.uniform(size=n) < 0.5
+        xs = np.where(flipped[:, None], xs[:, ::-1], xs)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, height - 1), np.minimum(x0 + 1, width - 1)
+    wy, wx = (ys - y0)[:, :, None, None], (xs - x0)[:, None, :, None]
+    idx = np.arange(n)[:, None, None]
+
+    def gather(yy, xx):
+        return images[idx, yy[:, :, None], xx[:, None, :]]
+
+    top_row = gather(y0, x0) * (1 - wx) + gather(y0, x1) * wx
+    bottom_row = gather(y1, x0) * (1 - wx) + gather(y1, x1) * wx
+    return (top_row * (1 - wy) + bottom_row * wy).astype(np.float32)
+
+
+def center_crop(images: np.ndarray, out_size: int) -> np.ndarray:
+    top = (images.shape[1] - out_size) // 2
+    left = (images.shape[2] - out_size) // 2
+    return images[:, top:top + out_size, left:left + out_size]
+
+
+class SyntheticDataset:
+    """The embedded default behind the `data.Dataset` protocol (see data.py for the batch format)."""
+
+    def __init__(self, config, *, local_batch_size: int, local_eval_batch_size: int,
+                 process_index: int = 0, process_count: int = 1):
+        synthetic = config.dataset.synthetic
+        self._config = config
+        self._local_batch_size = local_batch_size
+        self._local_eval_batch_size = local_eval_batch_size
+        self._process_index = process_index
+        self._process_count = process_count
+        self._mean = np.asarray(config.dataset.mean, np.float32)
+        self._std = np.asarray(config.dataset.std, np.float32)
+
+        rng = np.random.default_rng(config.seed)
+        patterns = _class_patterns(rng, synthetic.num_families, synthetic.classes_per_family)
+        num_train_per_family = synthetic.classes_per_family // 2
+        splits = {"train": ([], [], []), "test": ([], [], [])}
+        for index, pattern in enumerate(patterns):
+            split = "train" if index % synthetic.classes_per_family < num_train_per_family else "test"
+            images, labels, families = splits[split]
+            images.append(render_images(rng, pattern, synthetic.images_per_class, config.dataset.resize_size))
+            labels.append(np.full(synthetic.images_per_class, len(families), np.int32))
+            families.append(pattern["family"])
+        self._images = {name: np.concatenate(s[0]) for name, s in splits.items()}
+        self._labels = {name: np.concatenate(s[1]) for name, s in splits.items()}
+        super_labels = {name: np.asarray(s[2], np.int32) for name, s in splits.items()}
+
+        size = config.dataset.image_size
+        self.info = data.DatasetInfo(
+            name=data.SYNTHETIC,
+            num_train_classes=len(super_labels["train"]),
+            num_train_examples=len(self._labels["train"]),
+            image_shape=(size, size, 3),
+            eval_splits=("test",),
+            num_eval_examples={"test": len(self._labels["test"]), "train": len(self._labels["train"])},
+            train_super_labels=super_labels["train"],
+            test_super_labels=super_labels["test"],
+        )
+        self._global_batch_size = local_batch_size * process_count
+        self._steps_per_epoch = data.steps_per_epoch(self.info.num_train_examples, self._global_batch_size)
+
+    def _normalise(self, images: np.ndarray) -> np.ndarray:
+        return (images - self._mean) / self._std
+
+    def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[data.Batch]:
+        """Global batches drawn from one permutation per (seed, epoch); this host yields its slice of each."""
+        dataset = self._config.dataset
+        order = np.random.default_rng([self._config.seed, epoch]).permutation(self.info.num_train_examples)
+        order = order[:self._steps_per_epoch * self._global_batch_size].reshape(self._steps_per_epoch, -1)
+        mine = slice(self._process_index * self._local_batch_size,
+                     (self._process_index + 1) * self._local_batch_size)
+        for step in range(start_step, self._steps_per_epoch):
+            # Augmentation randomness depends on (seed, epoch, step) only, not on the host layout.
+            rng = np.random.default_rng([self._config.seed, epoch, step])
+            images = random_resized_crop(rng, self._images["train"][order[step]], dataset.image_size,
+                                         dataset.crop_scale, dataset.crop_ratio, dataset.horizontal_flip)
+            yield {"image": self._normalise(images[mine]), "label": self._labels["train"][order[step][mine]]}
+
+    def eval_batches(self, split: str) -> Iterator[data.Batch]:
+        if split not in self._labels:
+            raise ValueError(f"Unknown eval split {split!r}; the synthetic dataset has 'test' and 'train'.")
+        num = len(self._labels[split])
+        global_batch = self._local_eval_batch_size * self._process_count
+        num_batches = data.num_eval_batches(num, global_batch)
+        mine = data.host_shard(num, self._process_index, self._process_count)
+        padded = np.zeros(num_batches * self._local_eval_batch_size, np.int64)
+        mask = np.zeros(padded.shape, bool)
+        padded[:len(mine)], mask[:len(mine)] = mine, True
+        for start in range(0, len(padded), self._local_eval_batch_size):
+            rows = padded[start:start + self._local_eval_batch_size]
+            images = center_crop(self._images[split][rows], self._config.dataset.image_size)
+            yield {"image": self._normalise(images), "label": self._labels[split][rows],
+                   "mask": mask[start:start + self._local_eval_batch_size]}
