@@ -1,0 +1,285 @@
+"""Tests of hpl_jax.metrics against hand-worked cases and a brute-force NumPy ranking."""
+import math
+
+import numpy as np
+import pytest
+
+from hpl_jax.metrics import retrieval_metrics
+
+RETRIEVAL_KEYS = ("precision@1", "r_precision", "map@r", "num_queries", "num_queries_without_positive")
+
+
+def on_circle(degrees):
+    """f64[n, 2] unit vectors at the given angles; cosine similarity falls with the angle between them."""
+    radians = np.deg2rad(np.asarray(degrees, dtype=np.float64))
+    return np.stack([np.cos(radians), np.sin(radians)], axis=1)
+
+
+def brute_force_metrics(queries, query_labels, gallery, gallery_labels, recall_at, self_retrieval):
+    """Musgrave et al.'s metrics from a full sort of every query's similarities, ties broken against it."""
+    queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    gallery = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    similarities = queries @ gallery.T
+    hits = {k: [] for k in recall_at}
+    precision_at_1, r_precision, map_at_r = [], [], []
+    without_positive = 0
+    for i in range(len(queries)):
+        searched = np.arange(len(gallery))
+        if self_retrieval:
+            searched = searched[searched != i]
+        sims = similarities[i, searched]
+        relevant = gallery_labels[searched] == query_labels[i]
+        r = int(relevant.sum())
+        if r == 0:
+            without_positive += 1
+            continue
+        # lexsort's last key is the primary one: similarity descending, then negatives (False) first.
+        ranked = relevant[np.lexsort((relevant, -sims))]
+        for k in recall_at:
+            hits[k].append(ranked[:k].any())
+        precision_at_1.append(ranked[0])
+        r_precision.append(ranked[:r].sum() / r)
+        positives_so_far = np.cumsum(ranked[:r])
+        precision_at_i = positives_so_far / np.arange(1, r + 1)
+        map_at_r.append(np.sum(precision_at_i * ranked[:r]) / r)
+    expected = {f"recall@{k}": np.mean(hits[k]) for k in recall_at}
+    expected.update({
+        "precision@1": np.mean(precision_at_1),
+        "r_precision": np.mean(r_precision),
+        "map@r": np.mean(map_at_r),
+        "num_queries": len(queries),
+        "num_queries_without_positive": without_positive,
+    })
+    return expected
+
+
+def random_signs(rng, n, dim):
+    """f64[n, dim] of +-1: after normalisation every coordinate is +-1/sqrt(dim), exact for dim = 4^j, so
+    similarities are exact multiples of 1/dim in float32 and float64 alike, with many exact ties."""
+    return rng.choice([-1.0, 1.0], size=(n, dim))
+
+
+def random_labels(rng, n, num_classes):
+    return rng.integers(0, num_classes, size=n)
+
+
+def assert_metrics_equal(actual, expected, keys):
+    for key in keys:
+        assert actual[key] == pytest.approx(expected[key], abs=1e-12), key
+
+
+def test_hand_worked_self_retrieval_on_a_circle():
+    # Items at 0, 10, 25, 45, 70 degrees, labels 0, 0, 1, 0, 0; neighbours by angular distance:
+    #   q0 (0):  1(10) 2(25) 3(45) 4(70) -> relevant 1 0 1 1, R=3: P@1 1, R-Prec 2/3, AP@R (1 + 2/3)/3 = 5/9
+    #   q1 (10): 0(10) 2(15) 3(35) 4(60) -> 1 0 1 1, same: 1, 2/3, 5/9
+    #   q2 (25): the only item of class 1, R=0 -> left out, counted in num_queries_without_positive
+    #   q3 (45): 2(20) 4(25) 1(35) 0(45) -> 0 1 1 1: P@1 0, first positive at rank 2, R-Prec 2/3,
+    #            AP@R (1/2 + 2/3)/3 = 7/18
+    #   q4 (70): 3(25) 2(45) 1(60) 0(70) -> 1 0 1 1: 1, 2/3, 5/9
+    # Means over the 4 queries: Recall@1 = P@1 = 3/4, Recall@2 = 1, R-Prec 2/3, MAP@R (3 * 5/9 + 7/18)/4 = 37/72.
+    metrics = retrieval_metrics(on_circle([0, 10, 25, 45, 70]), np.array([0, 0, 1, 0, 0]), recall_at=(1, 2),
+                                nmi=False)
+    assert metrics == pytest.approx({
+        "recall@1": 3 / 4, "recall@2": 1.0, "precision@1": 3 / 4, "r_precision": 2 / 3, "map@r": 37 / 72,
+        "num_queries": 5, "num_queries_without_positive": 1,
+    })
+    assert all(type(value) is float for key, value in metrics.items() if not key.startswith("num_"))
+    assert type(metrics["num_queries"]) is int and type(metrics["num_queries_without_positive"]) is int
+
+
+def test_hand_worked_query_vs_gallery():
+    # Gallery at 0, 20, 50, 90 degrees with labels 7, 8, 7, 9. Nothing is left out.
+    #   query at 15, label 7: 1(5, neg) 0(15, pos) 2(35, pos) 3(75) -> R=2: P@1 0, Recall@2 hit,
+    #                          R-Prec 1/2, AP@R (1/2)/2 = 1/4
+    #   query at 85, label 9: 3(5, pos) -> R=1: P@1 1, R-Prec 1, AP@R 1
+    #   query at 40, label 5: no gallery item of class 5 -> left out
+    metrics = retrieval_metrics(
+        on_circle([0, 20, 50, 90]), np.array([7, 8, 7, 9]),
+        query_embeddings=on_circle([15, 85, 40]), query_labels=np.array([7, 9, 5]),
+        recall_at=(1, 2), nmi=False)
+    assert metrics == pytest.approx({
+        "recall@1": 1 / 2, "recall@2": 1.0, "precision@1": 1 / 2, "r_precision": 3 / 4, "map@r": 5 / 8,
+        "num_queries": 3, "num_queries_without_positive": 1,
+    })
+
+
+def test_negative_tied_with_the_only_positive_is_a_miss_whatever_the_order():
+    # The query (1, 0) has the same similarity 1/sqrt(2) to the positive (1, 1) and the negative (1, -1).
+    query = np.array([[1.0, 0.0]])
+    for gallery, labels in [([[1.0, 1.0], [1.0, -1.0]], [0, 1]), ([[1.0, -1.0], [1.0, 1.0]], [1, 0])]:
+        metrics = retrieval_metrics(np.array(gallery), np.array(labels), query_embeddings=query,
+                                    query_labels=np.array([0]), recall_at=(1, 2), nmi=False)
+        assert metrics["recall@1"] == 0.0 and metrics["precision@1"] == 0.0
+        assert metrics["recall@2"] == 1.0
+        assert metrics["r_precision"] == 0.0 and metrics["map@r"] == 0.0
+
+
+def test_negative_tied_with_two_positives_is_ranked_first():
+    # All three gallery items tie; pessimistic order: negative, positive, positive. R=2:
+    # R-Prec 1/2, AP@R (1/2 at rank 2) / 2 = 1/4.
+    gallery = np.array([[1.0, 1.0], [1.0, -1.0], [1.0, 1.0]])
+    metrics = retrieval_metrics(gallery, np.array([0, 1, 0]), query_embeddings=np.array([[1.0, 0.0]]),
+                                query_labels=np.array([0]), recall_at=(1, 2), nmi=False)
+    assert metrics["recall@1"] == 0.0 and metrics["recall@2"] == 1.0
+    assert metrics["r_precision"] == 0.5 and metrics["map@r"] == 0.25
+
+
+def test_query_is_left_out_by_index_not_by_position():
+    # Items 0 and 1 are the same vector with different labels; 2 is near them, 3 is orthogonal:
+    #   q0 (label 0): 1 (sim 1, its duplicate, a negative) comes before the positive 2 -> rank 2
+    #   q1 (label 1): 0 (1, neg), 2 (neg), 3 (pos) -> rank 3
+    #   q2 (label 0): 0 (pos) and 1 (neg) tie -> the negative first, rank 2
+    #   q3 (label 1): 2 (neg), then 0 (neg) and 1 (pos) tie at 0 -> rank 3
+    # Recall@1 0, Recall@2 2/4 (q0 and q2), Recall@4 1; every R is 1 and no positive is first: R-Prec 0.
+    embeddings = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.1], [0.0, 1.0]])
+    metrics = retrieval_metrics(embeddings, np.array([0, 1, 0, 1]), recall_at=(1, 2, 4), nmi=False)
+    assert metrics["recall@1"] == 0.0
+    assert metrics["recall@2"] == 0.5
+    assert metrics["recall@4"] == 1.0
+    assert metrics["r_precision"] == 0.0 and metrics["map@r"] == 0.0
+
+
+def test_single_sample_classes_are_excluded_and_counted():
+    # Classes 3 and 4 hold one item each. The remaining two items find each other at rank 1.
+    embeddings = on_circle([0, 5, 60, 120])
+    metrics = retrieval_metrics(embeddings, np.array([1, 1, 3, 4]), recall_at=(1,), nmi=False)
+    assert metrics["num_queries"] == 4 and metrics["num_queries_without_positive"] == 2
+    assert metrics["recall@1"] == 1.0 and metrics["map@r"] == 1.0
+
+
+@pytest.mark.parametrize("dim", [16, 64])
+def test_self_retrieval_matches_brute_force_with_exact_ties(dim):
+    rng = np.random.default_rng(dim)
+    embeddings, labels = random_signs(rng, 150, dim), random_labels(rng, 150, 40)
+    recall_at = (1, 2, 4, 8, 32, 1000)
+    metrics = retrieval_metrics(embeddings, labels, recall_at=recall_at, nmi=False, chunk_size=64)
+    expected = brute_force_metrics(embeddings, labels, embeddings, labels, recall_at, self_retrieval=True)
+    assert expected["num_queries_without_positive"] > 0
+    assert_metrics_equal(metrics, expected, expected.keys())
+
+
+def test_query_vs_gallery_matches_brute_force_with_exact_ties():
+    rng = np.random.default_rng(1)
+    gallery, gallery_labels = random_signs(rng, 120, 16), random_labels(rng, 120, 30)
+    queries, query_labels = random_signs(rng, 90, 16), random_labels(rng, 90, 35)
+    recall_at = (1, 10, 20, 50)
+    metrics = retrieval_metrics(gallery, gallery_labels, query_embeddings=queries, query_labels=query_labels,
+                                recall_at=recall_at, nmi=False, chunk_size=32)
+    expected = brute_force_metrics(queries, query_labels, gallery, gallery_labels, recall_at,
+                                   self_retrieval=False)
+    assert expected["num_queries_without_positive"] > 0
+    assert_metrics_equal(metrics, expected, expected.keys())
+
+
+@pytest.mark.parametrize("self_retrieval", [True, False])
+def test_gaussian_embeddings_match_brute_force(self_retrieval):
+    rng = np.random.default_rng(2)
+    gallery, gallery_labels = rng.normal(size=(160, 8)), random_labels(rng, 160, 25)
+    queries, query_labels = rng.normal(size=(70, 8)), random_labels(rng, 70, 25)
+    recall_at = (1, 2, 4, 8)
+    if self_retrieval:
+        queries, query_labels = gallery, gallery_labels
+        metrics = retrieval_metrics(gallery, gallery_labels, recall_at=recall_at, nmi=False, chunk_size=50)
+    else:
+        metrics = retrieval_metrics(gallery, gallery_labels, query_embeddings=queries,
+                                    query_labels=query_labels, recall_at=recall_at, nmi=False, chunk_size=50)
+    expected = brute_force_metrics(queries, query_labels, gallery, gallery_labels, recall_at, self_retrieval)
+    assert_metrics_equal(metrics, expected, expected.keys())
+
+
+@pytest.mark.parametrize("self_retrieval", [True, False])
+def test_chunked_equals_unchunked(self_retrieval):
+    rng = np.random.default_rng(3)
+    gallery, gallery_labels = random_signs(rng, 60, 16), random_labels(rng, 60, 12)
+    query_args = {} if self_retrieval else {
+        "query_embeddings": random_signs(rng, 45, 16), "query_labels": random_labels(rng, 45, 12)}
+    results = [retrieval_metrics(gallery, gallery_labels, **query_args, recall_at=(1, 4, 16), nmi=False,
+                                 chunk_size=chunk_size) for chunk_size in (1, 7, 1000)]
+    assert results[0] == results[1] == results[2]
+
+
+@pytest.mark.parametrize("self_retrieval", [True, False])
+def test_super_class_metrics_equal_metrics_of_mapped_labels(self_retrieval):
+    rng = np.random.default_rng(4)
+    super_labels = rng.integers(0, 4, size=30)
+    gallery, gallery_labels = random_signs(rng, 100, 16), random_labels(rng, 100, 30)
+    queries, query_labels = random_signs(rng, 50, 16), random_labels(rng, 50, 30)
+    recall_at = (1, 2, 8)
+    if self_retrieval:
+        queries, query_labels = gallery, gallery_labels
+        query_args, mapped_query_args = {}, {}
+    else:
+        query_args = {"query_embeddings": queries, "query_labels": query_labels}
+        mapped_query_args = {"query_embeddings": queries, "query_labels": super_labels[query_labels]}
+    metrics = retrieval_metrics(gallery, gallery_labels, **query_args, recall_at=recall_at,
+                                super_labels=super_labels, nmi=False, chunk_size=16)
+    mapped = retrieval_metrics(gallery, super_labels[gallery_labels], **mapped_query_args, recall_at=recall_at,
+                               nmi=False, chunk_size=16)
+    expected = brute_force_metrics(queries, super_labels[query_labels], gallery, super_labels[gallery_labels],
+                                   recall_at, self_retrieval)
+    for key in list(expected):
+        assert metrics[f"super/{key}"] == mapped[key]
+        assert metrics[f"super/{key}"] == pytest.approx(expected[key], abs=1e-12), key
+    without_super = retrieval_metrics(gallery, gallery_labels, **query_args, recall_at=recall_at, nmi=False,
+                                      chunk_size=16)
+    assert {k: v for k, v in metrics.items() if not k.startswith("super/")} == without_super
+
+
+def numpy_nmi(labels, clusters):
+    """NMI with the arithmetic-mean normalisation: I(Y; C) / ((H(Y) + H(C)) / 2), from the joint counts."""
+    _, y = np.unique(labels, return_inverse=True)
+    _, c = np.unique(clusters, return_inverse=True)
+    joint = np.zeros((y.max() + 1, c.max() + 1))
+    np.add.at(joint, (y, c), 1.0)
+    joint /= joint.sum()
+    p_y, p_c = joint.sum(axis=1), joint.sum(axis=0)
+    nonzero = joint > 0
+    mutual_information = np.sum(joint[nonzero] * np.log(joint[nonzero] / np.outer(p_y, p_c)[nonzero]))
+    entropy = lambda p: -np.sum(p * np.log(p))
+    return mutual_information / ((entropy(p_y) + entropy(p_c)) / 2)
+
+
+def test_nmi_of_a_known_clustering():
+    # Three tight blobs along three axes; the labels follow the blobs except for 4 of the 30 points, so
+    # k-means (k = 3 classes) recovers the blobs and the NMI is that of labels vs blobs.
+    from sklearn.metrics import normalized_mutual_info_score
+
+    rng = np.random.default_rng(5)
+    blobs = np.repeat(np.arange(3), 10)
+    embeddings = np.eye(8)[blobs] + 0.01 * rng.normal(size=(30, 8))
+    labels = blobs.copy()
+    labels[[0, 11, 12, 25]] = [1, 2, 0, 0]
+    expected = numpy_nmi(labels, blobs)
+    assert 0.3 < expected < 0.9
+    assert expected == pytest.approx(normalized_mutual_info_score(labels, blobs))
+    assert retrieval_metrics(embeddings, labels, seed=3)["nmi"] == pytest.approx(expected)
+
+
+def test_nmi_in_query_mode_clusters_the_gallery():
+    rng = np.random.default_rng(6)
+    blobs = np.repeat(np.arange(2), 6)
+    gallery = np.eye(4)[blobs] + 0.01 * rng.normal(size=(12, 4))
+    labels = blobs.copy()
+    labels[0] = 1
+    metrics = retrieval_metrics(gallery, labels, query_embeddings=rng.normal(size=(5, 4)),
+                                query_labels=np.zeros(5, dtype=int))
+    assert metrics["nmi"] == pytest.approx(numpy_nmi(labels, blobs))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"labels": np.zeros(3, dtype=int)}, "one label per row"),
+    ({"labels": np.zeros(4)}, "integer"),
+    ({"query_labels": np.zeros(2, dtype=int)}, "together"),
+    ({"query_embeddings": np.ones((2, 3)), "query_labels": np.zeros(2, dtype=int)}, "dimension"),
+    ({"embeddings": np.array([[1.0, 0], [0, 0], [0, 1], [1, 1]])}, "row 1 is all zeros"),
+    ({"embeddings": np.array([[1.0, 0], [np.nan, 0], [0, 1], [1, 1]])}, "NaN"),
+    ({"recall_at": (0,)}, "recall_at"),
+    ({"chunk_size": 0}, "chunk_size"),
+    ({"super_labels": np.array([0, 1])}, "super_labels maps"),
+    ({"labels": np.array([0, 1, 2, 3])}, "no query has another item"),
+])
+def test_user_errors_are_value_errors(kwargs, message):
+    arguments = {"embeddings": on_circle([0, 10, 20, 30]), "labels": np.array([0, 0, 2, 2]), "nmi": False}
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        retrieval_metrics(**arguments)
