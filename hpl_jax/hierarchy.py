@@ -1,0 +1,450 @@
+"""The proxy hierarchy of HPL (METHOD.md, "The hierarchy").
+
+Levels l = 0..L. Level 0 holds one fine proxy per training class; level l >= 1 holds K_l coarse proxies.
+The parent map a^l sends each proxy of level l-1 to one proxy of level l, so a sample's label at level l is
+y^l = a^l(y^{l-1}).
+
+The hierarchy is a pytree of arrays that lives in the train state. Its groupings are found and refreshed on
+the host, with NumPy and scikit-learn, between epochs (METHOD.md, "How the groupings are found and
+refreshed"): k-means over the L2-normalised vectors of the level below, with no empty cluster allowed.
+Host functions accept jax or NumPy arrays and return jnp arrays, so their results are train-state leaves.
+Pass them the unreplicated hierarchy (one copy, not the per-device stack that pmap holds).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Sequence, Tuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
+import sklearn.cluster
+import sklearn.exceptions
+
+REFRESH_POLICIES = ("reset", "rematch")
+
+# A fixed number of k-means restarts (not sklearn's 'auto') keeps a grouping a function of the seed alone.
+KMEANS_N_INIT = 10
+
+_NORM_EPS = 1e-12
+
+
+@flax.struct.dataclass
+class ProxyHierarchy:
+    """Proxies of every level and the parent maps between them (a pytree).
+
+    Attributes:
+      proxies: per level l, f32[K_l, dim]; K_0 = number of training classes.
+      parents: per level l >= 1, i32[K_{l-1}], entry i is the level-l parent of proxy i of level l-1
+        (`parents[l - 1]` is a^l). Empty for a flat (single-level) hierarchy.
+    """
+
+    proxies: Tuple[jax.Array, ...]
+    parents: Tuple[jax.Array, ...]
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.proxies)
+
+    @property
+    def level_sizes(self) -> Tuple[int, ...]:
+        return tuple(int(p.shape[0]) for p in self.proxies)
+
+
+def lift_labels(labels: jax.Array, parents: Tuple[jax.Array, ...]) -> Tuple[jax.Array, ...]:
+    """Labels at every level: y^0 = y, y^l = a^l(y^{l-1}).
+
+    Args:
+      labels: i32[batch], class labels (level 0).
+      parents: per level l >= 1, i32[K_{l-1}] (see `ProxyHierarchy.parents`).
+
+    Returns:
+      A tuple of L + 1 arrays i32[batch], one per level.
+    """
+    lifted = [labels]
+    for parent_map in parents:
+        lifted.append(jnp.take(parent_map, lifted[-1], axis=0))
+    return tuple(lifted)
+
+
+def group_sizes(hierarchy: ProxyHierarchy) -> Tuple[jax.Array, ...]:
+    """Number of children of every coarse proxy (METHOD.md: every coarse proxy keeps at least one child).
+
+    Works on the host and under jit.
+
+    Returns:
+      Per level l >= 1, i32[K_l]: entry j counts the proxies of level l-1 whose parent is proxy j.
+    """
+    return tuple(
+        jnp.bincount(parent_map, length=size)
+        for parent_map, size in zip(hierarchy.parents, hierarchy.level_sizes[1:])
+    )
+
+
+def init_proxies(rng: jax.Array, num_proxies: int, dim: int) -> jax.Array:
+    """Initial proxies, normal with std sqrt(2 / num_proxies) (METHOD.md, "Training recipe": Proxies).
+
+    This is PyTorch's untruncated kaiming-normal in fan-out mode on a [num_proxies, dim] matrix, which the
+    official Proxy-Anchor code uses.
+
+    Args:
+      rng: a PRNG key.
+      num_proxies: number of rows C.
+      dim: embedding dimension d.
+
+    Returns:
+      f32[num_proxies, dim].
+    """
+    std = math.sqrt(2.0 / num_proxies)
+    return std * jax.random.normal(rng, (num_proxies, dim), jnp.float32)
+
+
+def _host_matrix(vectors) -> np.ndarray:
+    """A jax or NumPy array as a host f64[n, d] array (k-means on f64 avoids f32 ties and round-off)."""
+    return np.asarray(jax.device_get(vectors), dtype=np.float64)
+
+
+def _l2_normalised(vectors: np.ndarray) -> np.ndarray:
+    """Rows of f64[n, d] scaled to unit L2 norm (the cosine geometry of METHOD.md)."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, _NORM_EPS)
+
+
+def _cluster_means(vectors: np.ndarray, assignment: np.ndarray, num_clusters: int) -> np.ndarray:
+    """f64[k, d] mean of the rows of `vectors` f64[n, d] in each cluster (zeros for an empty cluster)."""
+    sums = np.zeros((num_clusters, vectors.shape[1]))
+    np.add.at(sums, assignment, vectors)
+    counts = np.bincount(assignment, minlength=num_clusters)
+    return sums / np.maximum(counts, 1)[:, None]
+
+
+def _fill_empty_clusters(vectors: np.ndarray, assignment: np.ndarray, num_clusters: int) -> np.ndarray:
+    """Moves points into empty clusters until none is empty (METHOD.md: empty clusters are not allowed).
+
+    k-means leaves a cluster empty when, e.g., several initial centres coincide on duplicate points. While a
+    cluster is empty, the point farthest from its own cluster's mean, among clusters with at least two
+    members, becomes the sole member of the first empty cluster. Each move fills one cluster and empties
+    none, so it ends after at most k moves; ties go to the lowest index, so it is deterministic.
+
+    Args:
+      vectors: f64[n, d], n >= num_clusters.
+      assignment: i64[n], values in [0, num_clusters).
+
+    Returns:
+      i64[n], the repaired assignment.
+    """
+    assignment = assignment.copy()
+    counts = np.bincount(assignment, minlength=num_clusters)
+    while np.any(counts == 0):
+        means = _cluster_means(vectors, assignment, num_clusters)
+        distance = np.linalg.norm(vectors - means[assignment], axis=1)
+        distance[counts[assignment] < 2] = -1.0
+        donor = int(np.argmax(distance))
+        empty = int(np.argmin(counts))
+        counts[assignment[donor]] -= 1
+        counts[empty] += 1
+        assignment[donor] = empty
+    return assignment
+
+
+def kmeans_grouping(vectors, num_clusters: int, *, seed: int,
+                    n_init: int = KMEANS_N_INIT) -> Tuple[jax.Array, jax.Array]:
+    """k-means over L2-normalised vectors with no empty cluster (METHOD.md, "How the groupings are found").
+
+    scikit-learn's KMeans (k-means++ initialisation, `n_init` seeded restarts) runs on the normalised rows.
+    If it leaves a cluster empty, `_fill_empty_clusters` moves the point farthest from its cluster's mean
+    into it, and repeats, so every cluster keeps at least one member. The centres are then recomputed from
+    the final assignment as the normalised mean of the members' normalised vectors, so they always match
+    the assignment (sklearn's centres need not after a non-converged run or a repair).
+
+    The result depends only on the inputs and `seed`, up to the summation order of sklearn's multithreaded
+    centre updates, which can in rare near-ties flip a point between processes with different threads.
+
+    Args:
+      vectors: f32[n, d] (jax or NumPy), any norm.
+      num_clusters: k, 1 <= k <= n.
+      seed: random state of the k-means initialisation.
+      n_init: number of k-means restarts; the one of lowest inertia is kept. Each costs about 6 s for
+        11,318 x 512 vectors (SOP's classes) and k = 100 on two CPU cores.
+
+    Returns:
+      (assignment i32[n] with values in [0, k), every value used; centres f32[k, d], unit norm).
+    """
+    normalised = _l2_normalised(_host_matrix(vectors))
+    num_vectors = normalised.shape[0]
+    if not 1 <= num_clusters <= num_vectors:
+        raise ValueError(
+            f"num_clusters = {num_clusters} must be between 1 and the {num_vectors} vectors to cluster; "
+            "ask for fewer clusters.")
+    kmeans = sklearn.cluster.KMeans(n_clusters=num_clusters, n_init=n_init, random_state=seed)
+    with warnings.catch_warnings():
+        # Fewer distinct clusters than asked (duplicate points) is repaired just below.
+        warnings.simplefilter("ignore", sklearn.exceptions.ConvergenceWarning)
+        assignment = kmeans.fit_predict(normalised).astype(np.int64)
+    assignment = _fill_empty_clusters(normalised, assignment, num_clusters)
+    centres = _l2_normalised(_cluster_means(normalised, assignment, num_clusters))
+    return jnp.asarray(assignment, jnp.int32), jnp.asarray(centres, jnp.float32)
+
+
+def validate_parents(parents: Sequence, level_sizes: Sequence[int]) -> None:
+    """Checks that the parent maps a^1..a^L form a tree over levels of the given sizes (METHOD.md).
+
+    Args:
+      parents: per level l >= 1, i32[K_{l-1}] (see `ProxyHierarchy.parents`).
+      level_sizes: (K_0, ..., K_L).
+
+    Raises:
+      ValueError: naming the level and the proxy, if a map has the wrong length, a non-integer dtype, or an
+        entry out of [0, K_l), or leaves a coarse proxy without children.
+    """
+    if len(parents) != len(level_sizes) - 1:
+        raise ValueError(
+            f"parents holds {len(parents)} maps but {len(level_sizes)} levels need {len(level_sizes) - 1}; "
+            "give one parent map per coarse level.")
+    for level, parent_map in enumerate(parents, start=1):
+        parent_map = np.asarray(jax.device_get(parent_map))
+        below, size = level_sizes[level - 1], level_sizes[level]
+        name = f"parents[{level - 1}] (a^{level}, level {level - 1} -> level {level})"
+        if parent_map.shape != (below,):
+            raise ValueError(
+                f"{name} has shape {parent_map.shape}; it needs shape ({below},), one parent per proxy of "
+                f"level {level - 1}.")
+        if not np.issubdtype(parent_map.dtype, np.integer):
+            raise ValueError(f"{name} has dtype {parent_map.dtype}; it needs integer proxy indices.")
+        out_of_range = np.flatnonzero((parent_map < 0) | (parent_map >= size))
+        if out_of_range.size:
+            child = int(out_of_range[0])
+            raise ValueError(
+                f"{name} maps proxy {child} of level {level - 1} to {int(parent_map[child])}, out of range "
+                f"for the {size} proxies of level {level}.")
+        childless = np.flatnonzero(np.bincount(parent_map, minlength=size) == 0)
+        if childless.size:
+            raise ValueError(
+                f"{name} leaves proxy {int(childless[0])} of level {level} without children; every coarse "
+                "proxy needs at least one child.")
+
+
+def _validate_coarse_sizes(sizes: Sequence[int], names: Sequence[str], size_below: int,
+                           first_level: int = 1) -> None:
+    """Checks 2 <= K_l < K_{l-1} for the coarse levels from `first_level` up (METHOD.md: K_1 > K_2 > ...).
+
+    Args:
+      sizes: (K_{first_level}, K_{first_level+1}, ...).
+      names: the argument that sets each size, e.g. "num_coarse[0]".
+      size_below: K_{first_level-1} (the number of classes when first_level is 1).
+    """
+    below = size_below
+    for offset, (size, name) in enumerate(zip(sizes, names)):
+        level = first_level + offset
+        label = f"{name} (K_{level})"
+        if size < 2:
+            raise ValueError(f"{label} = {size} must be at least 2 proxies at level {level}.")
+        if size >= below:
+            what = "classes" if level == 1 else "proxies"
+            raise ValueError(
+                f"{label} = {size} must be smaller than the {below} {what} of level {level - 1}.")
+        below = size
+
+
+def _kmeans_levels(vectors, sizes: Sequence[int], seed: int, n_init: int) -> Tuple[list, list]:
+    """Coarse levels by k-means, each over the normalised proxies of the level below.
+
+    Args:
+      vectors: f32[K_{l-1}, d], what the first of these levels clusters.
+      sizes: (K_l, K_{l+1}, ...).
+
+    Returns:
+      (proxies: list of f32[K, d] normalised centres, parents: list of i32[K_below]).
+    """
+    proxies, parents = [], []
+    for size in sizes:
+        assignment, centres = kmeans_grouping(vectors, size, seed=seed, n_init=n_init)
+        proxies.append(centres)
+        parents.append(assignment)
+        vectors = centres
+    return proxies, parents
+
+
+def _check_level1_vectors(level1_vectors, num_classes: int, dim: int) -> None:
+    """Checks that what level 1 clusters is one dim-vector per class: f32[num_classes, dim]."""
+    shape = tuple(np.shape(level1_vectors))
+    if shape != (num_classes, dim):
+        raise ValueError(
+            f"level1_vectors has shape {shape}; level 1 clusters one vector per class of level 0, so it "
+            f"needs shape ({num_classes}, {dim}) (e.g. class_means of the training embeddings).")
+
+
+def init_hierarchy(rng: jax.Array, num_classes: int, num_coarse: Sequence[int], dim: int, *,
+                   level1_vectors=None, seed: int = 0, n_init: int = KMEANS_N_INIT) -> ProxyHierarchy:
+    """The initial hierarchy (METHOD.md, "The hierarchy" and "How the groupings are found and refreshed").
+
+    Fine proxies come from `init_proxies`. Level 1 groups `level1_vectors` (METHOD.md's default first
+    grouping: the class-mean embeddings under the initial network, see `class_means`) or, when None, the
+    initial fine proxies, by `kmeans_grouping`; level l >= 2 groups the level l-1 proxies. Coarse proxies
+    are the normalised cluster centres.
+
+    Args:
+      rng: PRNG key of the fine proxies.
+      num_classes: C = K_0.
+      num_coarse: (K_1, ..., K_L) with C > K_1 > ... > K_L >= 2; () gives a flat hierarchy.
+      dim: embedding dimension d.
+      level1_vectors: f32[C, d] or None.
+      seed: random state of the k-means.
+      n_init: k-means restarts per level (see `kmeans_grouping`).
+
+    Returns:
+      A ProxyHierarchy with proxies (f32[C, d], f32[K_1, d], ...) and parents (i32[C], i32[K_1], ...).
+    """
+    _validate_coarse_sizes(num_coarse, [f"num_coarse[{i}]" for i in range(len(num_coarse))], num_classes)
+    fine = init_proxies(rng, num_classes, dim)
+    if level1_vectors is None:
+        level1_vectors = fine
+    _check_level1_vectors(level1_vectors, num_classes, dim)
+    coarse, parents = _kmeans_levels(level1_vectors, num_coarse, seed, n_init)
+    validate_parents(parents, (num_classes, *num_coarse))
+    return ProxyHierarchy(proxies=(fine, *coarse), parents=tuple(parents))
+
+
+def _matched_labels(centres: jax.Array, proxies: jax.Array) -> np.ndarray:
+    """i64[k]: entry j is the existing proxy that new cluster j goes to (Hungarian matching).
+
+    The one-to-one matching maximises the total cosine similarity between each new centre f32[k, d] and
+    the existing proxy f32[k, d] it is given.
+    """
+    similarity = _l2_normalised(_host_matrix(centres)) @ _l2_normalised(_host_matrix(proxies)).T
+    clusters, matched = scipy.optimize.linear_sum_assignment(similarity, maximize=True)
+    labels = np.empty_like(matched)
+    labels[clusters] = matched
+    return labels
+
+
+def refresh_hierarchy(hierarchy: ProxyHierarchy, *, seed: int, policy: str = "reset",
+                      level1_vectors=None,
+                      n_init: int = KMEANS_N_INIT) -> Tuple[ProxyHierarchy, Tuple[jax.Array, ...]]:
+    """Re-groups every coarse level (METHOD.md, "How the groupings are found and refreshed"), on the host.
+
+    Level 1 clusters the normalised fine proxies, or `level1_vectors` if given; level l >= 2 clusters the
+    new level l-1 proxies. The fine proxies are never changed. What happens to the coarse proxies:
+      'reset' (METHOD.md's default): they become the normalised cluster centres, and `reset` flags all of
+        them so the trainer zeroes their optimiser moments.
+      'rematch': they are kept, and the new clusters are relabelled by Hungarian matching on the cosine
+        similarity between new centres and existing proxies, so each proxy takes the cluster most like it
+        overall; `reset` flags none.
+
+    Args:
+      hierarchy: the unreplicated ProxyHierarchy.
+      seed: random state of the k-means; the same seed gives the same hierarchy.
+      policy: 'reset' or 'rematch'.
+      level1_vectors: f32[K_0, d] or None.
+      n_init: k-means restarts per level (see `kmeans_grouping`).
+
+    Returns:
+      (the new ProxyHierarchy, reset: per level l >= 1, bool[K_l], True where the proxy was replaced).
+    """
+    if policy not in REFRESH_POLICIES:
+        raise ValueError(f"policy = {policy!r} is not a refresh policy; use one of {REFRESH_POLICIES}.")
+    for level, proxies in enumerate(hierarchy.proxies):
+        if np.ndim(proxies) != 2:
+            raise ValueError(
+                f"proxies of level {level} have shape {tuple(np.shape(proxies))}, not [K_{level}, dim]; "
+                "pass the unreplicated hierarchy (flax.jax_utils.unreplicate).")
+    sizes = hierarchy.level_sizes
+    dim = int(hierarchy.proxies[0].shape[1])
+    if level1_vectors is None:
+        level1_vectors = hierarchy.proxies[0]
+    _check_level1_vectors(level1_vectors, sizes[0], dim)
+
+    if policy == "reset":
+        coarse, parents = _kmeans_levels(level1_vectors, sizes[1:], seed, n_init)
+    else:
+        coarse, parents = [], []
+        vectors = level1_vectors
+        for proxies, size in zip(hierarchy.proxies[1:], sizes[1:]):
+            assignment, centres = kmeans_grouping(vectors, size, seed=seed, n_init=n_init)
+            labels = _matched_labels(centres, proxies)
+            coarse.append(proxies)
+            parents.append(jnp.asarray(labels[np.asarray(assignment)], jnp.int32))
+            vectors = proxies
+    validate_parents(parents, sizes)
+    reset = tuple(jnp.full((size,), policy == "reset") for size in sizes[1:])
+    return ProxyHierarchy(proxies=(hierarchy.proxies[0], *coarse), parents=tuple(parents)), reset
+
+
+def hierarchy_from_super_labels(fine_proxies, super_labels, *, num_coarse_above: Sequence[int] = (),
+                                seed: int = 0, n_init: int = KMEANS_N_INIT) -> ProxyHierarchy:
+    """A hierarchy whose level 1 is a dataset's ground-truth super-classes (METHOD.md's ablation).
+
+    Level-1 proxy s is the normalised mean of the normalised fine proxies of the classes in super-class s;
+    levels 2.. come from k-means as in `init_hierarchy`.
+
+    Args:
+      fine_proxies: f32[C, d].
+      super_labels: i32[C], class -> super-class, values 0..S-1 with every value used.
+      num_coarse_above: (K_2, ..., K_L) with S > K_2 > ... >= 2.
+      seed: random state of the k-means of levels 2...
+      n_init: k-means restarts per level (see `kmeans_grouping`).
+
+    Returns:
+      A ProxyHierarchy with proxies (f32[C, d], f32[S, d], f32[K_2, d], ...).
+    """
+    fine = jnp.asarray(fine_proxies, jnp.float32)
+    num_classes = int(fine.shape[0])
+    super_labels = np.asarray(jax.device_get(super_labels))
+    if super_labels.shape != (num_classes,) or not np.issubdtype(super_labels.dtype, np.integer):
+        raise ValueError(
+            f"super_labels has shape {super_labels.shape} and dtype {super_labels.dtype}; level 1 needs one "
+            f"integer super-class per class, shape ({num_classes},).")
+    if super_labels.min() < 0:
+        raise ValueError(
+            f"super_labels gives class {int(np.argmin(super_labels))} the negative super-class "
+            f"{int(super_labels.min())}; super-classes of level 1 are numbered 0..S-1.")
+    num_super = int(super_labels.max()) + 1
+    unused = np.flatnonzero(np.bincount(super_labels, minlength=num_super) == 0)
+    if unused.size:
+        raise ValueError(
+            f"super_labels leaves super-class {int(unused[0])} of level 1 with no class; number the "
+            f"super-classes 0..S-1 with every one used.")
+    _validate_coarse_sizes((num_super,), ("super_labels (max + 1)",), num_classes)
+    _validate_coarse_sizes(num_coarse_above, [f"num_coarse_above[{i}]" for i in range(len(num_coarse_above))],
+                           num_super, first_level=2)
+    level1 = _l2_normalised(_cluster_means(_l2_normalised(_host_matrix(fine)), super_labels, num_super))
+    level1 = jnp.asarray(level1, jnp.float32)
+    coarse, parents = _kmeans_levels(level1, num_coarse_above, seed, n_init)
+    parents = [jnp.asarray(super_labels, jnp.int32), *parents]
+    validate_parents(parents, (num_classes, num_super, *num_coarse_above))
+    return ProxyHierarchy(proxies=(fine, level1, *coarse), parents=tuple(parents))
+
+
+def class_means(embeddings, labels, num_classes: int) -> jax.Array:
+    """Mean of the L2-normalised embeddings of each class: METHOD.md's default first grouping's input.
+
+    Args:
+      embeddings: f32[n, d] (jax or NumPy), any norm.
+      labels: i32[n], values in [0, num_classes).
+      num_classes: C.
+
+    Returns:
+      f32[C, d] (not renormalised; k-means normalises it).
+    """
+    embeddings = _host_matrix(embeddings)
+    labels = np.asarray(jax.device_get(labels))
+    if labels.shape != (embeddings.shape[0],):
+        raise ValueError(
+            f"labels has shape {labels.shape}; it needs one label per embedding, "
+            f"shape ({embeddings.shape[0]},).")
+    out_of_range = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if out_of_range.size:
+        raise ValueError(
+            f"labels[{int(out_of_range[0])}] = {int(labels[out_of_range[0]])} is outside the {num_classes} "
+            "classes; labels must lie in [0, num_classes).")
+    counts = np.bincount(labels, minlength=num_classes)
+    missing = np.flatnonzero(counts == 0)
+    if missing.size:
+        shown = ", ".join(str(int(c)) for c in missing[:10]) + (", ..." if missing.size > 10 else "")
+        raise ValueError(
+            f"classes {shown} ({missing.size} in all) have no example among the embeddings; compute class "
+            "means over the whole training split.")
+    return jnp.asarray(_cluster_means(_l2_normalised(embeddings), labels, num_classes), jnp.float32)

@@ -1,0 +1,394 @@
+"""Tests of hpl_jax.hierarchy against independent NumPy references (METHOD.md, "The hierarchy")."""
+import itertools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import sklearn.cluster
+
+from hpl_jax import hierarchy as hier
+
+
+def _normalise(x):
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _normalised_group_means(vectors, assignment, k):
+    """Reference: centre j = normalised mean of the normalised vectors assigned to j (a plain loop)."""
+    vectors = _normalise(vectors)
+    assignment = np.asarray(assignment)
+    means = np.stack([vectors[assignment == j].mean(axis=0) for j in range(k)])
+    return _normalise(means)
+
+
+def _same_partition(a, b):
+    """True if the labellings a and b group the points identically, up to renaming the groups."""
+    a, b = np.asarray(a), np.asarray(b)
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def _random_hierarchy(seed, sizes, dim):
+    """A hierarchy with random proxies at every level and random valid parent maps (every proxy a child)."""
+    rng = np.random.default_rng(seed)
+    proxies = tuple(jnp.asarray(rng.normal(size=(k, dim)), jnp.float32) for k in sizes)
+    parents = []
+    for below, size in zip(sizes[:-1], sizes[1:]):
+        parent_map = np.concatenate([np.arange(size), rng.integers(0, size, below - size)])
+        parents.append(jnp.asarray(rng.permutation(parent_map), jnp.int32))
+    return hier.ProxyHierarchy(proxies=proxies, parents=tuple(parents))
+
+
+def _assert_centres_of_children(h, level, children):
+    """Proxies of `level` are the normalised means of their children's normalised vectors f32[K_{l-1}, d]."""
+    expected = _normalised_group_means(children, h.parents[level - 1], h.level_sizes[level])
+    np.testing.assert_allclose(h.proxies[level], expected, atol=1e-6)
+
+
+def _check_tree(h, sizes):
+    """Structural invariants every built hierarchy must satisfy."""
+    assert h.level_sizes == tuple(sizes)
+    for level, (parent_map, size) in enumerate(zip(h.parents, sizes[1:]), start=1):
+        parent_map = np.asarray(parent_map)
+        assert parent_map.dtype == np.int32
+        assert parent_map.shape == (sizes[level - 1],)
+        assert parent_map.min() >= 0 and parent_map.max() < size
+        assert np.all(np.bincount(parent_map, minlength=size) >= 1)
+    for proxies in h.proxies:
+        assert proxies.dtype == jnp.float32
+
+
+# --- initialisation -------------------------------------------------------------------------------------
+
+def test_init_proxies_is_untruncated_normal_with_kaiming_fan_out_std():
+    num_proxies, dim = 2000, 512
+    proxies = hier.init_proxies(jax.random.key(3), num_proxies, dim)
+    assert proxies.shape == (num_proxies, dim) and proxies.dtype == jnp.float32
+    proxies = np.asarray(proxies, np.float64)
+    target = np.sqrt(2.0 / num_proxies)
+    # ~1e6 samples: relative standard error of the std is ~7e-4, of the mean ~1e-3 std.
+    assert abs(proxies.std() / target - 1.0) < 5e-3
+    assert abs(proxies.mean()) < 5e-3 * target
+    # An untruncated normal has ~60 of 1e6 samples beyond 4 std; a truncated (2 std) one has none.
+    assert np.abs(proxies).max() > 4.0 * target
+
+
+def test_init_proxies_dtype_and_determinism():
+    a = hier.init_proxies(jax.random.key(0), 7, 5)
+    b = hier.init_proxies(jax.random.key(0), 7, 5)
+    c = hier.init_proxies(jax.random.key(1), 7, 5)
+    assert a.dtype == jnp.float32
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_init_hierarchy_three_levels_from_fine_proxies():
+    h = hier.init_hierarchy(jax.random.key(0), 40, (8, 3), 16, seed=5)
+    _check_tree(h, (40, 8, 3))
+    expected_fine = hier.init_proxies(jax.random.key(0), 40, 16)
+    np.testing.assert_array_equal(h.proxies[0], expected_fine)
+    _assert_centres_of_children(h, 1, expected_fine)
+    _assert_centres_of_children(h, 2, h.proxies[1])
+
+
+def test_init_hierarchy_groups_level1_vectors_when_given():
+    vectors, truth = _separated_clusters(seed=1, num_clusters=4, per_cluster=10, dim=24)
+    h = hier.init_hierarchy(jax.random.key(0), 40, (4,), 24, level1_vectors=vectors)
+    _check_tree(h, (40, 4))
+    assert _same_partition(h.parents[0], truth)
+    _assert_centres_of_children(h, 1, vectors)
+
+
+def test_init_hierarchy_flat():
+    h = hier.init_hierarchy(jax.random.key(0), 10, (), 4)
+    assert h.num_levels == 1 and h.parents == ()
+    assert hier.group_sizes(h) == ()
+    refreshed, reset = hier.refresh_hierarchy(h, seed=0)
+    assert reset == () and refreshed.parents == ()
+    np.testing.assert_array_equal(refreshed.proxies[0], h.proxies[0])
+
+
+def test_init_hierarchy_is_deterministic():
+    a = hier.init_hierarchy(jax.random.key(2), 30, (6, 2), 8, seed=4)
+    b = hier.init_hierarchy(jax.random.key(2), 30, (6, 2), 8, seed=4)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+# --- labels and the pytree ------------------------------------------------------------------------------
+
+def test_lift_labels_three_levels_matches_hand_loop():
+    h = _random_hierarchy(0, (20, 6, 3, 2), 4)
+    labels = np.random.default_rng(1).integers(0, 20, 64)
+    lifted = hier.lift_labels(jnp.asarray(labels, jnp.int32), h.parents)
+    assert len(lifted) == 4
+    maps = [np.asarray(p) for p in h.parents]
+    for i, y in enumerate(labels):
+        expected = [int(y)]
+        for parent_map in maps:
+            expected.append(int(parent_map[expected[-1]]))
+        assert [int(level[i]) for level in lifted] == expected
+
+
+def test_hierarchy_is_a_pytree_usable_under_jit():
+    h = _random_hierarchy(3, (12, 4, 2), 5)
+    assert len(jax.tree_util.tree_leaves(h)) == 5
+
+    @jax.jit
+    def score(hierarchy, labels):
+        lifted = hier.lift_labels(labels, hierarchy.parents)
+        total = sum(jnp.sum(p[y]) for p, y in zip(hierarchy.proxies, lifted))
+        return total, hier.group_sizes(hierarchy)
+
+    labels = np.array([0, 5, 11, 3], np.int32)
+    total, sizes = score(h, jnp.asarray(labels))
+    maps = [np.asarray(p) for p in h.parents]
+    y1 = maps[0][labels]
+    y2 = maps[1][y1]
+    expected = sum(np.asarray(p, np.float64)[y].sum() for p, y in zip(h.proxies, (labels, y1, y2)))
+    np.testing.assert_allclose(total, expected, rtol=1e-5)
+    np.testing.assert_array_equal(sizes[0], np.bincount(maps[0], minlength=4))
+    np.testing.assert_array_equal(sizes[1], np.bincount(maps[1], minlength=2))
+    doubled = jax.tree_util.tree_map(lambda x: x * 2, h)
+    assert isinstance(doubled, hier.ProxyHierarchy)
+
+
+# --- k-means grouping -----------------------------------------------------------------------------------
+
+def _separated_clusters(seed, num_clusters, per_cluster, dim):
+    """Points around orthogonal directions with small noise, shuffled; returns (vectors, true labels)."""
+    rng = np.random.default_rng(seed)
+    directions = np.linalg.qr(rng.normal(size=(dim, num_clusters)))[0].T
+    truth = rng.permutation(np.repeat(np.arange(num_clusters), per_cluster))
+    vectors = 3.0 * directions[truth] + 0.05 * rng.normal(size=(truth.size, dim))
+    return vectors.astype(np.float32), truth
+
+
+def test_kmeans_recovers_well_separated_clusters_exactly():
+    vectors, truth = _separated_clusters(seed=0, num_clusters=5, per_cluster=12, dim=16)
+    assignment, centres = hier.kmeans_grouping(vectors, 5, seed=0)
+    assert assignment.dtype == jnp.int32 and centres.dtype == jnp.float32
+    assert _same_partition(assignment, truth)
+    np.testing.assert_allclose(centres, _normalised_group_means(vectors, assignment, 5), atol=1e-6)
+    # Converged: every point's nearest centre (cosine) is its own.
+    nearest = np.argmax(_normalise(vectors) @ np.asarray(centres, np.float64).T, axis=1)
+    np.testing.assert_array_equal(nearest, assignment)
+
+
+def test_kmeans_is_deterministic_for_a_seed():
+    vectors = np.random.default_rng(0).normal(size=(80, 6))
+    a = hier.kmeans_grouping(vectors, 7, seed=11)
+    b = hier.kmeans_grouping(jnp.asarray(vectors), 7, seed=11)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_allclose(a[1], b[1], atol=1e-7)
+
+
+def _duplicate_points():
+    """18 copies of one point and 2 others: only 3 distinct points, so 5-means must leave clusters empty."""
+    vectors = np.tile([[1.0, 0.0, 0.0]], (20, 1))
+    vectors[7] = [0.0, 1.0, 0.0]
+    vectors[13] = [0.0, 0.0, 1.0]
+    return vectors
+
+
+def test_kmeans_fills_clusters_sklearn_leaves_empty():
+    vectors = _duplicate_points()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = sklearn.cluster.KMeans(n_clusters=5, n_init=10, random_state=0).fit_predict(vectors)
+    assert np.sum(np.bincount(raw, minlength=5) == 0) >= 2  # the premise: sklearn alone leaves some empty
+    assignment, centres = hier.kmeans_grouping(vectors, 5, seed=0)
+    assignment = np.asarray(assignment)
+    assert assignment.min() >= 0 and assignment.max() < 5
+    assert np.all(np.bincount(assignment, minlength=5) >= 1)
+    np.testing.assert_allclose(centres, _normalised_group_means(vectors, assignment, 5), atol=1e-6)
+    # The two distinct points keep clusters of their own.
+    assert np.sum(assignment == assignment[7]) == 1 and np.sum(assignment == assignment[13]) == 1
+
+
+# --- refresh --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["reset", "rematch"])
+def test_refresh_invariants(policy):
+    h = _random_hierarchy(4, (50, 9, 3), 12)
+    refreshed, reset = hier.refresh_hierarchy(h, seed=0, policy=policy)
+    _check_tree(refreshed, (50, 9, 3))
+    assert refreshed.proxies[0] is h.proxies[0]
+    assert [r.shape for r in reset] == [(9,), (3,)]
+    assert all(r.dtype == jnp.bool_ for r in reset)
+    assert all(bool(np.all(r)) == (policy == "reset") for r in reset)
+    if policy == "reset":
+        for proxies in refreshed.proxies[1:]:
+            np.testing.assert_allclose(np.linalg.norm(proxies, axis=1), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["reset", "rematch"])
+def test_refresh_is_deterministic_for_a_seed(policy):
+    h = _random_hierarchy(5, (40, 7, 3), 8)
+    a, _ = hier.refresh_hierarchy(h, seed=3, policy=policy)
+    b, _ = hier.refresh_hierarchy(h, seed=3, policy=policy)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_refresh_reset_sets_coarse_proxies_to_normalised_centres():
+    h = _random_hierarchy(6, (45, 8, 3), 10)
+    refreshed, _ = hier.refresh_hierarchy(h, seed=1, policy="reset")
+    _assert_centres_of_children(refreshed, 1, h.proxies[0])
+    _assert_centres_of_children(refreshed, 2, refreshed.proxies[1])
+
+
+def test_refresh_reset_groups_level1_vectors_when_given():
+    vectors, truth = _separated_clusters(seed=2, num_clusters=3, per_cluster=8, dim=10)
+    h = _random_hierarchy(7, (24, 3), 10)
+    refreshed, _ = hier.refresh_hierarchy(h, seed=0, level1_vectors=vectors)
+    assert _same_partition(refreshed.parents[0], truth)
+    _assert_centres_of_children(refreshed, 1, vectors)
+    np.testing.assert_array_equal(refreshed.proxies[0], h.proxies[0])
+
+
+def test_refresh_survives_duplicate_level1_vectors():
+    h = _random_hierarchy(8, (20, 5), 3)
+    refreshed, _ = hier.refresh_hierarchy(h, seed=0, level1_vectors=_duplicate_points())
+    _check_tree(refreshed, (20, 5))
+
+
+def _best_matching_total(similarity):
+    k = similarity.shape[0]
+    return max(sum(similarity[i, p[i]] for i in range(k)) for p in itertools.permutations(range(k)))
+
+
+def test_refresh_rematch_keeps_proxies_and_matching_maximises_similarity():
+    h = _random_hierarchy(9, (36, 5, 3), 6)
+    refreshed, _ = hier.refresh_hierarchy(h, seed=2, policy="rematch")
+    reference, _ = hier.refresh_hierarchy(h, seed=2, policy="reset")
+    for level in (1, 2):
+        assert refreshed.proxies[level] is h.proxies[level]
+    below = [h.proxies[0], h.proxies[1]]
+    for level, k in ((1, 5), (2, 3)):
+        parent_map = refreshed.parents[level - 1]
+        # The new groups, named by the proxy they were matched to; proxy j now owns group j.
+        centres = _normalised_group_means(below[level - 1], parent_map, k)
+        similarity = centres @ _normalise(h.proxies[level]).T
+        np.testing.assert_allclose(np.trace(similarity), _best_matching_total(similarity), rtol=1e-6)
+    # Level 1 is the same partition as 'reset' would find (same k-means, relabelled).
+    assert _same_partition(refreshed.parents[0], reference.parents[0])
+
+
+def test_refresh_rematch_relabels_to_the_closest_existing_proxies():
+    vectors, truth = _separated_clusters(seed=3, num_clusters=4, per_cluster=6, dim=8)
+    true_centres = _normalised_group_means(vectors, truth, 4)
+    order = np.array([2, 0, 3, 1])
+    existing = jnp.asarray(true_centres[order] + 0.01, jnp.float32)  # proxy i sits near true cluster order[i]
+    h = hier.ProxyHierarchy(proxies=(jnp.asarray(vectors), existing),
+                            parents=(jnp.asarray(np.arange(24) % 4, jnp.int32),))
+    refreshed, _ = hier.refresh_hierarchy(h, seed=0, policy="rematch")
+    expected = np.argsort(order)[truth]
+    np.testing.assert_array_equal(refreshed.parents[0], expected)
+
+
+# --- ground-truth super-classes and class means ---------------------------------------------------------
+
+def test_hierarchy_from_super_labels():
+    rng = np.random.default_rng(10)
+    fine = rng.normal(size=(30, 8)).astype(np.float32)
+    super_labels = rng.permutation(np.arange(30) % 6).astype(np.int32)
+    h = hier.hierarchy_from_super_labels(fine, super_labels, num_coarse_above=(3, 2), seed=1)
+    _check_tree(h, (30, 6, 3, 2))
+    np.testing.assert_array_equal(h.proxies[0], fine)
+    np.testing.assert_array_equal(h.parents[0], super_labels)
+    _assert_centres_of_children(h, 1, fine)
+    _assert_centres_of_children(h, 2, h.proxies[1])
+    _assert_centres_of_children(h, 3, h.proxies[2])
+
+
+def test_class_means_matches_numpy_loop():
+    rng = np.random.default_rng(11)
+    embeddings = rng.normal(size=(50, 7)).astype(np.float32)
+    labels = np.concatenate([np.arange(5), rng.integers(0, 5, 45)]).astype(np.int32)
+    means = hier.class_means(jnp.asarray(embeddings), labels, 5)
+    normalised = _normalise(embeddings)
+    expected = np.stack([normalised[labels == c].mean(axis=0) for c in range(5)])
+    assert means.dtype == jnp.float32 and means.shape == (5, 7)
+    np.testing.assert_allclose(means, expected, atol=1e-6)
+
+
+# --- errors ---------------------------------------------------------------------------------------------
+
+_KEY = jax.random.key(0)
+_GOOD = _random_hierarchy(12, (10, 4), 3)
+
+_ERROR_CASES = {
+    "K_1 not below classes": (
+        lambda: hier.init_hierarchy(_KEY, 100, (100,), 8),
+        r"num_coarse\[0\] \(K_1\) = 100 must be smaller than the 100 classes of level 0"),
+    "K_2 not below K_1": (
+        lambda: hier.init_hierarchy(_KEY, 100, (8, 10), 8),
+        r"num_coarse\[1\] \(K_2\) = 10 must be smaller than the 8 proxies of level 1"),
+    "K below 2": (
+        lambda: hier.init_hierarchy(_KEY, 100, (10, 1), 8),
+        r"num_coarse\[1\] \(K_2\) = 1 must be at least 2 proxies at level 2"),
+    "init level1_vectors shape": (
+        lambda: hier.init_hierarchy(_KEY, 10, (3,), 8, level1_vectors=np.zeros((9, 8))),
+        r"level1_vectors has shape \(9, 8\).*level 1.*\(10, 8\)"),
+    "kmeans too many clusters": (
+        lambda: hier.kmeans_grouping(np.ones((4, 2)), 5, seed=0),
+        r"num_clusters = 5 .* 4 vectors"),
+    "refresh policy": (
+        lambda: hier.refresh_hierarchy(_GOOD, seed=0, policy="keep"),
+        r"policy = 'keep'.*'reset', 'rematch'"),
+    "refresh replicated": (
+        lambda: hier.refresh_hierarchy(
+            jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), _GOOD), seed=0),
+        r"proxies of level 0 .*unreplicated"),
+    "refresh level1_vectors shape": (
+        lambda: hier.refresh_hierarchy(_GOOD, seed=0, level1_vectors=np.zeros((10, 4))),
+        r"level1_vectors has shape \(10, 4\).*\(10, 3\)"),
+    "super-class unused": (
+        lambda: hier.hierarchy_from_super_labels(np.ones((6, 3)), np.array([0, 1, 3, 3, 0, 1])),
+        r"super-class 2 of level 1 with no class"),
+    "super_labels length": (
+        lambda: hier.hierarchy_from_super_labels(np.ones((6, 3)), np.array([0, 1, 0, 1])),
+        r"super_labels has shape \(4,\).*level 1.*\(6,\)"),
+    "super_labels negative": (
+        lambda: hier.hierarchy_from_super_labels(np.ones((4, 3)), np.array([0, -1, 0, 1])),
+        r"class 1 the negative super-class -1.*level 1"),
+    "super-classes as many as classes": (
+        lambda: hier.hierarchy_from_super_labels(np.ones((4, 3)), np.array([0, 1, 2, 3])),
+        r"super_labels \(max \+ 1\) \(K_1\) = 4 must be smaller than the 4 classes of level 0"),
+    "num_coarse_above too large": (
+        lambda: hier.hierarchy_from_super_labels(np.ones((6, 3)), np.array([0, 1, 2, 3, 0, 1]),
+                                                 num_coarse_above=(4,)),
+        r"num_coarse_above\[0\] \(K_2\) = 4 must be smaller than the 4 proxies of level 1"),
+    "class without example": (
+        lambda: hier.class_means(np.ones((3, 2)), np.array([0, 2, 2]), 4),
+        r"classes 1, 3 \(2 in all\) have no example"),
+    "label out of range": (
+        lambda: hier.class_means(np.ones((3, 2)), np.array([0, 5, 1]), 4),
+        r"labels\[1\] = 5 is outside the 4 classes"),
+    "parents count": (
+        lambda: hier.validate_parents((np.zeros(5, np.int32),), (5, 2, 1)),
+        r"parents holds 1 maps but 3 levels need 2"),
+    "parents length": (
+        lambda: hier.validate_parents((np.array([0, 1, 0]), np.array([0, 0, 0])), (3, 2, 1)),
+        r"parents\[1\] \(a\^2, level 1 -> level 2\) has shape \(3,\); it needs shape \(2,\).*level 1"),
+    "parents out of range": (
+        lambda: hier.validate_parents((np.array([0, 1, 5, 1]),), (4, 2)),
+        r"maps proxy 2 of level 0 to 5, out of range for the 2 proxies of level 1"),
+    "parents childless": (
+        lambda: hier.validate_parents((np.array([0, 1, 0]), np.array([0, 0])), (3, 2, 2)),
+        r"parents\[1\] \(a\^2, level 1 -> level 2\) leaves proxy 1 of level 2 without children"),
+    "parents float": (
+        lambda: hier.validate_parents((np.array([0.0, 1.0]),), (2, 2)),
+        r"parents\[0\].*dtype float64"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_ERROR_CASES))
+def test_user_errors_raise_value_error_naming_the_level(case):
+    call, message = _ERROR_CASES[case]
+    with pytest.raises(ValueError, match=message):
+        call()
