@@ -135,7 +135,10 @@ def decode_window(image_bytes: tf.Tensor, window_fn) -> tf.Tensor:
 
 def train_image(image_bytes: tf.Tensor, seed: tf.Tensor, *, image_size: int, crop_scale: Tuple[float, float],
                 crop_ratio: Tuple[float, float], horizontal_flip: bool) -> tf.Tensor:
-    """Random resized crop + flip of an encoded image, drawn from seed i64[2]: f32[image_size, image_size, 3] in 0..255."""
+    """Random resized crop + flip of an encoded image, drawn from seed i64[2].
+
+    Returns f32[image_size, image_size, 3] in 0..255.
+    """
     crop_seed, flip_seed = tf.unstack(tf.random.split(seed, 2))
     image = decode_window(image_bytes, lambda shape: random_crop_window(shape, crop_seed, scale=crop_scale,
                                                                         ratio=crop_ratio))
@@ -673,6 +676,12 @@ def create_dataset(config, *, local_batch_size: int, local_eval_batch_size: int,
     if dataset.color_order not in COLOR_ORDERS:
         raise ValueError(f"config.dataset.color_order={dataset.color_order!r} is unknown; use one of "
                          f"{COLOR_ORDERS}.")
+    if dataset.pixel_scale <= 0:
+        raise ValueError(f"config.dataset.pixel_scale={dataset.pixel_scale} must be > 0 (1 for [0, 1] pixels, "
+                         "255 for [0, 255]).")
+    if dataset.sampler == "class_balanced" and local_batch_size % dataset.samples_per_class:
+        raise ValueError(f"config.dataset.samples_per_class={dataset.samples_per_class} must divide the "
+                         f"per-host batch size {local_batch_size}; change it or config.batch_size.")
     if name == "image_folder":
         train, test, train_supers, test_supers = image_folder_splits(dataset.data_dir)
         evals = {"test": test}
@@ -682,9 +691,6 @@ def create_dataset(config, *, local_batch_size: int, local_eval_batch_size: int,
     else:
         raise ValueError(f"config.dataset.name={name!r} has no input pipeline; use one of "
                          f"{tuple(BENCHMARKS) + ('image_folder',)}.")
-    if dataset.sampler == "class_balanced" and local_batch_size % dataset.samples_per_class:
-        raise ValueError(f"config.dataset.samples_per_class={dataset.samples_per_class} must divide the "
-                         f"per-host batch size {local_batch_size}; change it or config.batch_size.")
     splits = dict(evals, train=train)
     info = data.DatasetInfo(
         name=name,

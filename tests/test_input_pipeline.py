@@ -1,0 +1,597 @@
+"""The tf.data + TFDS input pipeline on data the tests make.
+
+TFDS benchmarks run on tiny datasets served through `tfds.testing.mock_data` (their real builders' features,
+our records, TFDS sub-split syntax honoured); In-Shop runs on a tiny tree prepared by the project's builder for
+real; image folders are written to tmp dirs. Every image is one flat colour that encodes its id, so a batch tells
+which examples it holds after cropping, flipping and normalising.
+"""
+import os
+import re
+import types
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from configs import cars as cars_config
+from configs import cifar100 as cifar100_config
+from configs import cub as cub_config
+from configs import image_folder as image_folder_config
+from configs import inshop as inshop_config
+from configs import sop as sop_config
+from hpl_jax import cars_makes
+from hpl_jax import config_checks
+from hpl_jax import data
+from hpl_jax import input_pipeline
+from hpl_jax import inshop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers.
+
+def colour_of(example_id: int) -> np.ndarray:
+    return np.array([8 + 16 * (example_id % 16), 8 + 16 * (example_id // 16), 128], np.uint8)
+
+
+def flat_image(example_id: int, shape=(20, 26)) -> np.ndarray:
+    return np.broadcast_to(colour_of(example_id), tuple(shape) + (3,)).copy()
+
+
+def jpeg_of(example_id: int, shape=(20, 26)) -> bytes:
+    return input_pipeline.encode_jpeg(flat_image(example_id, shape))
+
+
+def ids_of(images: np.ndarray) -> np.ndarray:
+    """The example ids of normalised flat-colour images f32[n, H, W, 3] (ImageNet mean/std, RGB)."""
+    rgb = (images.mean(axis=(1, 2)) * STD + MEAN) * 255.0
+    return np.round((rgb[:, 0] - 8) / 16).astype(int) + 16 * np.round((rgb[:, 1] - 8) / 16).astype(int)
+
+
+def tiny(config_module, **overrides):
+    config = config_module.get_config()
+    config.dataset.image_size = 16
+    config.dataset.resize_size = 18
+    config.dataset.shuffle_buffer = 64
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config
+
+
+def train_epoch(dataset, epoch=0, start_step=0):
+    batches = list(dataset.train_batches(epoch, start_step))
+    return batches, np.concatenate([ids_of(b["image"]) for b in batches]) if batches else np.zeros(0, int)
+
+
+def eval_ids(dataset, split):
+    """(ids of the masked-in examples, number of batches, the batches)."""
+    batches = list(dataset.eval_batches(split))
+    ids = np.concatenate([ids_of(b["image"])[b["mask"]] for b in batches])
+    return ids, len(batches), batches
+
+
+def fake_tfds(records):
+    """mock_data serving `records` ({tfds_split: [feature dict]}) through the builder's real features."""
+    def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
+        del read_config, shuffle_files
+        features = decoders.extract_features(self.info.features)
+        sizes = {name: types.SimpleNamespace(num_examples=len(rows)) for name, rows in records.items()}
+        rows = [row for part in tfds.core.ReadInstruction.from_spec(split).to_absolute(sizes)
+                for row in records[part.splitname][part.from_:part.to]]
+        serialized = [features.serialize_example({key: row[key] for key in features.keys()}) for row in rows]
+        ds = tf.data.Dataset.from_tensor_slices(tf.constant(serialized, tf.string, shape=[len(serialized)]))
+        return ds.map(lambda s: features.deserialize_example(s, decoders=decoders.decoders))
+
+    return tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, as_dataset_fn=as_dataset)
+
+
+def make_image_folder(root, classes, images_per_class, corrupt_in=None):
+    """ROOT/<class>/<id>.jpg; returns {id: class name}."""
+    owner, next_id = {}, 0
+    for name, count in zip(classes, images_per_class):
+        os.makedirs(os.path.join(root, name))
+        for _ in range(count):
+            with open(os.path.join(root, name, f"{next_id:03d}.jpg"), "wb") as f:
+                f.write(jpeg_of(next_id, (20 + next_id % 5, 26)))
+            owner[next_id] = name
+            next_id += 1
+    if corrupt_in:
+        with open(os.path.join(root, corrupt_in, "broken.jpg"), "wb") as f:
+            f.write(jpeg_of(0)[:40])
+    with open(os.path.join(root, classes[0], "notes.txt"), "w") as f:
+        f.write("not an image")
+    return owner
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pixels.
+
+def test_normalize_matches_the_formula():
+    image = np.random.default_rng(0).integers(0, 256, (2, 4, 5, 3)).astype(np.uint8)
+    rgb = input_pipeline.normalize(image, mean=MEAN, std=STD).numpy()
+    np.testing.assert_allclose(rgb, (image / 255.0 - MEAN) / STD, rtol=1e-5, atol=1e-5)
+    bgr = input_pipeline.normalize(image, mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0), color_order="bgr",
+                                   pixel_scale=255.0).numpy()
+    np.testing.assert_allclose(bgr, image[..., ::-1] - np.array([104.0, 117.0, 128.0]), atol=1e-4)
+    with pytest.raises(ValueError, match="color_order"):
+        input_pipeline.normalize(image, mean=MEAN, std=STD, color_order="hsv")
+
+
+def test_eval_image_is_resize_then_centre_crop():
+    """Shorter side 40 -> 20, centre crop 16, on a linear ramp: exact at every interior pixel."""
+    y, x = np.mgrid[0:40, 0:60]
+    ramp = np.repeat((2 * y + x + 10)[..., None], 3, axis=-1).astype(np.uint8)
+    png = tf.io.encode_png(ramp).numpy()
+    out = input_pipeline.eval_image(tf.constant(png), image_size=16, resize_size=20).numpy()[..., 0]
+    # Resized image: pixel (r, c) covers original rows [2r, 2r + 2); the crop starts at (2, 7) of 20 x 30.
+    i, j = np.mgrid[0:16, 0:16]
+    centre_y, centre_x = 2 * (2 + i + 0.5), 2 * (7 + j + 0.5)
+    expected = 2 * (centre_y - 0.5) + (centre_x - 0.5) + 10
+    np.testing.assert_allclose(out[1:-1, 1:-1], expected[1:-1, 1:-1], atol=1e-3)
+
+
+def test_fused_jpeg_crop_equals_decode_then_crop():
+    y, x = np.mgrid[0:60, 0:80]
+    smooth = np.stack([2 * y + 40, 2 * x + 20, np.full_like(x, 90)], axis=-1).astype(np.uint8)
+    jpeg = input_pipeline.encode_jpeg(smooth, quality=100)
+    png = tf.io.encode_png(smooth).numpy()
+    seed = tf.constant([3, 4], tf.int64)
+    options = dict(image_size=24, crop_scale=(0.08, 1.0), crop_ratio=(0.75, 4 / 3), horizontal_flip=True)
+    from_jpeg = input_pipeline.train_image(tf.constant(jpeg), seed, **options).numpy()
+    from_png = input_pipeline.train_image(tf.constant(png), seed, **options).numpy()
+    assert np.abs(from_jpeg - from_png).max() < 4.0
+    assert from_png.std() > 5.0  # a real crop of the gradient, not a flat patch
+    eval_jpeg = input_pipeline.eval_image(tf.constant(jpeg), image_size=24, resize_size=28).numpy()
+    eval_png = input_pipeline.eval_image(tf.constant(png), image_size=24, resize_size=28).numpy()
+    assert np.abs(eval_jpeg - eval_png).max() < 4.0
+
+
+def test_random_crop_windows_respect_scale_and_ratio():
+    shape = tf.constant([120, 160], tf.int32)
+    windows = np.array([input_pipeline.random_crop_window(shape, tf.constant([7, s], tf.int64),
+                                                          scale=(0.08, 1.0), ratio=(0.75, 4 / 3)).numpy()
+                        for s in range(40)])
+    top, left, height, width = windows.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + height <= 120).all() and (left + width <= 160).all()
+    area = height * width / (120 * 160)
+    assert area.min() >= 0.08 - 0.01 and area.max() <= 1.0
+    whole = (height == 120) & (width == 160)  # TF's fallback after 10 failed draws
+    ratio = (width / height)[~whole]
+    assert ratio.min() >= 0.75 * 0.95 and ratio.max() <= 4 / 3 * 1.05
+    assert len({tuple(w) for w in windows}) > 30
+    again = input_pipeline.random_crop_window(shape, tf.constant([7, 0], tf.int64), scale=(0.08, 1.0),
+                                              ratio=(0.75, 4 / 3)).numpy()
+    np.testing.assert_array_equal(again, windows[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Image folders.
+
+def test_image_folder_split_labels_shapes_and_a_corrupt_jpeg(tmp_path):
+    root = str(tmp_path)
+    owner = make_image_folder(root, ["ant", "bee", "cat", "dog", "eel"], [4, 3, 4, 3, 2], corrupt_in="bee")
+    config = tiny(image_folder_config, **{"dataset.data_dir": root})
+    dataset = input_pipeline.create_dataset(config, local_batch_size=4, local_eval_batch_size=3)
+    info = dataset.info
+    # First half of 5 sorted classes, rounded up, trains; the broken file counts until it is read.
+    assert info.num_train_classes == 3 and info.num_train_examples == 12
+    assert info.eval_splits == ("test",) and info.num_eval_examples == {"test": 5, "train": 12}
+    assert info.image_shape == (16, 16, 3) and info.train_super_labels is None
+
+    batches, ids = train_epoch(dataset)
+    assert len(batches) == 3
+    for batch in batches:
+        assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.float32
+        assert batch["label"].shape == (4,) and batch["label"].dtype == np.int32
+        expected = [["ant", "bee", "cat"].index(owner[i]) for i in ids_of(batch["image"])]
+        np.testing.assert_array_equal(batch["label"], expected)
+    # The broken JPEG is skipped and counted; the epoch keeps its 3 batches by reading on into a second pass.
+    assert dataset.num_skipped_images == 1
+    assert set(ids) == {i for i, name in owner.items() if name in ("ant", "bee", "cat")}
+
+    ids, num_batches, batches = eval_ids(dataset, "test")
+    assert num_batches == 2 and sorted(ids) == [i for i, name in owner.items() if name in ("dog", "eel")]
+    np.testing.assert_array_equal(batches[-1]["mask"], [True, True, False])
+    assert batches[-1]["mask"].dtype == bool and batches[-1]["label"].dtype == np.int32
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches])[:5], [0, 0, 0, 1, 1])
+    ids, num_batches, batches = eval_ids(dataset, "train")
+    assert num_batches == 4 and len(ids) == 11 and dataset.num_skipped_images == 2
+    np.testing.assert_array_equal(batches[-1]["mask"], [True, True, False])
+
+
+def test_image_folder_class_lists_and_hierarchy(tmp_path):
+    root = str(tmp_path)
+    make_image_folder(root, ["ant", "bee", "cat", "dog", "eel"], [2, 2, 2, 2, 2])
+    with open(os.path.join(root, "train_classes.txt"), "w") as f:
+        f.write("eel\nant\n\n")
+    with open(os.path.join(root, "hierarchy.csv"), "w") as f:
+        f.write("class,super_class\nant,insect\nbee,insect\ncat,mammal\ndog,mammal\neel,fish\n")
+    config = tiny(image_folder_config, **{"dataset.data_dir": root, "batch_size": 2})
+    info = input_pipeline.create_dataset(config, local_batch_size=2, local_eval_batch_size=2).info
+    # Train: ant, eel (sorted); test: the rest. Super-class ids follow the sorted names fish, insect, mammal.
+    assert info.num_train_classes == 2 and info.num_eval_examples["test"] == 6
+    np.testing.assert_array_equal(info.train_super_labels, [1, 0])
+    np.testing.assert_array_equal(info.test_super_labels, [1, 2, 2])
+
+    with open(os.path.join(root, "test_classes.txt"), "w") as f:
+        f.write("ant\ncat\n")
+    with pytest.raises(ValueError, match="disjoint"):
+        input_pipeline.create_dataset(config, local_batch_size=2, local_eval_batch_size=2)
+    with open(os.path.join(root, "test_classes.txt"), "w") as f:
+        f.write("cat\nwolf\n")
+    with pytest.raises(ValueError, match="wolf"):
+        input_pipeline.create_dataset(config, local_batch_size=2, local_eval_batch_size=2)
+    with open(os.path.join(root, "test_classes.txt"), "w") as f:
+        f.write("cat\ndog\n")
+    train, test, _, _ = input_pipeline.image_folder_splits(root)
+    assert train.num_classes == 2 and test.num_classes == 2  # bee is in neither list
+    with open(os.path.join(root, "hierarchy.csv"), "w") as f:
+        f.write("ant,insect\ncat,mammal\ndog,mammal\n")
+    with pytest.raises(ValueError, match="eel"):
+        input_pipeline.create_dataset(config, local_batch_size=2, local_eval_batch_size=2)
+
+
+def test_image_folder_errors_name_the_fix(tmp_path):
+    config = tiny(image_folder_config, **{"dataset.data_dir": str(tmp_path / "missing")})
+    with pytest.raises(ValueError, match="data_dir.*not a directory"):
+        input_pipeline.create_dataset(config, local_batch_size=2, local_eval_batch_size=2)
+    make_image_folder(str(tmp_path / "few"), ["a", "b", "c"], [2, 2, 2])
+    config.dataset.data_dir = str(tmp_path / "few")
+    with pytest.raises(ValueError, match="at least 4"):
+        input_pipeline.create_dataset(config, local_batch_size=2, local_eval_batch_size=2)
+
+
+@pytest.mark.parametrize("process_count", [2, 3])
+def test_image_folder_host_sharding(tmp_path, process_count):
+    root = str(tmp_path)
+    owner = make_image_folder(root, ["a", "b", "c", "d"], [9, 8, 7, 6])
+    config = tiny(image_folder_config, **{"dataset.data_dir": root})
+    hosts = [input_pipeline.create_dataset(config, local_batch_size=2, local_eval_batch_size=2,
+                                           process_index=p, process_count=process_count)
+             for p in range(process_count)]
+    steps = data.steps_per_epoch(17, 2 * process_count)
+    train_ids = [train_epoch(host)[1] for host in hosts]
+    assert all(len(ids) == 2 * steps for ids in train_ids)
+    everything = np.concatenate(train_ids)
+    assert len(set(everything)) == len(everything) and {owner[i] for i in everything} <= {"a", "b"}
+    test = [eval_ids(host, "test") for host in hosts]
+    assert len({num_batches for _, num_batches, _ in test}) == 1
+    assert sorted(np.concatenate([ids for ids, _, _ in test])) == [i for i, n in owner.items() if n in "cd"]
+
+
+def test_train_order_is_seeded_and_resumable(tmp_path):
+    make_image_folder(str(tmp_path), ["a", "b", "c", "d"], [6, 6, 2, 2])
+    dataset = input_pipeline.create_dataset(tiny(image_folder_config, **{"dataset.data_dir": str(tmp_path)}),
+                                            local_batch_size=4, local_eval_batch_size=4)
+    first, ids = train_epoch(dataset, epoch=3)
+    again, ids_again = train_epoch(dataset, epoch=3)
+    np.testing.assert_array_equal(ids, ids_again)
+    np.testing.assert_array_equal(np.stack([b["image"] for b in first]), np.stack([b["image"] for b in again]))
+    _, other_epoch = train_epoch(dataset, epoch=4)
+    assert not np.array_equal(ids, other_epoch) and sorted(ids) == sorted(other_epoch)
+    resumed, _ = train_epoch(dataset, epoch=3, start_step=1)
+    assert len(resumed) == 2
+    for original, replayed in zip(first[1:], resumed):
+        np.testing.assert_array_equal(original["image"], replayed["image"])  # same crops and flips
+        np.testing.assert_array_equal(original["label"], replayed["label"])
+
+
+def test_class_balanced_sampler_groups_classes(tmp_path):
+    make_image_folder(str(tmp_path), ["a", "b", "c", "d", "e", "f", "g", "h"], [3, 5, 4, 2, 1, 1, 1, 1])
+    config = tiny(image_folder_config, **{"dataset.data_dir": str(tmp_path), "dataset.sampler": "class_balanced",
+                                          "dataset.samples_per_class": 2})
+    dataset = input_pipeline.create_dataset(config, local_batch_size=4, local_eval_batch_size=4)
+    batches, _ = train_epoch(dataset)
+    assert len(batches) == data.steps_per_epoch(14, 4)
+    for batch in batches:
+        pairs = batch["label"].reshape(-1, 2)
+        np.testing.assert_array_equal(pairs[:, 0], pairs[:, 1])
+    with pytest.raises(ValueError, match="samples_per_class"):
+        input_pipeline.create_dataset(config, local_batch_size=3, local_eval_batch_size=4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TFDS benchmarks through tfds.testing.mock_data.
+
+# name -> (config module, {tfds split: original class ids of its records}, {class id: super-class id})
+CARS_MAKE = {0: "AM General", 1: "Acura", 13: "Audi", 97: "Eagle", 98: "FIAT", 150: "Lamborghini", 195: "smart"}
+BENCHMARKS = {
+    "cub": (cub_config, {"train": [0, 3, 50, 99, 100, 120, 199], "test": [0, 3, 50, 99, 100, 120, 199]}, None),
+    "cars": (cars_config, {"train": [0, 1, 13, 97, 98, 150, 195], "test": [1, 13, 97, 98, 150]},
+             {c: cars_makes.MAKES.index(make) for c, make in CARS_MAKE.items()}),
+    "sop": (sop_config, {"train": [0, 5, 7, 7], "test": [11318, 11320, 22633, 11320]},
+            {0: 0, 5: 0, 7: 3, 11318: 3, 11320: 5, 22633: 11}),
+    "cifar100": (cifar100_config, {"train": [2, 10, 49, 50, 77, 99], "test": [2, 10, 49, 50, 77, 99]},
+                 {2: 14, 10: 3, 49: 10, 50: 16, 77: 13, 99: 18}),
+}
+TRAIN_CLASSES = {"cub": [0, 3, 50, 99], "cars": [0, 1, 13, 97], "sop": [0, 5, 7], "cifar100": [2, 10, 49]}
+TEST_CLASSES = {"cub": [100, 120, 199], "cars": [98, 150, 195], "sop": [11318, 11320, 22633],
+                "cifar100": [50, 77, 99]}
+
+
+def benchmark_records(name, copies=2):
+    """Records for the fake TFDS dataset: each listed class id gets `copies` images; returns (records, owner)."""
+    _, layout, supers = BENCHMARKS[name]
+    label_key = input_pipeline.BENCHMARKS[name].label_key
+    super_key = input_pipeline.BENCHMARKS[name].super_key
+    records, owner, next_id = {}, {}, 0
+    for split, classes in layout.items():
+        records[split] = []
+        for class_id in classes:
+            for _ in range(copies):
+                image = (tf.io.encode_png(flat_image(next_id, (32, 32))).numpy() if name == "cifar100"
+                         else jpeg_of(next_id))
+                row = {"image": image, label_key: class_id}
+                if super_key:
+                    row[super_key] = supers[class_id]
+                records[split].append(row)
+                owner[next_id] = class_id
+                next_id += 1
+    return records, owner
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_tfds_benchmark_splits_labels_and_supers(name):
+    config_module, _, supers = BENCHMARKS[name]
+    records, owner = benchmark_records(name)
+    train_classes, test_classes = TRAIN_CLASSES[name], TEST_CLASSES[name]
+    num_train = sum(c in train_classes for c in owner.values())
+    with fake_tfds(records):
+        dataset = input_pipeline.create_dataset(tiny(config_module), local_batch_size=4, local_eval_batch_size=4)
+        info = dataset.info
+        assert info.name == name and info.num_train_classes == len(train_classes)
+        assert info.num_train_examples == num_train
+        assert info.num_eval_examples["test"] == sum(c in test_classes for c in owner.values())
+        if supers is None:
+            assert info.train_super_labels is None and info.test_super_labels is None
+        else:
+            np.testing.assert_array_equal(info.train_super_labels, [supers[c] for c in train_classes])
+            np.testing.assert_array_equal(info.test_super_labels, [supers[c] for c in test_classes])
+            assert info.train_super_labels.dtype == np.int32
+
+        batches, ids = train_epoch(dataset)
+        assert len(batches) == num_train // 4 and len(set(ids)) == len(ids)
+        for batch in batches:
+            assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.float32
+            assert batch["label"].dtype == np.int32
+            # Class-disjoint, and labels are the rank of the original class id among the training classes.
+            expected = [train_classes.index(owner[i]) for i in ids_of(batch["image"])]
+            np.testing.assert_array_equal(batch["label"], expected)
+        ids, _, batches = eval_ids(dataset, "test")
+        assert sorted(ids) == sorted(i for i, c in owner.items() if c in test_classes)
+        labels = np.concatenate([b["label"][b["mask"]] for b in batches])
+        np.testing.assert_array_equal(labels, [test_classes.index(owner[i]) for i in ids])
+        num_test = info.num_eval_examples["test"]
+        assert batches[-1]["mask"].sum() == num_test - 4 * (len(batches) - 1) and len(batches) == -(-num_test // 4)
+
+
+@pytest.mark.parametrize("process_count", [2, 3])
+def test_tfds_host_sharding(process_count):
+    records, owner = benchmark_records("cub", copies=3)
+    with fake_tfds(records):
+        hosts = [input_pipeline.create_dataset(tiny(cub_config), local_batch_size=2, local_eval_batch_size=2,
+                                               process_index=p, process_count=process_count)
+                 for p in range(process_count)]
+        num_train = hosts[0].info.num_train_examples
+        steps = data.steps_per_epoch(num_train, 2 * process_count)
+        train_ids = [train_epoch(host)[1] for host in hosts]
+        assert all(len(ids) == 2 * steps for ids in train_ids)
+        everything = np.concatenate(train_ids)
+        assert len(set(everything)) == len(everything)
+        assert {owner[i] for i in everything} <= set(TRAIN_CLASSES["cub"])
+        for split, classes in (("test", TEST_CLASSES["cub"]), ("train", TRAIN_CLASSES["cub"])):
+            results = [eval_ids(host, split) for host in hosts]
+            assert len({num_batches for _, num_batches, _ in results}) == 1
+            assert sorted(np.concatenate([ids for ids, _, _ in results])) == sorted(
+                i for i, c in owner.items() if c in classes)
+
+
+def test_host_record_ranges_cover_every_kept_record_once():
+    labels = {"train": np.array([0, -1, 1, 2, -1, 0, -1]), "test": np.array([-1, 3, 3, -1, 4])}
+    for process_count in (1, 2, 3, 4):
+        seen, sizes = [], []
+        for p in range(process_count):
+            ranges, size = input_pipeline.host_record_ranges(labels, p, process_count)
+            kept = [(split, i) for split, (start, stop) in ranges.items() for i in range(start, stop)
+                    if labels[split][i] >= 0]
+            assert len(kept) == size
+            seen += kept
+            sizes.append(size)
+        assert sorted(seen) == sorted((s, i) for s, l in labels.items() for i in np.flatnonzero(l >= 0))
+        assert max(sizes) - min(sizes) <= 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# In-Shop: the project's TFDS builder on a tiny tree.
+
+INSHOP_ROWS = [  # (path, item, split)
+    ("img/WOMEN/Dresses/id_00000001/01_1_front.jpg", "id_00000001", "train"),
+    ("img/WOMEN/Dresses/id_00000001/01_2_side.jpg", "id_00000001", "train"),
+    ("img/MEN/Tees_Tanks/id_00000003/01_1_front.jpg", "id_00000003", "train"),
+    ("img/MEN/Tees_Tanks/id_00000003/02_1_front.jpg", "id_00000003", "train"),
+    ("img/WOMEN/Skirts/id_00000007/01_1_front.jpg", "id_00000007", "train"),
+    ("img/WOMEN/Skirts/id_00000007/01_4_full.jpg", "id_00000007", "train"),
+    ("img/WOMEN/Dresses/id_00000002/01_1_front.jpg", "id_00000002", "query"),
+    ("img/WOMEN/Dresses/id_00000002/01_2_side.jpg", "id_00000002", "gallery"),
+    ("img/WOMEN/Dresses/id_00000002/01_3_back.jpg", "id_00000002", "gallery"),
+    ("img/MEN/Denim/id_00000005/01_1_front.jpg", "id_00000005", "query"),
+    ("img/MEN/Denim/id_00000005/01_2_side.jpg", "id_00000005", "query"),
+    ("img/MEN/Denim/id_00000005/01_4_full.jpg", "id_00000005", "gallery"),
+    ("img/WOMEN/Skirts/id_00000004/01_1_front.jpg", "id_00000004", "gallery"),
+    ("img/WOMEN/Skirts/id_00000004/01_2_side.jpg", "id_00000004", "query"),
+]
+
+
+def write_inshop_tree(root):
+    lines = [str(len(INSHOP_ROWS)), "image_name item_id evaluation_status"]
+    for example_id, (path, item, split) in enumerate(INSHOP_ROWS):
+        os.makedirs(os.path.join(root, os.path.dirname(path)), exist_ok=True)
+        with open(os.path.join(root, path), "wb") as f:
+            f.write(jpeg_of(example_id))
+        lines.append(f"{path:60s} {item} {split}")
+    with open(os.path.join(root, inshop.PARTITION_FILE), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def inshop_dirs(tmp_path_factory):
+    manual_dir = str(tmp_path_factory.mktemp("inshop_files"))
+    write_inshop_tree(manual_dir)
+    return str(tmp_path_factory.mktemp("tfds")), manual_dir
+
+
+def test_inshop_builder_query_gallery_and_categories(inshop_dirs):
+    data_dir, manual_dir = inshop_dirs
+    config = tiny(inshop_config, **{"dataset.data_dir": data_dir, "dataset.manual_dir": manual_dir})
+    dataset = input_pipeline.create_dataset(config, local_batch_size=2, local_eval_batch_size=2)
+    info = dataset.info
+    assert info.eval_splits == ("query", "gallery")
+    assert info.num_train_classes == 3 and info.num_train_examples == 6
+    assert info.num_eval_examples == {"query": 4, "gallery": 4, "train": 6}
+    # Categories, sorted over all splits: MEN/Denim, MEN/Tees_Tanks, WOMEN/Dresses, WOMEN/Skirts.
+    np.testing.assert_array_equal(info.train_super_labels, [2, 1, 3])  # items 1, 3, 7
+    np.testing.assert_array_equal(info.test_super_labels, [2, 3, 0])  # items 2, 4, 5 (query and gallery)
+    item_label = {"id_00000002": 0, "id_00000004": 1, "id_00000005": 2}
+    for split in ("query", "gallery"):
+        ids, _, batches = eval_ids(dataset, split)
+        assert sorted(ids) == [i for i, row in enumerate(INSHOP_ROWS) if row[2] == split]
+        labels = np.concatenate([b["label"][b["mask"]] for b in batches])
+        np.testing.assert_array_equal(labels, [item_label[INSHOP_ROWS[i][1]] for i in ids])
+    _, ids = train_epoch(dataset)
+    assert sorted(ids) == list(range(6))
+
+
+@pytest.mark.parametrize("process_count", [2, 3])
+def test_inshop_host_sharding_reads_tfds_sub_splits(inshop_dirs, process_count):
+    data_dir, manual_dir = inshop_dirs
+    config = tiny(inshop_config, **{"dataset.data_dir": data_dir, "dataset.manual_dir": manual_dir})
+    hosts = [input_pipeline.create_dataset(config, local_batch_size=1, local_eval_batch_size=1, process_index=p,
+                                           process_count=process_count) for p in range(process_count)]
+    for split in ("query", "gallery", "train"):
+        results = [eval_ids(host, split) for host in hosts]
+        assert len({num_batches for _, num_batches, _ in results}) == 1
+        assert sorted(np.concatenate([ids for ids, _, _ in results])) == [
+            i for i, row in enumerate(INSHOP_ROWS) if row[2] == split]
+    everything = np.concatenate([train_epoch(host)[1] for host in hosts])
+    assert len(everything) == 6 // process_count * process_count and len(set(everything)) == len(everything)
+
+
+def test_inshop_missing_files_say_what_to_place_where(tmp_path):
+    manual_dir = str(tmp_path / "empty")
+    os.makedirs(manual_dir)
+    config = tiny(inshop_config, **{"dataset.data_dir": str(tmp_path / "tfds"), "dataset.manual_dir": manual_dir})
+    with pytest.raises(ValueError) as error:
+        input_pipeline.create_dataset(config, local_batch_size=2, local_eval_batch_size=2)
+    message = str(error.value)
+    assert "list_eval_partition.txt" in message and "img.zip" in message and manual_dir in message
+    assert "tfds build --imports=hpl_jax.inshop inshop_clothes" in message
+
+
+def test_inshop_partition_file_is_checked():
+    text = "3\nimage_name item_id evaluation_status\nimg/MEN/Denim/id_00000005/a.jpg id_00000005 query\n"
+    with pytest.raises(ValueError, match="announces 3 images but lists 1"):
+        inshop.read_partition(text)
+    rows = inshop.read_partition(text.replace("3\n", "1\n", 1))
+    assert rows["query"] == [("img/MEN/Denim/id_00000005/a.jpg", "id_00000005")] and rows["train"] == []
+    assert inshop.item_number("id_00000123") == 123
+    assert inshop.category("img/WOMEN/Blouses_Shirts/id_00000001/02_1_front.jpg") == "WOMEN/Blouses_Shirts"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cars196 makes, missing data, TensorFlow isolation.
+
+def test_cars_makes_match_tfds_class_names():
+    names = tfds.builder("cars196").info.features["label"].names
+    assert [name for name, _ in cars_makes.CLASS_MAKES] == names
+    for name, make in cars_makes.CLASS_MAKES:
+        assert name.startswith(make + " ")
+    assert len(cars_makes.MAKES) == 49
+    spot_checks = {"AM General Hummer SUV 2000": "AM General", "HUMMER H2 SUT Crew Cab 2009": "HUMMER",
+                   "Dodge Ram Pickup 3500 Crew Cab 2010": "Dodge", "Ram C/V Cargo Van Minivan 2012": "Ram",
+                   "Land Rover LR2 SUV 2012": "Land Rover", "Rolls-Royce Ghost Sedan 2012": "Rolls-Royce",
+                   "smart fortwo Convertible 2012": "smart"}
+    make_of = dict(cars_makes.CLASS_MAKES)
+    assert {name: make_of[name] for name in spot_checks} == spot_checks
+    train_makes = {make for _, make in cars_makes.CLASS_MAKES[:98]}
+    test_makes = {make for _, make in cars_makes.CLASS_MAKES[98:]}
+    assert len(train_makes) == 14 and len(test_makes) == 35 and not train_makes & test_makes
+
+
+def test_missing_cars_data_names_the_files_and_the_manual_dir(tmp_path):
+    builder = tfds.builder("cars196", data_dir=str(tmp_path))
+    message = input_pipeline.missing_data_message("cars", builder, "", ConnectionError("404"))
+    assert "dead" in message and "cars_train.tgz" in message and "car_devkit.tgz" in message
+    assert os.path.join(str(tmp_path), "downloads", "manual") in message
+    assert "--config.dataset.manual_dir" in message and "ConnectionError: 404" in message
+
+
+def test_tensorflow_sees_no_accelerator_and_stays_in_the_input_pipeline():
+    assert {device.device_type for device in tf.config.get_visible_devices()} == {"CPU"}
+    allowed = {os.path.join("hpl_jax", "input_pipeline.py"), os.path.join("hpl_jax", "inshop.py")}
+    importing = []
+    for folder, _, files in os.walk(os.path.join(REPO, "hpl_jax")):
+        for file in files:
+            path = os.path.join(folder, file)
+            if file.endswith(".py"):
+                with open(path) as f:
+                    if re.search(r"^\s*(import|from)\s+tensorflow", f.read(), re.MULTILINE):
+                        importing.append(os.path.relpath(path, REPO))
+    assert set(importing) <= allowed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dataset configs.
+
+RECIPES = {  # name: (module, lr, warmup, bn_frozen, decay_epochs, gamma, recall_at, nmi)
+    "cub": (cub_config, 1e-4, 5, True, 5, 0.5, (1, 2, 4, 8), True),
+    "cars": (cars_config, 1e-4, 5, True, 10, 0.5, (1, 2, 4, 8), True),
+    "sop": (sop_config, 6e-4, 1, False, 20, 0.25, (1, 10, 100, 1000), False),
+    "inshop": (inshop_config, 6e-4, 1, False, 20, 0.25, (1, 10, 20, 30, 40, 50), False),
+    "cifar100": (cifar100_config, 1e-4, 5, True, 5, 0.5, (1, 2, 4, 8), True),
+    "image_folder": (image_folder_config, 1e-4, 5, True, 5, 0.5, (1, 2, 4, 8), True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_dataset_configs_follow_the_published_recipe(name, tmp_path):
+    module, lr, warmup, bn_frozen, decay_epochs, gamma, recall_at, nmi = RECIPES[name]
+    config = module.get_config()
+    if name == "image_folder":
+        config.dataset.data_dir = str(tmp_path)
+    config_checks.validate_config(config, device_count=8, process_count=1)
+    assert config.dataset.name == name and config.dataset.image_size == 224 and config.dataset.resize_size == 256
+    assert tuple(config.dataset.crop_scale) == (0.08, 1.0) and config.dataset.color_order == "rgb"
+    assert (config.model.backbone, config.model.width, config.model.embedding_dim, config.model.dtype) == (
+        "resnet50", 1.0, 512, "bfloat16")
+    assert config.batch_size == 120 and config.num_epochs == 60
+    assert (config.optim.lr, config.optim.warmup_epochs, config.model.bn_frozen) == (lr, warmup, bn_frozen)
+    assert (config.optim.decay_epochs, config.optim.decay_gamma) == (decay_epochs, gamma)
+    assert (config.loss.base, config.loss.alpha, config.loss.delta) == ("proxy_anchor", 32.0, 0.1)
+    assert tuple(config.hpl.weights) == (1.0, 0.1) and len(config.hpl.num_coarse) == 1
+    assert tuple(config.eval.recall_at) == recall_at and config.eval.nmi == nmi
+    assert f"--config=configs/{name}.py" in module.__doc__ and "launch/tpu_pod.sh" in module.__doc__
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end: the training loop on an image folder.
+
+def test_training_runs_end_to_end_on_an_image_folder(tmp_path):
+    """One epoch of train_and_evaluate on an image folder (a small ResNet-18 keeps the compile short)."""
+    from hpl_jax import train
+
+    make_image_folder(str(tmp_path / "images"), ["a", "b", "c", "d", "e", "f"], [4, 4, 4, 4, 3, 3])
+    config = tiny(image_folder_config, **{
+        "dataset.data_dir": str(tmp_path / "images"), "dataset.image_size": 32, "dataset.resize_size": 36,
+        "model.backbone": "resnet18", "model.width": 0.125, "model.embedding_dim": 16, "model.dtype": "float32",
+        "hpl.num_coarse": (2,),
+        "optim.warmup_epochs": 0, "batch_size": 4, "eval.batch_size": 4, "num_epochs": 1})
+    result = train.train_and_evaluate(config, str(tmp_path / "workdir"))
+    assert 0.0 <= result["last"]["recall@1"] <= 1.0
