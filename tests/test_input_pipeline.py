@@ -467,6 +467,7 @@ def test_inshop_builder_query_gallery_and_categories(inshop_dirs):
         np.testing.assert_array_equal(labels, [item_label[INSHOP_ROWS[i][1]] for i in ids])
     _, ids = train_epoch(dataset)
     assert sorted(ids) == list(range(6))
+    np.testing.assert_array_equal(train_epoch(dataset)[1], ids)  # shuffled files and buffer, seeded
 
 
 @pytest.mark.parametrize("process_count", [2, 3])
