@@ -66,12 +66,17 @@ def _own_proxy_similarity(unit_embeddings: jax.Array, proxies: jax.Array, labels
     return jnp.sum(unit_embeddings * _l2_normalize(proxies[labels]), axis=-1)
 
 
-def _valid_rows(labels: jax.Array, mask: Optional[jax.Array]) -> Tuple[jax.Array, jax.Array]:
-    """(labels, valid): i32[batch] labels with padded rows' set to 0, and bool[batch] valid rows."""
+def _zero_padded_rows(
+    embeddings: jax.Array, labels: jax.Array, mask: Optional[jax.Array]
+) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """(embeddings, labels, valid) with the padded rows' embedding and label set to 0, and bool[batch] valid.
+
+    A padded row may hold anything, even NaN or a label outside 0..num_proxies-1; zeroed, it cannot reach
+    the value or any gradient.
+    """
     if mask is None:
-        return labels, jnp.ones(labels.shape, bool)
-    # A padded row may hold any label, even one outside 0..num_proxies-1.
-    return jnp.where(mask, labels, 0), mask
+        return embeddings, labels, jnp.ones(labels.shape, bool)
+    return jnp.where(mask[:, None], embeddings, 0), jnp.where(mask, labels, 0), mask
 
 
 @jax.custom_vjp
@@ -151,7 +156,7 @@ def proxy_anchor_loss(
       f32[], the loss. P+ holds the proxies with a valid positive in the batch; the positive term is 0
       when P+ is empty.
     """
-    labels, valid = _valid_rows(labels, mask)
+    embeddings, labels, valid = _zero_padded_rows(embeddings, labels, mask)
     num_proxies = proxies.shape[0]
     proxies = proxies.astype(jnp.float32)
     x = _l2_normalize(embeddings)
@@ -161,7 +166,7 @@ def proxy_anchor_loss(
     in_x_negative = (labels[:, None] != jnp.arange(num_proxies)[None, :]) & valid[:, None]
     num_in_p_positive = jnp.sum(jnp.bincount(labels, weights=valid.astype(jnp.int32), length=num_proxies) > 0)
 
-    # Proxies outside P+ have an empty positive sum, log(1 + 0) = 0, so summing over all proxies is a sum over P+.
+    # A proxy outside P+ has an empty positive sum, log(1 + 0) = 0: summing over all proxies sums over P+.
     positive_per_proxy = _segment_log_one_plus_sum_exp(-alpha * (s_own - delta), labels, valid, num_proxies)
     negative_per_proxy = _log_one_plus_sum_exp_over_batch(alpha * (s + delta), in_x_negative)
     positive_term = jnp.sum(positive_per_proxy) / jnp.maximum(num_in_p_positive, 1)
@@ -196,7 +201,7 @@ def proxy_nca_loss(
     Returns:
       f32[], the loss.
     """
-    labels, valid = _valid_rows(labels, mask)
+    embeddings, labels, valid = _zero_padded_rows(embeddings, labels, mask)
     num_proxies = proxies.shape[0]
     proxies = proxies.astype(jnp.float32)
     x = _l2_normalize(embeddings)

@@ -110,8 +110,10 @@ def _assert_grad_close(actual, expected):
 def _check_against_reference(loss_fn, reference, embeddings, labels, proxies, **kwargs):
     value, embeddings_grad, proxies_grad = _value_and_grads(loss_fn, embeddings, labels, proxies, **kwargs)
     np.testing.assert_allclose(value, reference(embeddings, labels, proxies, **kwargs), rtol=2e-5, atol=1e-6)
-    _assert_grad_close(embeddings_grad, np_numeric_grad(lambda e: reference(e, labels, proxies, **kwargs), embeddings))
-    _assert_grad_close(proxies_grad, np_numeric_grad(lambda p: reference(embeddings, labels, p, **kwargs), proxies))
+    _assert_grad_close(
+        embeddings_grad, np_numeric_grad(lambda e: reference(e, labels, proxies, **kwargs), embeddings))
+    _assert_grad_close(
+        proxies_grad, np_numeric_grad(lambda p: reference(embeddings, labels, p, **kwargs), proxies))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -121,9 +123,11 @@ def _check_against_reference(loss_fn, reference, embeddings, labels, proxies, **
 def test_proxy_anchor_hand_computed():
     # x = e1 with label 0; p0 = e1 (s = 1), p1 = e2 (s = 0). P+ = {p0}; X_p0- is empty, X_p1- = {x}.
     alpha, delta = 32.0, 0.1
-    expected = np.log1p(np.exp(-alpha * (1 - delta))) + 0.5 * (np.log1p(0.0) + np.log1p(np.exp(alpha * delta)))
-    value = _jit_loss(proxy_anchor_loss)(jnp.array([[1.0, 0.0]]), jnp.array([0]), jnp.array([[1.0, 0.0], [0.0, 1.0]]))
-    np.testing.assert_allclose(float(value), expected, rtol=1e-6)
+    positive_term = np.log1p(np.exp(-alpha * (1 - delta)))
+    negative_term = 0.5 * (np.log1p(0.0) + np.log1p(np.exp(alpha * delta)))
+    value = _jit_loss(proxy_anchor_loss)(
+        jnp.array([[1.0, 0.0]]), jnp.array([0]), jnp.array([[1.0, 0.0], [0.0, 1.0]]))
+    np.testing.assert_allclose(float(value), positive_term + negative_term, rtol=1e-6)
 
 
 @pytest.mark.parametrize("batch, dim, num_proxies, num_classes_used, alpha, delta", [
@@ -150,7 +154,8 @@ def test_proxy_anchor_mask_drops_the_only_positive_of_a_proxy():
     labels = np.array([0, 1, 1, 3, 2, 0], np.int32)
     mask = np.array([1, 1, 1, 0, 1, 1], bool)
     value = _jit_loss(proxy_anchor_loss, mask=mask)(embeddings, labels, proxies)
-    np.testing.assert_allclose(float(value), np_proxy_anchor(embeddings, labels, proxies, mask=mask), rtol=2e-5)
+    np.testing.assert_allclose(
+        float(value), np_proxy_anchor(embeddings, labels, proxies, mask=mask), rtol=2e-5)
     np.testing.assert_allclose(
         float(value), np_proxy_anchor(embeddings[mask], labels[mask], proxies), rtol=2e-5)
 
@@ -173,7 +178,8 @@ def test_proxy_anchor_alpha_64_is_finite_and_exact():
     for dtype in (jnp.float32, jnp.bfloat16):
         value, embeddings_grad, proxies_grad = _value_and_grads(
             proxy_anchor_loss, jnp.asarray(embeddings, dtype), labels, proxies, alpha=64.0)
-        assert np.isfinite(value) and np.all(np.isfinite(embeddings_grad)) and np.all(np.isfinite(proxies_grad))
+        assert np.isfinite(value)
+        assert np.all(np.isfinite(embeddings_grad)) and np.all(np.isfinite(proxies_grad))
     value, embeddings_grad, _ = _value_and_grads(proxy_anchor_loss, embeddings, labels, proxies, alpha=64.0)
     reference = functools.partial(np_proxy_anchor, labels=labels, proxies=proxies, alpha=64.0)
     np.testing.assert_allclose(value, reference(embeddings), rtol=1e-5)
@@ -185,7 +191,8 @@ def test_proxy_anchor_alpha_64_is_finite_and_exact():
 
 
 @pytest.mark.parametrize("exclude_positive", [False, True])
-@pytest.mark.parametrize("batch, dim, num_proxies, temperature", [(8, 4, 5, 1.0), (6, 3, 12, 1 / 9), (5, 6, 3, 1 / 32)])
+@pytest.mark.parametrize("batch, dim, num_proxies, temperature", [
+    (8, 4, 5, 1.0), (6, 3, 12, 1 / 9), (5, 6, 3, 1 / 32)])
 def test_proxy_nca_value_and_grads_match_numpy(batch, dim, num_proxies, temperature, exclude_positive):
     embeddings, labels, proxies = _random_inputs(batch + num_proxies, batch, dim, num_proxies)
     _check_against_reference(proxy_nca_loss, np_proxy_nca, embeddings, labels, proxies,
@@ -227,15 +234,19 @@ def test_padded_rows_have_no_effect(name):
     other = embeddings.copy()
     other_labels = labels.copy()
     other[~mask] = 100.0 * np.random.default_rng(8).normal(size=(int((~mask).sum()), 4))
+    other[1, 2] = np.nan
+    other[4, 0] = np.inf
     other_labels[~mask] = [0, 5, 12345]  # any label, even out of range
     value, embeddings_grad, proxies_grad = _value_and_grads(loss_fn, embeddings, labels, proxies, mask=mask)
-    value_2, embeddings_grad_2, proxies_grad_2 = _value_and_grads(loss_fn, other, other_labels, proxies, mask=mask)
+    value_2, embeddings_grad_2, proxies_grad_2 = _value_and_grads(
+        loss_fn, other, other_labels, proxies, mask=mask)
     assert value == value_2
     np.testing.assert_array_equal(embeddings_grad, embeddings_grad_2)
     np.testing.assert_array_equal(proxies_grad, proxies_grad_2)
     assert np.all(embeddings_grad[~mask] == 0)
     # Same as the batch without its padded rows.
-    value_3, embeddings_grad_3, proxies_grad_3 = _value_and_grads(loss_fn, embeddings[mask], labels[mask], proxies)
+    value_3, embeddings_grad_3, proxies_grad_3 = _value_and_grads(
+        loss_fn, embeddings[mask], labels[mask], proxies)
     np.testing.assert_allclose(value, value_3, rtol=1e-5)
     np.testing.assert_allclose(embeddings_grad[mask], embeddings_grad_3, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(proxies_grad, proxies_grad_3, rtol=1e-4, atol=1e-6)
@@ -248,7 +259,8 @@ def test_unnormalised_inputs_give_the_normalised_loss(name):
     rng = np.random.default_rng(10)
     row_scale = rng.uniform(0.01, 50.0, size=(8, 1)).astype(np.float32)
     proxy_scale = rng.uniform(0.01, 50.0, size=(7, 1)).astype(np.float32)
-    unit = float(loss_fn(_unit_rows(embeddings).astype(np.float32), labels, _unit_rows(proxies).astype(np.float32)))
+    unit_embeddings = _unit_rows(embeddings).astype(np.float32)
+    unit = float(loss_fn(unit_embeddings, labels, _unit_rows(proxies).astype(np.float32)))
     scaled = float(loss_fn(embeddings * row_scale, labels, proxies * proxy_scale))
     np.testing.assert_allclose(scaled, unit, rtol=1e-5)
 
@@ -275,8 +287,13 @@ def test_bfloat16_embeddings_close_to_float32(name):
 def _three_level_hierarchy(seed, sizes=(12, 5, 2), dim=6):
     rng = np.random.default_rng(seed)
     proxies = tuple(rng.normal(size=(k, dim)).astype(np.float32) for k in sizes)
-    parents = tuple(rng.integers(0, above, below).astype(np.int32) for below, above in zip(sizes[:-1], sizes[1:]))
+    parents = tuple(rng.integers(0, above, below).astype(np.int32)
+                    for below, above in zip(sizes[:-1], sizes[1:]))
     return proxies, parents
+
+
+def _as_hierarchy(proxies, parents):
+    return ProxyHierarchy(proxies=tuple(map(jnp.asarray, proxies)), parents=tuple(map(jnp.asarray, parents)))
 
 
 @pytest.mark.parametrize("base_name", ["proxy_anchor", "proxy_nca"])
@@ -292,10 +309,10 @@ def test_hpl_is_weighted_sum_of_base_losses_on_lifted_labels(base_name, with_mas
     embeddings, labels, _ = _random_inputs(13, 9, 6, 12)
     mask = np.array([1, 1, 0, 1, 1, 1, 0, 1, 1], bool) if with_mask else None
     weights = (1.0, 0.3, 0.05)
-    hierarchy = ProxyHierarchy(proxies=tuple(map(jnp.asarray, proxies)), parents=tuple(map(jnp.asarray, parents)))
+    hierarchy = _as_hierarchy(proxies, parents)
 
-    total, per_level = jax.jit(functools.partial(
-        hierarchical_proxy_loss, base_loss=base_loss, weights=weights))(embeddings, labels, hierarchy, mask=mask)
+    hpl = jax.jit(functools.partial(hierarchical_proxy_loss, base_loss=base_loss, weights=weights))
+    total, per_level = hpl(embeddings, labels, hierarchy, mask=mask)
 
     expected_per_level = [reference(embeddings, level_labels, level_proxies, mask=mask)
                           for level_labels, level_proxies in zip(np_lift_labels(labels, parents), proxies)]
@@ -304,8 +321,9 @@ def test_hpl_is_weighted_sum_of_base_losses_on_lifted_labels(base_name, with_mas
     np.testing.assert_allclose(float(total), np.dot(weights, expected_per_level), rtol=2e-5)
 
     def np_total(e):
+        lifted = np_lift_labels(labels, parents)
         return sum(w * reference(e, level_labels, level_proxies, mask=mask)
-                   for w, level_labels, level_proxies in zip(weights, np_lift_labels(labels, parents), proxies))
+                   for w, level_labels, level_proxies in zip(weights, lifted, proxies))
 
     embeddings_grad = jax.jit(jax.grad(lambda e: hierarchical_proxy_loss(
         e, labels, hierarchy, base_loss=base_loss, weights=weights, mask=mask)[0]))(jnp.asarray(embeddings))
@@ -335,7 +353,7 @@ def test_hpl_single_level_is_the_base_loss():
 
 def test_hpl_weights_of_wrong_length_raise():
     proxies, parents = _three_level_hierarchy(17)
-    hierarchy = ProxyHierarchy(proxies=tuple(map(jnp.asarray, proxies)), parents=tuple(map(jnp.asarray, parents)))
     embeddings, labels, _ = _random_inputs(18, 4, 6, 12)
     with pytest.raises(ValueError, match="weights"):
-        hierarchical_proxy_loss(embeddings, labels, hierarchy, base_loss=proxy_anchor_loss, weights=(1.0, 0.1))
+        hierarchical_proxy_loss(embeddings, labels, _as_hierarchy(proxies, parents),
+                                base_loss=proxy_anchor_loss, weights=(1.0, 0.1))

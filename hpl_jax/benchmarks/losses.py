@@ -24,7 +24,8 @@ from hpl_jax.losses import hierarchical_proxy_loss, proxy_anchor_loss
 
 
 def _parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=180)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--num_classes", type=int, default=11318, help="fine proxies (level 0)")
@@ -47,7 +48,8 @@ def _median_times_ms(fns: Dict[str, Callable[[], jax.Array]], repeats: int) -> D
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _matrix_products(embeddings: jax.Array, proxies: Sequence[jax.Array], similarity_grads: Sequence[jax.Array]):
+def _matrix_products(
+        embeddings: jax.Array, proxies: Sequence[jax.Array], similarity_grads: Sequence[jax.Array]):
     """x.P^T, G.P and G^T.x of every level: the matmuls of a proxy loss's forward + backward."""
     return [(embeddings @ p.T, g @ p, g.T @ embeddings) for p, g in zip(proxies, similarity_grads)]
 
@@ -60,8 +62,10 @@ def main() -> None:
     fine = jax.random.normal(keys[2], (args.num_classes, args.dim))
     coarse = jax.random.normal(keys[3], (args.num_coarse, args.dim))
     # Every coarse proxy keeps at least one child (METHOD.md), as after a k-means refresh.
-    parents = jax.random.permutation(keys[4], jnp.arange(args.num_classes) % args.num_coarse).astype(jnp.int32)
-    similarity_grads = [jax.random.normal(keys[5], (args.batch, n)) for n in (args.num_classes, args.num_coarse)]
+    parents = jax.random.permutation(keys[4], jnp.arange(args.num_classes) % args.num_coarse)
+    parents = parents.astype(jnp.int32)
+    similarity_grads = [jax.random.normal(keys[5], (args.batch, n))
+                        for n in (args.num_classes, args.num_coarse)]
 
     def hpl_on_proxy_anchor(embeddings, proxies):
         hierarchy = ProxyHierarchy(proxies=proxies, parents=(parents,))
