@@ -20,23 +20,23 @@ _MIN_SQUARED_NORM = 1e-12
 _EMPTY_SHIFT = float(jnp.finfo(jnp.float32).min)
 
 
+def _inverse_norm(vectors: jax.Array) -> jax.Array:
+    """f32[n], 1 / ||v|| of each row of f32[n, dim] `vectors`."""
+    return jax.lax.rsqrt(jnp.maximum(jnp.sum(vectors * vectors, axis=-1), _MIN_SQUARED_NORM))
+
+
 def _l2_normalize(vectors: jax.Array) -> jax.Array:
     """f32[n, dim], the unit rows of `vectors` (any float dtype)."""
     vectors = vectors.astype(jnp.float32)
     return vectors * _inverse_norm(vectors)[:, None]
 
 
-def _inverse_norm(vectors: jax.Array) -> jax.Array:
-    """f32[n], 1 / ||v|| of each row of f32[n, dim] `vectors`."""
-    return jax.lax.rsqrt(jnp.maximum(jnp.sum(vectors * vectors, axis=-1), _MIN_SQUARED_NORM))
-
-
 @jax.custom_vjp
 def _cosine_similarity(unit_embeddings: jax.Array, proxies: jax.Array) -> jax.Array:
     """f32[batch, num_proxies], s(x, p) of f32[batch, dim] unit embeddings and f32[num_proxies, dim] proxies.
 
-    The proxies are normalised by scaling the product's columns: the [num_proxies, dim] matrix is the
-    largest in the loss, and this way it is read once forward and once backward.
+    The proxies are normalised by scaling the product's columns, which spares a normalised copy of the
+    [num_proxies, dim] matrix, the largest in the loss, and its gradient.
     """
     return (unit_embeddings @ proxies.T) * _inverse_norm(proxies)
 
@@ -49,7 +49,7 @@ def _cosine_similarity_fwd(unit_embeddings, proxies):
 
 def _cosine_similarity_bwd(residuals, similarity_grad):
     # s = (x.p) / |p| for unit x: d/dx = p / |p|, d/dp = x / |p| - (x.p) p / |p|^3. Written out so that
-    # the [batch, num_proxies] gradient is scaled in one pass and the proxies are read in one more.
+    # the proxies' gradient is the product G^T.x plus a single pass over the proxies.
     unit_embeddings, proxies, inverse_norm, product = residuals
     product_grad = similarity_grad * inverse_norm
     radial = jnp.sum(product_grad * product, axis=0) * inverse_norm**2
