@@ -34,6 +34,11 @@ def get_config():
     # Per-channel normalisation of [0, 1] RGB pixels (ImageNet statistics).
     dataset.mean = (0.485, 0.456, 0.406)
     dataset.std = (0.229, 0.224, 0.225)
+    # Channel order the network expects: 'rgb', or 'bgr' (BN-Inception weights).
+    dataset.color_order = "rgb"
+    # Pixels are x / 255 * pixel_scale before mean/std: 1 for [0, 1] (ResNets), 255 for [0, 255] (BN-Inception).
+    # With model.pretrained, mean, std, color_order and pixel_scale are taken from the weights' metadata.
+    dataset.pixel_scale = 1.0
     # 'random' (plain shuffled batches, the Proxy-Anchor recipe) or 'class_balanced' (m images per class).
     dataset.sampler = "random"
     # m for the class-balanced sampler (global batch size must be a multiple of it).
@@ -83,6 +88,8 @@ def get_config():
     # At a refresh, coarse proxies are 'reset' to the normalised cluster centres (moments zeroed), or
     # 'rematch': kept, and the new clusters matched to them (Hungarian matching).
     hpl.coarse_policy = "reset"
+    # k-means restarts (sklearn n_init) per grouping; each costs a full k-means on the level below.
+    hpl.kmeans_restarts = 10
     # Use the dataset's ground-truth super-classes for level 1 instead of k-means (ablation).
     hpl.ground_truth_level1 = False
 

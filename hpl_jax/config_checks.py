@@ -8,9 +8,10 @@ import os
 import re
 
 from hpl_jax import data
+from hpl_jax import models
 
 BASE_LOSSES = ("proxy_anchor", "proxy_nca")
-BACKBONES = ("resnet18", "resnet34", "resnet50", "bn_inception")
+BACKBONES = models.BACKBONES
 DTYPES = ("float32", "bfloat16")
 FIRST_GROUPINGS = ("class_means", "proxies")
 COARSE_POLICIES = ("reset", "rematch")
@@ -43,9 +44,9 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
     if dataset.name == "image_folder":
         _require(bool(dataset.data_dir), "dataset.data_dir",
                  "is empty; set it to the image folder root (ROOT/<class>/<images>).")
-    if dataset.data_dir and not dataset.data_dir.startswith("gs://"):
-        _require(os.path.isdir(dataset.data_dir), "dataset.data_dir",
-                 f"{dataset.data_dir!r} is not a directory; create it or point it at the data.")
+        if not dataset.data_dir.startswith("gs://"):
+            _require(os.path.isdir(dataset.data_dir), "dataset.data_dir",
+                     f"{dataset.data_dir!r} is not a directory; point it at the image folder root.")
     if dataset.manual_dir and not dataset.manual_dir.startswith("gs://"):
         _require(os.path.isdir(dataset.manual_dir), "dataset.manual_dir",
                  f"{dataset.manual_dir!r} is not a directory; point it at the folder with the dataset files.")
@@ -58,6 +59,9 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
     _require(0 < low <= high, "dataset.crop_ratio", f"{dataset.crop_ratio} must satisfy 0 < min <= max.")
     _require(len(dataset.mean) == 3 and len(dataset.std) == 3 and min(dataset.std) > 0, "dataset.mean/std",
              "need three values each, std > 0.")
+    _require(dataset.color_order in ("rgb", "bgr"), "dataset.color_order",
+             f"{dataset.color_order!r}; use 'rgb' or 'bgr'.")
+    _require(dataset.pixel_scale > 0, "dataset.pixel_scale", "must be > 0 (1 or 255).")
     _require(dataset.sampler in SAMPLERS, "dataset.sampler", f"{dataset.sampler!r}; use one of {SAMPLERS}.")
     if dataset.sampler == "class_balanced":
         _require(dataset.samples_per_class >= 2 and config.batch_size % dataset.samples_per_class == 0,
@@ -79,6 +83,8 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
         _require(os.path.isdir(model.pretrained), "model.pretrained",
                  f"{model.pretrained!r} does not exist; convert weights with `python -m hpl_jax.convert_weights` "
                  "and pass the output directory.")
+    _require(not model.pretrained or model.width == 1.0, "model.width",
+             f"{model.width}: pretrained weights exist for the published widths only; set it to 1.0.")
 
     loss = config.loss
     _require(loss.base in BASE_LOSSES, "loss.base", f"{loss.base!r}; use one of {BASE_LOSSES}.")
@@ -102,6 +108,7 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
     _require(hpl.first_grouping in FIRST_GROUPINGS, "hpl.first_grouping",
              f"{hpl.first_grouping!r}; use one of {FIRST_GROUPINGS}.")
     _require(hpl.refresh_every_steps >= 0, "hpl.refresh_every_steps", "must be >= 0 (0 = every epoch).")
+    _require(hpl.kmeans_restarts >= 1, "hpl.kmeans_restarts", "must be >= 1.")
     _require(hpl.coarse_policy in COARSE_POLICIES, "hpl.coarse_policy",
              f"{hpl.coarse_policy!r}; use one of {COARSE_POLICIES}.")
     if hpl.ground_truth_level1:
@@ -117,8 +124,8 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
     _check_regexes([entry[0] for entry in optim.lr_mults], "optim.lr_mults")
     _check_regexes(optim.warmup_trainable, "optim.warmup_trainable")
     _check_regexes(optim.frozen, "optim.frozen")
-    _require(0 <= optim.warmup_epochs < config.num_epochs, "optim.warmup_epochs",
-             f"{optim.warmup_epochs} must be >= 0 and smaller than config.num_epochs ({config.num_epochs}).")
+    _require(0 <= optim.warmup_epochs <= config.num_epochs, "optim.warmup_epochs",
+             f"{optim.warmup_epochs} must be >= 0 and at most config.num_epochs ({config.num_epochs}).")
     _require(optim.grad_clip_value >= 0, "optim.grad_clip_value", "must be >= 0 (0 = off).")
     _require(optim.decay_epochs >= 1, "optim.decay_epochs", "must be >= 1.")
     _require(0 < optim.decay_gamma <= 1, "optim.decay_gamma", "must be in (0, 1].")

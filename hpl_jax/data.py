@@ -110,11 +110,14 @@ def prefetch_to_devices(batches: Iterator[Batch], size: int = 2,
                         devices: Optional[Sequence[jax.Device]] = None) -> Iterator[Batch]:
     """Shards host batches over the local devices and keeps `size` of them in flight on the devices."""
     devices = list(devices or jax.local_devices())
+    # The layout pmap expects for an input sharded over its leading axis (flax.jax_utils.replicate uses it too).
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("devices",)),
+                                          jax.sharding.PartitionSpec("devices"))
+    batches = iter(batches)
     queue = collections.deque()
 
     def put(batch):
-        sharded = shard_for_devices(batch, len(devices))
-        return jax.tree_util.tree_map(lambda x: jax.device_put_sharded(list(x), devices), sharded)
+        return jax.device_put(shard_for_devices(batch, len(devices)), sharding)
 
     for batch in itertools.islice(batches, size):
         queue.append(put(batch))

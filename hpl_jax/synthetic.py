@@ -133,6 +133,10 @@ class SyntheticDataset:
         self._steps_per_epoch = data.steps_per_epoch(self.info.num_train_examples, self._global_batch_size)
 
     def _normalise(self, images: np.ndarray) -> np.ndarray:
+        """[0, 1] RGB -> the network's input, as input_pipeline.normalize."""
+        images = images * self._config.dataset.pixel_scale
+        if self._config.dataset.color_order == "bgr":
+            images = images[..., ::-1]
         return (images - self._mean) / self._std
 
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[data.Batch]:

@@ -1,0 +1,197 @@
+"""The training system on CPU with 2 simulated devices (tests/conftest.py)."""
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from hpl_jax import config_checks
+from hpl_jax import data
+from hpl_jax import hierarchy as hierarchy_lib
+from hpl_jax import models
+from hpl_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+    config = default.get_config()
+    config.dataset.image_size = 16
+    config.dataset.resize_size = 18
+    config.dataset.synthetic.num_families = 3
+    config.dataset.synthetic.classes_per_family = 4
+    config.dataset.synthetic.images_per_class = 7
+    config.model.width = 0.125
+    config.model.embedding_dim = 16
+    config.hpl.num_coarse = (3,)
+    config.batch_size = 16
+    config.eval.batch_size = 16
+    config.eval.nmi = False
+    config.num_epochs = 2
+    config.log_every_steps = 1
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config
+
+
+def _setup(config):
+    dataset = data.get_dataset(config, local_batch_size=config.batch_size,
+                               local_eval_batch_size=config.eval.batch_size)
+    model = models.create_model(config.model, bn_axis_name=None if config.model.bn_frozen else train.AXIS)
+    state = train.create_train_state(jax.random.PRNGKey(config.seed), config, model, dataset.info)
+    labels, groups = train.parameter_groups(train.trainable(state.params, state.hierarchy), config.optim)
+    return dataset, model, state, labels, groups
+
+
+def _run_steps(config, num_devices, num_steps, in_warmup=False):
+    dataset, model, state, labels, groups = _setup(config)
+    devices = jax.local_devices()[:num_devices]
+    step_fn = jax.pmap(functools.partial(train.train_step, model=model, config=config, labels=labels,
+                                         groups=groups, in_warmup=in_warmup),
+                       axis_name=train.AXIS, devices=devices)
+    state = flax.jax_utils.replicate(state, devices)
+    losses = []
+    for batch in list(dataset.train_batches(0))[:num_steps]:
+        state, step_metrics = step_fn(state, data.shard_for_devices(batch, num_devices))
+        losses.append(float(step_metrics["loss"][0]))
+    return jax.device_get(train.unreplicate(state)), losses
+
+
+@pytest.mark.parametrize("base", ["proxy_anchor", "proxy_nca"])
+def test_two_devices_take_the_same_step_as_one(base):
+    config = tiny_config(**{"loss.base": base, "optim.warmup_epochs": 0})
+    one, _ = _run_steps(config, 1, 2)
+    two, _ = _run_steps(config, 2, 2)
+    for a, b in zip(jax.tree_util.tree_leaves((one.params, one.hierarchy, one.batch_stats)),
+                    jax.tree_util.tree_leaves((two.params, two.hierarchy, two.batch_stats))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+
+
+def test_warmup_leaves_backbone_and_its_optimizer_state_untouched():
+    config = tiny_config()
+    _, _, initial, _, _ = _setup(config)
+    after, _ = _run_steps(config, 1, 2, in_warmup=True)
+    for a, b in zip(jax.tree_util.tree_leaves(initial.params["backbone"]),
+                    jax.tree_util.tree_leaves(after.params["backbone"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.allclose(initial.params["embedding"]["kernel"], after.params["embedding"]["kernel"])
+    assert not np.allclose(initial.hierarchy.proxies[0], after.hierarchy.proxies[0])
+    inner = train._partition_state(after.opt_state).inner_states
+    waiting = [g for g in inner if g.endswith("_after_warmup")]
+    assert waiting, "the backbone should be in a group that waits for the end of warm-up"
+    for group in waiting:
+        assert int(inner[group].inner_state.inner_state[0].count) == 0
+        for leaf in jax.tree_util.tree_leaves(inner[group].inner_state.inner_state[0].mu):
+            assert not np.any(np.asarray(leaf))
+
+
+def test_proxies_learn_100x_faster_than_the_embedding():
+    config = tiny_config(**{"optim.warmup_epochs": 0})
+    _, _, state, labels, groups = _setup(config)
+    assert labels["proxies"][0] == "lr_x100" and labels["model"]["embedding"]["kernel"] == "lr_x1"
+    assert groups["lr_x1_after_warmup"] == (1.0, False)
+
+
+def test_tiny_run_overfits_training_classes():
+    config = tiny_config(**{"optim.warmup_epochs": 0, "optim.lr": 3e-3, "hpl.weights": (1.0,)})
+    dataset, model, _, _, _ = _setup(config)
+    state, losses = _run_steps(config, 2, 24)  # batch_stats move with the data; eval mode uses them
+    assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])
+    p_embed = jax.pmap(functools.partial(train.embed_step, model=model), axis_name=train.AXIS)
+    embeddings, labels = train.embed_split(p_embed, flax.jax_utils.replicate(state), dataset, "train")
+    from hpl_jax import metrics
+    assert metrics.retrieval_metrics(embeddings, labels, nmi=False)["recall@1"] > 0.9
+
+
+def test_evaluation_embeds_every_example_exactly_once():
+    config = tiny_config(**{"eval.batch_size": 10})  # 42 test images: not a multiple of 10
+    dataset, model, state, _, _ = _setup(config)
+    p_embed = jax.pmap(functools.partial(train.embed_step, model=model), axis_name=train.AXIS)
+    embeddings, labels = train.embed_split(p_embed, flax.jax_utils.replicate(state), dataset, "test")
+    assert dataset.info.num_eval_examples["test"] == 42 and embeddings.shape == (42, 16)
+    reference = np.concatenate([
+        model.apply({"params": state.params, "batch_stats": state.batch_stats}, b["image"][b["mask"]], train=False)
+        for b in dataset.eval_batches("test")])
+    np.testing.assert_allclose(embeddings, reference, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(np.sort(labels), np.repeat(np.arange(6), 7))
+
+
+def test_refresh_regroups_without_empty_groups_and_resets_moments():
+    config = tiny_config(**{"optim.warmup_epochs": 0})
+    state, _ = _run_steps(config, 2, 3)
+    before = np.asarray(state.hierarchy.parents[0])
+    moved = state.replace(hierarchy=state.hierarchy.replace(
+        proxies=(state.hierarchy.proxies[0][::-1],) + state.hierarchy.proxies[1:]))
+    refreshed = train.refresh_groupings(moved, config)
+    after = np.asarray(refreshed.hierarchy.parents[0])
+    assert not np.array_equal(before, after)
+    assert np.all(np.bincount(after, minlength=3) >= 1)
+    mu = train._partition_state(refreshed.opt_state).inner_states["lr_x100"].inner_state.inner_state[0].mu
+    assert not np.any(np.asarray(mu["proxies"][1])) and np.any(np.asarray(mu["proxies"][0]))
+
+
+def test_config_errors_name_the_field():
+    cases = {
+        "dataset.name": "imagenet", "model.backbone": "vgg", "loss.base": "triplet", "hpl.coarse_policy": "x",
+        "batch_size": 15, "eval.batch_size": 7, "optim.decay_gamma": 0.0, "hpl.num_coarse": (1,),
+        "checkpoint.best_metric": "recall@3", "model.pretrained": "/no/such/dir",
+        "dataset.resize_size": 8,
+    }
+    for field, value in cases.items():
+        with pytest.raises(config_checks.ConfigError, match=f"config.{field}"):
+            config_checks.validate_config(tiny_config(**{field: value}), device_count=2, process_count=1)
+    with pytest.raises(config_checks.ConfigError, match="config.dataset.data_dir"):
+        config_checks.validate_config(tiny_config(**{"dataset.name": "image_folder", "dataset.data_dir": "/no/dir"}),
+                                      device_count=2, process_count=1)
+    info = data.get_dataset(tiny_config(), local_batch_size=16, local_eval_batch_size=16).info
+    with pytest.raises(config_checks.ConfigError, match=r"config.hpl.num_coarse.*K_1 = 6 .* 6 training classes"):
+        config_checks.validate_against_dataset(tiny_config(**{"hpl.num_coarse": (6,)}), info)
+
+
+def _main(workdir, *overrides):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    command = [sys.executable, "-m", "hpl_jax.main", "--config=configs/default.py", f"--workdir={workdir}",
+               "--config.dataset.image_size=16", "--config.dataset.resize_size=18",
+               "--config.dataset.synthetic.num_families=3", "--config.dataset.synthetic.classes_per_family=4",
+               "--config.dataset.synthetic.images_per_class=7", "--config.model.width=0.125",
+               "--config.model.embedding_dim=16", "--config.hpl.num_coarse=(3,)", "--config.batch_size=16",
+               "--config.eval.batch_size=16", "--config.eval.nmi=False", *overrides]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _final_state(workdir):
+    import orbax.checkpoint as ocp
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    return manager.restore(manager.latest_step())
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    assert _main(straight, "--config.num_epochs=2").returncode == 0
+    first = _main(resumed, "--config.num_epochs=1", "--config.optim.warmup_epochs=1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = _main(resumed, "--config.num_epochs=2")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "Resumed from" in second.stderr
+    a, b = _final_state(straight), _final_state(resumed)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    with open(os.path.join(resumed, "metrics.json")) as f:
+        assert set(json.load(f)["history"]) == {"0", "1", "2"}
+
+
+def test_main_reports_a_bad_config_in_one_line(tmp_path):
+    result = _main(str(tmp_path), "--config.hpl.num_coarse=(50,)")
+    assert result.returncode != 0
+    assert "config.hpl.num_coarse" in result.stderr and "Traceback" not in result.stderr
