@@ -76,10 +76,11 @@ def np_numeric_grad(f, arr, eps=1e-6):
 # Helpers.
 
 
-def _random_inputs(seed, batch, dim, num_proxies, num_classes_used=None, scale=1.0):
+def _random_inputs(seed, batch, dim, num_proxies, num_classes_used=None):
+    """Unnormalised f32 embeddings and proxies, and i32 labels in 0..num_classes_used-1."""
     rng = np.random.default_rng(seed)
-    embeddings = (scale * rng.normal(size=(batch, dim))).astype(np.float32)
-    proxies = (scale * rng.normal(size=(num_proxies, dim))).astype(np.float32)
+    embeddings = rng.normal(size=(batch, dim)).astype(np.float32)
+    proxies = rng.normal(size=(num_proxies, dim)).astype(np.float32)
     labels = rng.integers(0, num_classes_used or num_proxies, batch).astype(np.int32)
     return embeddings, labels, proxies
 
