@@ -47,9 +47,9 @@ def get_config():
     dataset.shuffle_buffer = 16384
     # The embedded dataset: coarse families of fine classes that share visible structure.
     dataset.synthetic = synthetic = ml_collections.ConfigDict()
-    synthetic.num_families = 6
-    synthetic.classes_per_family = 8  # half of each family trains, the other half is the unseen test set
-    synthetic.images_per_class = 40
+    synthetic.num_families = 8
+    synthetic.classes_per_family = 10  # half of each family trains, the other half is the unseen test set
+    synthetic.images_per_class = 30
 
     config.model = model = ml_collections.ConfigDict()
     # 'resnet18', 'resnet34', 'resnet50' (torchvision v1.5 layout).
@@ -79,7 +79,7 @@ def get_config():
     # w_l per level; its length is the number of levels L + 1. (1.0,) = the flat base loss.
     hpl.weights = (1.0, 0.1)
     # K_l for l = 1..L (decreasing, each smaller than the level below). Only the first len(weights) - 1 used.
-    hpl.num_coarse = (6,)
+    hpl.num_coarse = (8,)
     # What level 1's first grouping clusters: 'class_means' (train embeddings of the initial network)
     # or 'proxies' (the initial fine proxies).
     hpl.first_grouping = "class_means"
@@ -114,7 +114,7 @@ def get_config():
 
     # Global batch size over all devices of all hosts (must divide by the device count).
     config.batch_size = 64
-    config.num_epochs = 8
+    config.num_epochs = 12
 
     config.eval = eval_config = ml_collections.ConfigDict()
     # Evaluate on the test split every this many epochs (and always at the end, and at epoch 0).

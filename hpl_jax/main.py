@@ -20,9 +20,15 @@ config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).",
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _own_info_only(record) -> bool:
+    # orbax and tensorflow-datasets log every file operation at INFO; keep their warnings only.
+    return record.levelno >= logging.WARNING or "/hpl_jax/" in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_own_info_only)
     logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                  jax.local_devices())
     try:

@@ -17,19 +17,21 @@ from hpl_jax import data
 
 
 def _class_patterns(rng: np.random.Generator, num_families: int, classes_per_family: int):
-    """Random parameters of every class; families share palette and orientation."""
+    """Random parameters of every class: a family fixes palette, orientation and blob colour; its classes
+    differ in stripe frequency, blob position and a small colour shift."""
     classes = []
     for family in range(num_families):
         palette = rng.uniform(0.15, 0.85, size=(2, 3))
+        blob_colour = rng.uniform(0.0, 1.0, size=3)
         orientation = np.pi * family / num_families + rng.uniform(-0.1, 0.1)
         for _ in range(classes_per_family):
             classes.append(dict(
                 family=family,
                 colours=np.clip(palette + rng.normal(0.0, 0.08, size=(2, 3)), 0.0, 1.0),
-                orientation=orientation + rng.normal(0.0, 0.08),
+                orientation=orientation + rng.normal(0.0, 0.05),
                 frequency=rng.uniform(1.5, 5.0),
                 blob_centre=rng.uniform(0.25, 0.75, size=2),
-                blob_colour=rng.uniform(0.0, 1.0, size=3),
+                blob_colour=np.clip(blob_colour + rng.normal(0.0, 0.15, size=3), 0.0, 1.0),
             ))
     return classes
 
@@ -50,8 +52,9 @@ def render_images(rng: np.random.Generator, pattern: dict, num_images: int, size
         centre = pattern["blob_centre"] + shift
         blob = np.exp(-((y - centre[0]) ** 2 + (x - centre[1]) ** 2) / (2 * 0.12 ** 2))
         image = image * (1.0 - 0.7 * blob[..., None]) + 0.7 * blob[..., None] * pattern["blob_colour"]
-        image = rng.uniform(0.7, 1.2) * (image - 0.5) + 0.5 + rng.normal(0.0, 0.06, size=image.shape)
-        images[i] = np.clip(image, 0.0, 1.0)
+        # Per-image contrast, colour cast and pixel noise.
+        image = rng.uniform(0.8, 1.2) * (image - 0.5) + 0.5 + rng.normal(0.0, 0.04, size=3)
+        images[i] = np.clip(image + rng.normal(0.0, 0.05, size=image.shape), 0.0, 1.0)
     return images
 
 

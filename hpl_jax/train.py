@@ -347,7 +347,8 @@ class Reporter:
     def scalars(self, step: int, values: Dict[str, float], prefix: str = "") -> None:
         if self.writer:
             for name, value in values.items():
-                self.writer.add_scalar(prefix + name, float(value), step)
+                # TensorBoard tag names allow no '@'.
+                self.writer.add_scalar((prefix + name).replace("@", "_at_"), float(value), step)
             self.writer.flush()
 
     def progress(self, epoch: int, num_epochs: int, step: int, images_per_step: int, values: Dict[str, float]):
