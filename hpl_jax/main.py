@@ -2,6 +2,7 @@
 
   python -m hpl_jax.main --config=configs/default.py --workdir=/tmp/hpl_default [--config.optim.lr=3e-4]
 """
+import logging as std_logging
 import sys
 
 import jax
@@ -22,13 +23,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _own_info_only(record) -> bool:
     # orbax and tensorflow-datasets log every file operation at INFO; keep their warnings only.
-    return record.levelno >= logging.WARNING or "/hpl_jax/" in record.pathname
+    return record.levelno >= std_logging.WARNING or "/hpl_jax/" in record.pathname
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_own_info_only)
+    logging.get_absl_handler().python_handler.addFilter(_own_info_only)
     logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                  jax.local_devices())
     try:

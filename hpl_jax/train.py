@@ -364,7 +364,7 @@ class Reporter:
         logging.info("epoch %d/%d step %d/%d loss %.4f (levels %s) lr %.2e %.1f img/s ETA %s",
                      epoch + 1, num_epochs, step, self.total_steps, values["loss"], levels, values["lr"],
                      speed, eta)
-        self.scalars(step, {**values, "images_per_second": speed})
+        self.scalars(step, values if np.isnan(speed) else {**values, "images_per_second": speed})
 
     def evaluation(self, epoch: int, step: int, values: Dict[str, float]) -> None:
         self.history[epoch] = values
@@ -385,7 +385,9 @@ class Reporter:
         if not self.history:
             return {}
         last = max(self.history)
-        best = max(self.history, key=lambda e: self.history[e].get(metric, -1.0))
+        # Epoch 0 is the untrained model: not a candidate for the best epoch.
+        trained = [epoch for epoch in self.history if epoch > 0] or [last]
+        best = max(trained, key=lambda e: self.history[e].get(metric, -1.0))
         return {"last": {"epoch": last, **self.history[last]}, "best": {"epoch": best, **self.history[best]}}
 
     def close(self) -> None:
