@@ -59,8 +59,12 @@ def render_images(rng: np.random.Generator, pattern: dict, num_images: int, size
 
 
 def random_resized_crop(rng: np.random.Generator, images: np.ndarray, out_size: int, scale, ratio,
-                        flip: bool) -> np.ndarray:
-    """Inception-style random resized crop (bilinear) and horizontal flip, f32[n, S, S, 3] -> [n, out, out, 3]."""
+                        flip: bool, keep: slice = slice(None)) -> np.ndarray:
+    """Inception-style random resized crop (bilinear) and horizontal flip, [n, S, S, 3] -> f32[n', out, out, 3].
+
+    The random draws are made for all n images and then only the rows `keep` are cropped, so a host's share of
+    a global batch gets the same crops whichever hosts share it.
+    """
     n, height, width, _ = images.shape
     area = height * width * rng.uniform(scale[0], scale[1], size=n)
     aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), size=n))
@@ -74,6 +78,8 @@ def random_resized_crop(rng: np.random.Generator, images: np.ndarray, out_size: 
     if flip:
         flipped = rng.uniform(size=n) < 0.5
         xs = np.where(flipped[:, None], xs[:, ::-1], xs)
+    images, ys, xs = images[keep].astype(np.float32), ys[keep], xs[keep]
+    n = len(images)
     y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
     y1, x1 = np.minimum(y0 + 1, height - 1), np.minimum(x0 + 1, width - 1)
     wy, wx = (ys - y0)[:, :, None, None], (xs - x0)[:, None, :, None]
@@ -114,7 +120,9 @@ class SyntheticDataset:
         for index, pattern in enumerate(patterns):
             split = "train" if index % synthetic.classes_per_family < num_train_per_family else "test"
             images, labels, families = splits[split]
-            images.append(render_images(rng, pattern, synthetic.images_per_class, config.dataset.resize_size))
+            # Stored as 8-bit pixels, like decoded image files (and 4x smaller than float32).
+            rendered = render_images(rng, pattern, synthetic.images_per_class, config.dataset.resize_size)
+            images.append(np.round(rendered * 255.0).astype(np.uint8))
             labels.append(np.full(synthetic.images_per_class, len(families), np.int32))
             families.append(pattern["family"])
         self._images = {name: np.concatenate(s[0]) for name, s in splits.items()}
@@ -136,8 +144,8 @@ class SyntheticDataset:
         self._steps_per_epoch = data.steps_per_epoch(self.info.num_train_examples, self._global_batch_size)
 
     def _normalise(self, images: np.ndarray) -> np.ndarray:
-        """[0, 1] RGB -> the network's input, as input_pipeline.normalize."""
-        images = images * self._config.dataset.pixel_scale
+        """RGB in 0..255 -> the network's input, as input_pipeline.normalize."""
+        images = images.astype(np.float32) * (self._config.dataset.pixel_scale / 255.0)
         if self._config.dataset.color_order == "bgr":
             images = images[..., ::-1]
         return (images - self._mean) / self._std
@@ -153,8 +161,8 @@ class SyntheticDataset:
             # Augmentation randomness depends on (seed, epoch, step) only, not on the host layout.
             rng = np.random.default_rng([self._config.seed, epoch, step])
             images = random_resized_crop(rng, self._images["train"][order[step]], dataset.image_size,
-                                         dataset.crop_scale, dataset.crop_ratio, dataset.horizontal_flip)
-            yield {"image": self._normalise(images[mine]), "label": self._labels["train"][order[step][mine]]}
+                                         dataset.crop_scale, dataset.crop_ratio, dataset.horizontal_flip, mine)
+            yield {"image": self._normalise(images), "label": self._labels["train"][order[step][mine]]}
 
     def eval_batches(self, split: str) -> Iterator[data.Batch]:
         if split not in self._labels:
