@@ -16,13 +16,17 @@ rank c_k + k of the pessimistic ranking. So:
 from __future__ import annotations
 
 import functools
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import sklearn.cluster
 import sklearn.metrics
+
+
+# Counts of gallery items are summed in float32 on the device, exact up to 2^24.
+_MAX_GALLERY = 2**24
 
 
 class _Level(NamedTuple):
@@ -90,6 +94,9 @@ def retrieval_metrics(
     """
     gallery, gallery_labels, queries, queries_labels = _checked_inputs(
         embeddings, labels, query_embeddings, query_labels)
+    if len(gallery) > _MAX_GALLERY:
+        raise ValueError(f"embeddings has {len(gallery)} items; counts are exact up to {_MAX_GALLERY}, so "
+                         f"evaluate a smaller gallery.")
     self_retrieval = query_embeddings is None
     recall_at = _checked_recall_at(recall_at)
     if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
@@ -232,13 +239,16 @@ def _negative_counts(queries, gallery, query_classes, gallery_classes, positive_
             query_classes, gallery_classes, positive_indices, positive_valid, max_rs):
         negative = q_classes[:, None] != g_classes[None, :]
         positive_sims = jnp.take_along_axis(similarities, indices, axis=1)
-        best = jnp.max(jnp.where(valid, positive_sims, -jnp.inf), axis=1)
-        above_best = jnp.sum(negative & (similarities >= best[:, None]), axis=1, dtype=jnp.int32)
+        # top_k, not max: XLA:CPU fuses a reduction with the broadcast below into a materialised
+        # chunk x gallery array, which costs as much as the count itself.
+        best = jax.lax.top_k(jnp.where(valid, positive_sims, -jnp.inf), 1)[0][:, 0]
+        # Summed in float32, which XLA:CPU reduces several times faster than int32; exact below 2^24 items.
+        above_best = jnp.sum((negative & (similarities >= best[:, None])).astype(jnp.float32), axis=1)
         top_negatives = jax.lax.top_k(jnp.where(negative, similarities, -jnp.inf), max_r)[0]
         # top_negatives is descending; counting its entries >= s is a search in the negated, ascending copy.
         above_each = jax.vmap(functools.partial(jnp.searchsorted, side="right"))(
             -top_negatives, -positive_sims)
-        counts.append((above_best, jnp.where(valid, above_each, max_r).astype(jnp.int32)))
+        counts.append((above_best.astype(jnp.int32), jnp.where(valid, above_each, max_r).astype(jnp.int32)))
     return tuple(counts)
 
 

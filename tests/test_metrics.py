@@ -1,5 +1,4 @@
 """Tests of hpl_jax.metrics against hand-worked cases and a brute-force NumPy ranking."""
-import math
 
 import numpy as np
 import pytest
@@ -155,6 +154,17 @@ def test_self_retrieval_matches_brute_force_with_exact_ties(dim):
     metrics = retrieval_metrics(embeddings, labels, recall_at=recall_at, nmi=False, chunk_size=64)
     expected = brute_force_metrics(embeddings, labels, embeddings, labels, recall_at, self_retrieval=True)
     assert expected["num_queries_without_positive"] > 0
+    assert_metrics_equal(metrics, expected, expected.keys())
+
+
+def test_ties_stay_exact_across_a_larger_gallery():
+    # 3,000 items: the similarity matrix spans several matmul tiles and chunks (the last one padded), and
+    # with 65 possible similarity values nearly every positive is tied with negatives somewhere in its row.
+    rng = np.random.default_rng(7)
+    embeddings, labels = random_signs(rng, 3000, 64), random_labels(rng, 3000, 600)
+    recall_at = (1, 10, 100, 1000)
+    metrics = retrieval_metrics(embeddings, labels, recall_at=recall_at, nmi=False, chunk_size=512)
+    expected = brute_force_metrics(embeddings, labels, embeddings, labels, recall_at, self_retrieval=True)
     assert_metrics_equal(metrics, expected, expected.keys())
 
 

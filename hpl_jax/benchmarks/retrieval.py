@@ -1,0 +1,144 @@
+"""Time of `retrieval_metrics` at SOP test scale, against an exact k-NN search (faiss) and the bare matmuls.
+
+    python -m hpl_jax.benchmarks.retrieval [--num_items 60502 --num_classes 11316 --dim 512 --repeats 3]
+
+Defaults are the SOP test split (METHOD.md: 60,502 images of 11,316 classes, d = 512): random unit vectors
+with a planted class structure (each class a random centre, each item its centre plus Gaussian noise of
+norm about --noise), class sizes 2-12, fixed seed. Timed, in turn within each repeat so that a load shared
+with other processes hits all alike, and reported as medians of wall time and of this process's CPU time
+(the CPU time moves less with other processes' load on a shared machine):
+- `retrieval_metrics` with recall_at (1, 10, 100, 1000), nmi=False: Recall@K, P@1, R-Precision, MAP@R;
+- the similarity matrix alone, in the same chunks on the same device (the floor of any exact search);
+- when faiss-cpu is importable (not a dependency of hpl-jax): IndexFlatIP add + search at k = 1001, the
+  neighbours Recall@1000 needs with the query itself among them.
+Peak memory is the process's peak resident set after the first `retrieval_metrics` call, before faiss runs.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import resource
+import statistics
+import time
+from typing import Callable, Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hpl_jax.metrics import retrieval_metrics
+
+RECALL_AT = (1, 10, 100, 1000)
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num_items", type=int, default=60502)
+    parser.add_argument("--num_classes", type=int, default=11316)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--min_class_size", type=int, default=2)
+    parser.add_argument("--max_class_size", type=int, default=12)
+    parser.add_argument("--noise", type=float, default=2.3, help="norm of an item's offset from its centre")
+    parser.add_argument("--chunk_size", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def planted_embeddings(num_items: int, num_classes: int, dim: int, min_size: int, max_size: int,
+                       noise: float, seed: int):
+    """f32[num_items, dim] unit vectors and i32[num_items] labels; every class holds min..max_size items."""
+    if not num_classes * min_size <= num_items <= num_classes * max_size:
+        raise ValueError(f"--num_items {num_items} cannot be split into {num_classes} classes of "
+                         f"{min_size}-{max_size} items; change one of them.")
+    rng = np.random.default_rng(seed)
+    # Every class starts at min_size; the rest are spread over the classes' free slots at random.
+    free_slots = np.repeat(np.arange(num_classes), max_size - min_size)
+    extra = rng.choice(free_slots, size=num_items - num_classes * min_size, replace=False)
+    sizes = min_size + np.bincount(extra, minlength=num_classes)
+    labels = rng.permutation(np.repeat(np.arange(num_classes), sizes)).astype(np.int32)
+    centres = rng.normal(size=(num_classes, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    embeddings = centres[labels] + noise / np.sqrt(dim) * rng.normal(size=(num_items, dim))
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return embeddings.astype(np.float32), labels
+
+
+@jax.jit
+def _similarity_row_max(queries: jax.Array, gallery: jax.Array) -> jax.Array:
+    """f32[chunk]: the largest similarity of each query; forces the chunk's full similarity matrix."""
+    return jnp.max(queries @ gallery.T, axis=1)
+
+
+def _similarities_only(embeddings: np.ndarray, chunk_size: int) -> None:
+    gallery = jax.device_put(embeddings)
+    for start in range(0, len(embeddings), chunk_size):
+        chunk = embeddings[start:start + chunk_size]
+        chunk = np.pad(chunk, ((0, chunk_size - len(chunk)), (0, 0)))
+        np.asarray(_similarity_row_max(chunk, gallery))
+
+
+def _faiss_search(embeddings: np.ndarray, k: int) -> None:
+    import faiss
+
+    index = faiss.IndexFlatIP(embeddings.shape[1])
+    index.add(embeddings)
+    index.search(embeddings, k)
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main() -> None:
+    args = _parse_args()
+    embeddings, labels = planted_embeddings(args.num_items, args.num_classes, args.dim, args.min_class_size,
+                                            args.max_class_size, args.noise, args.seed)
+    sizes = np.bincount(labels)
+    print(f"data: {args.num_items} x {args.dim} f32 ({embeddings.nbytes / 2**20:.0f} MiB), {args.num_classes} "
+          f"classes of {sizes.min()}-{sizes.max()} items, noise {args.noise}, seed {args.seed}; "
+          f"chunk_size {args.chunk_size}; {jax.devices()[0].platform} device")
+    try:
+        import faiss
+        print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads")
+    except ImportError:
+        faiss = None
+        print("faiss-cpu is not importable: timing retrieval_metrics and the similarities only")
+
+    metrics = {}
+
+    def run_metrics():
+        metrics.update(retrieval_metrics(embeddings, labels, recall_at=RECALL_AT, nmi=False,
+                                         chunk_size=args.chunk_size))
+
+    runs: Dict[str, Callable[[], None]] = {
+        "retrieval_metrics": run_metrics,
+        "similarities only": functools.partial(_similarities_only, embeddings, args.chunk_size),
+    }
+    k = min(max(RECALL_AT) + 1, args.num_items)
+    if faiss is not None:
+        runs[f"faiss IndexFlatIP k={k}"] = functools.partial(_faiss_search, embeddings, k)
+
+    wall = {name: [] for name in runs}
+    cpu = {name: [] for name in runs}
+    peak_rss = None
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            run()
+            wall[name].append(time.perf_counter() - start_wall)
+            cpu[name].append(time.process_time() - start_cpu)
+            if peak_rss is None:
+                peak_rss = _peak_rss_gib()
+    print("metrics: " + ", ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+                                  for key, value in metrics.items()))
+    print(f"peak resident memory after the first retrieval_metrics call (includes the data): {peak_rss:.2f} GiB")
+    print(f"seconds over {args.repeats} repeats (the first retrieval_metrics and similarities runs compile): "
+          f"median wall, median CPU (all threads of this process), then each run's wall:")
+    for name in runs:
+        print(f"  {name:28s} {statistics.median(wall[name]):7.1f} {statistics.median(cpu[name]):7.1f}   "
+              + " ".join(f"{s:.1f}" for s in wall[name]))
+
+
+if __name__ == "__main__":
+    main()
