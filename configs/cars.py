@@ -21,38 +21,16 @@ by 8 or more CPU cores.
 Compare with: Proxy-Anchor's official code, ResNet-50 512-d, Cars Recall@1 87.7 (METHOD.md); HPL's own table
 (BN-Inception, METHOD.md "Published numbers") gives P@1 / R-Precision / MAP@R 86.84 / 38.36 / 28.67.
 """
-from configs import default
+from configs import imagenet_recipe
 
 
 def get_config():
-    config = default.get_config()
+    config = imagenet_recipe.get_config()
     config.dataset.name = "cars"
-    config.dataset.image_size = 224
-    config.dataset.resize_size = 256
-    config.dataset.crop_scale = (0.08, 1.0)
-    # Pixel layout of the pretrained weights: ImageNet ResNets take RGB in [0, 1], then mean/std.
-    config.dataset.color_order = "rgb"
-    config.dataset.pixel_scale = 1.0
-
-    config.model.backbone = "resnet50"
-    config.model.width = 1.0
-    config.model.embedding_dim = 512
-    config.model.bn_frozen = True
-    config.model.dtype = "bfloat16"
 
     # K_1 = 14: the 98 training models come from 14 makes, so k-means can find the make level and the
     # ground-truth ablation (hpl.ground_truth_level1) has as many coarse proxies.
-    config.hpl.weights = (1.0, 0.1)
     config.hpl.num_coarse = (14,)
 
-    config.optim.lr = 1e-4
-    config.optim.warmup_epochs = 5
     config.optim.decay_epochs = 10
-    config.optim.decay_gamma = 0.5
-
-    config.batch_size = 120
-    config.num_epochs = 60
-    config.eval.batch_size = 480
-    config.eval.recall_at = (1, 2, 4, 8)
-    config.eval.nmi = True
     return config

@@ -23,28 +23,17 @@ Expected runtime (estimate, not measured): 60 epochs of 215 steps, about 2 hours
 Compare with: Proxy-Anchor's official code, BN-Inception 512-d, In-Shop Recall@1 91.9 (METHOD.md; no ResNet-50
 figure there).
 """
-from configs import default
+from configs import imagenet_recipe
 
 
 def get_config():
-    config = default.get_config()
+    config = imagenet_recipe.get_config()
     config.dataset.name = "inshop"
-    config.dataset.image_size = 224
-    config.dataset.resize_size = 256
-    config.dataset.crop_scale = (0.08, 1.0)
-    # Pixel layout of the pretrained weights: ImageNet ResNets take RGB in [0, 1], then mean/std.
-    config.dataset.color_order = "rgb"
-    config.dataset.pixel_scale = 1.0
 
-    config.model.backbone = "resnet50"
-    config.model.width = 1.0
-    config.model.embedding_dim = 512
     config.model.bn_frozen = False
-    config.model.dtype = "bfloat16"
 
     # K_1 = 256: about 16 items per coarse proxy, far finer than the 23 garment categories (the paper's K_1 is not
     # recoverable here, METHOD.md).
-    config.hpl.weights = (1.0, 0.1)
     config.hpl.num_coarse = (256,)
 
     config.optim.lr = 6e-4
@@ -52,9 +41,6 @@ def get_config():
     config.optim.decay_epochs = 20
     config.optim.decay_gamma = 0.25
 
-    config.batch_size = 120
-    config.num_epochs = 60
-    config.eval.batch_size = 480
     config.eval.recall_at = (1, 10, 20, 30, 40, 50)
     config.eval.nmi = False
     return config
