@@ -1,6 +1,11 @@
-"""Entry point: parse --config/--workdir, log the devices, call train.train_and_evaluate.
+"""Entry point: parse flags, join the other processes of a multi-process run, call train.train_and_evaluate.
 
   python -m hpl_jax.main --config=configs/default.py --workdir=/tmp/hpl_default [--config.optim.lr=3e-4]
+
+A multi-process run (several hosts, or several processes on one host) starts the same command in every
+process, adding either `--distributed` (Cloud TPU pod slices, SLURM with one task per GPU: JAX reads the
+layout from the environment) or the explicit `--coordinator_address`, `--num_processes` and `--process_id`.
+The scripts in launch/ do this.
 """
 import logging as std_logging
 import sys
@@ -18,7 +23,17 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and metrics.json; "
                     "a run started on an existing workdir resumes where it stopped.")
 config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).", lock_config=True)
+flags.DEFINE_bool("distributed", False, "Join a multi-process run whose layout JAX detects from the environment "
+                  "(Cloud TPU pod slice, SLURM with one task per GPU, Open MPI).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process run with an "
+                    "explicit layout; needs --num_processes and --process_id.")
+flags.DEFINE_integer("num_processes", None, "Number of processes of the run (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 (with --coordinator_address).")
 flags.mark_flags_as_required(["config", "workdir"])
+flags.register_multi_flags_validator(
+    ["coordinator_address", "num_processes", "process_id"],
+    lambda f: (f["coordinator_address"] is None) == (f["num_processes"] is None) == (f["process_id"] is None),
+    "--coordinator_address, --num_processes and --process_id go together: give all three or none.")
 
 
 def _own_info_only(record) -> bool:
@@ -30,6 +45,15 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().python_handler.addFilter(_own_info_only)
+    if FLAGS.coordinator_address:
+        # 'deactivate': under SLURM, detection would otherwise give each process a single GPU.
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                   cluster_detection_method="deactivate")
+    elif FLAGS.distributed:
+        jax.distributed.initialize()
+    if jax.process_count() > 1 and not jax.distributed.is_initialized():
+        sys.exit("This is one of several JAX processes but jax.distributed is not initialised; pass --distributed "
+                 "or --coordinator_address, --num_processes and --process_id (see launch/).")
     logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
                  jax.local_devices())
     try:

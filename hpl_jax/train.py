@@ -10,6 +10,8 @@ import functools
 import json
 import os
 import re
+import signal
+import threading
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -21,6 +23,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from hpl_jax import config_checks
@@ -330,18 +333,17 @@ def evaluate(p_embed, state, dataset: data.Dataset, config) -> Dict[str, float]:
 class Reporter:
     """Progress lines, TensorBoard scalars (tensorboardX: no TensorFlow) and metrics.json; process 0 only."""
 
-    def __init__(self, workdir: str, total_steps: int):
+    def __init__(self, workdir: epath.Path, total_steps: int):
         self.is_lead = jax.process_index() == 0
         self.total_steps = total_steps
-        self.metrics_path = os.path.join(workdir, "metrics.json")
+        self.metrics_path = workdir / "metrics.json"
         self.history = {}
-        if os.path.exists(self.metrics_path):
-            with open(self.metrics_path) as f:
-                self.history = {int(k): v for k, v in json.load(f)["history"].items()}
+        if self.metrics_path.exists():
+            self.history = {int(k): v for k, v in json.loads(self.metrics_path.read_text())["history"].items()}
         self.writer = None
         if self.is_lead:
             from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.writer = SummaryWriter(str(workdir / "tensorboard"))
         self._last_time, self._last_step = time.time(), None
 
     def scalars(self, step: int, values: Dict[str, float], prefix: str = "") -> None:
@@ -375,10 +377,9 @@ class Reporter:
 
     def _write_json(self) -> None:
         if self.is_lead:
-            tmp = self.metrics_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"history": self.history, **self.summary()}, f, indent=2)
-            os.replace(tmp, self.metrics_path)
+            tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+            tmp.write_text(json.dumps({"history": self.history, **self.summary()}, indent=2))
+            tmp.replace(self.metrics_path)
 
     def summary(self, metric: str = "recall@1") -> Dict[str, Any]:
         """The last and the best epoch's metrics (METHOD.md: report both; the published ones are the best)."""
@@ -435,11 +436,60 @@ def with_pretrained_preprocessing(config):
     return config
 
 
+# --------------------------------------------------------------------------------------------- preemption
+class Preemption:
+    """Says at a step boundary whether to save and stop because a SIGTERM arrived, the same on every host.
+
+    SIGTERM is how TPU and spot-GPU preemption (and SLURM before its time limit) announces itself. With
+    jax.distributed, JAX's preemption service catches it on whichever host gets it and agrees with every
+    host on a step: the largest step any host has reported, plus one; `reached` turns True at that step on
+    all hosts at once. A single process without jax.distributed catches SIGTERM itself.
+
+    `reached` must be called with every step id in increasing order, the same on every host; once True it
+    stays True.
+    """
+
+    def __init__(self):
+        self._distributed = jax.distributed.is_initialized()
+        self._stop = False
+        self._previous_handler = None
+        if not self._distributed and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop = True
+        # A second SIGTERM then ends the process at once, as it would without this handler.
+        signal.signal(signal.SIGTERM, self._previous_handler)
+
+    def reached(self, step: int) -> bool:
+        if self._distributed:
+            self._stop = self._stop or multihost_utils.reached_preemption_sync_point(step)
+        return self._stop
+
+    def close(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+def host_copy(replicated_state: TrainState) -> TrainState:
+    """The state as NumPy arrays, what checkpoints hold: orbax writes NumPy leaves from process 0 alone, and
+    refuses the host-local jax.Arrays that pmap leaves in a multi-process run."""
+    return jax.device_get(unreplicate(replicated_state))
+
+
+def workdir_path(workdir: str) -> epath.Path:
+    """The workdir as a path orbax and the reporter can use: local ones made absolute, gs:// ones kept."""
+    return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
+
+
 # --------------------------------------------------------------------------------------------- the run
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
-    """Trains and evaluates per `config`, checkpointing to and resuming from `workdir`.
+    """Trains and evaluates per `config`, checkpointing to and resuming from `workdir` (local or gs://).
 
-    Returns {'last': metrics, 'best': metrics, 'history': {epoch: metrics}}.
+    A SIGTERM makes every host save a checkpoint at the next step boundary and return; a later call on the
+    same workdir resumes there and ends in the state an uninterrupted run ends in.
+
+    Returns {'last': metrics, 'best': metrics, 'history': {epoch: metrics}, 'preempted': bool}.
     """
     device_count, process_count = jax.device_count(), jax.process_count()
     config_checks.validate_config(config, device_count=device_count, process_count=process_count)
@@ -461,14 +511,18 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     state = create_train_state(jax.random.PRNGKey(config.seed), config, model, info)
     labels, groups = parameter_groups(trainable(state.params, state.hierarchy), config.optim)
 
+    workdir = workdir_path(workdir)
     options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True)
-    checkpoints = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+    checkpoints = ocp.CheckpointManager(workdir / "checkpoints", options=options)
     best_checkpoint = None
     if config.checkpoint.best_metric:
         best_checkpoint = ocp.CheckpointManager(
-            os.path.join(os.path.abspath(workdir), "best"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m[config.checkpoint.best_metric],
-                                                 best_mode="max", create=True))
+            workdir / "best",
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, best_fn=lambda m: m[config.checkpoint.best_metric], best_mode="max", create=True,
+                # Its saves run beside those of `checkpoints`, at the same steps: the hosts' barriers need
+                # other names.
+                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="best")))
     reporter = Reporter(workdir, total_steps)
 
     p_embed = jax.pmap(functools.partial(embed_step, model=model), axis_name=AXIS)
@@ -477,11 +531,14 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                                          in_warmup=warm), axis_name=AXIS, donate_argnums=(0,))
         for warm in (True, False)}
 
+    preemption = Preemption()
     untrained = None
     if checkpoints.latest_step() is not None:
-        state = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.StandardRestore(state))
+        state = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.StandardRestore(jax.device_get(state)))
         logging.info("Resumed from %s at step %d (epoch %d).", checkpoints.directory, int(state.step),
                      int(state.epoch))
+        # The step this run starts from, told before compiling: a SIGTERM from now on stops at the first step.
+        preemption.reached(int(state.step))
         untrained = reporter.history.get(0)
     else:
         replicated = flax.jax_utils.replicate(state)
@@ -503,6 +560,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     start_epoch = int(state.epoch)
     start_step = int(state.step) - start_epoch * steps_per_epoch
     state = flax.jax_utils.replicate(state)
+    preempted = False
     for epoch in range(start_epoch, config.num_epochs):
         step_fn = step_fns[epoch < config.optim.warmup_epochs]
         batches = data.prefetch_to_devices(dataset.train_batches(epoch, start_step))
@@ -515,12 +573,19 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
             last_of_epoch = step_in_epoch == steps_per_epoch - 1
             if config.hpl.refresh_every_steps and step % config.hpl.refresh_every_steps == 0 and not last_of_epoch:
                 state = _on_host(state, lambda s: refresh_groupings(s, config))
-            if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0 and not last_of_epoch:
-                checkpoints.save(step, args=ocp.args.StandardSave(unreplicate(state)))
+            # The last step of an epoch is asked after the epoch's checkpoint, so a stop there needs no save.
+            preempted = not last_of_epoch and preemption.reached(step)
+            if preempted or (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
+                             and not last_of_epoch):
+                checkpoints.save(step, args=ocp.args.StandardSave(host_copy(state)))
+            if preempted:
+                break
+        if preempted:
+            break
         start_step = 0
 
         state = _on_host(state, lambda s: refresh_groupings(s, config).replace(epoch=s.epoch + 1))
-        host_state = unreplicate(state)
+        host_state = host_copy(state)
         reporter.scalars(int(host_state.step), {
             f"hierarchy/level_{level}_group_size_{stat}": fn(sizes)
             for level, sizes in enumerate(hierarchy_lib.group_sizes(host_state.hierarchy), start=1)
@@ -533,12 +598,19 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         if best_checkpoint is not None and values is not None:
             best_checkpoint.save(int(host_state.step), args=ocp.args.StandardSave(host_state),
                                  metrics={k: v for k, v in values.items() if isinstance(v, float)})
+        preempted = epoch + 1 < config.num_epochs and preemption.reached(int(host_state.step))
+        if preempted:
+            break
     checkpoints.wait_until_finished()
     if best_checkpoint is not None:
         best_checkpoint.wait_until_finished()
+    preemption.close()
 
     summary = reporter.summary(config.checkpoint.best_metric or "recall@1")
-    if reporter.is_lead:
+    if preempted:
+        logging.warning("Stopped for preemption at step %d with a checkpoint in %s; run again with the same "
+                        "workdir to resume.", checkpoints.latest_step(), checkpoints.directory)
+    elif reporter.is_lead:
         print(format_table(summary, untrained), flush=True)
     reporter.close()
-    return {**summary, "history": reporter.history}
+    return {**summary, "history": reporter.history, "preempted": preempted}

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# N processes of hpl_jax.main on this machine, each over its own simulated CPU devices, joined by
+# jax.distributed with gloo CPU collectives: the multi-host code path without a cluster.
+#
+# Needs: the project's Python environment (set PYTHON if `python3` is not it) and a free local TCP port.
+# Usage:   launch/local_multiprocess.sh NUM_PROCESSES DEVICES_PER_PROCESS [hpl_jax.main flags...]
+# Example: launch/local_multiprocess.sh 2 2 --config=configs/default.py --workdir=/tmp/hpl_2x2
+#          (the same global batch and trajectory as one process over 4 devices)
+# Environment:
+#   PYTHON   the interpreter (default: python3)
+#   PORT     the coordinator's port on localhost (default: a free one)
+#   LOG_DIR  where process_<i>.log and process_<i>.pid go (default: a new temporary directory);
+#            process 0 also prints to this terminal.
+# Each process runs from the repository root. SIGTERM or SIGINT to this script is passed on to every
+# process (a whole-machine preemption: they save a checkpoint at the next step and exit 0). If one process
+# fails, the others are stopped. The exit status is 0 only if every process exited 0.
+set -euo pipefail
+
+if [[ $# -lt 2 || ! $1 =~ ^[1-9][0-9]*$ || ! $2 =~ ^[1-9][0-9]*$ ]]; then
+  sed -n '2,10p' "$0" >&2
+  exit 2
+fi
+num_processes=$1
+devices_per_process=$2
+shift 2
+python=${PYTHON:-python3}
+port=${PORT:-$("$python" -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')}
+log_dir=${LOG_DIR:-$(mktemp -d -t hpl_local_multiprocess.XXXXXX)}
+mkdir -p "$log_dir"
+cd "$(dirname "$0")/.."
+
+export JAX_PLATFORMS=cpu
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${devices_per_process}"
+# gloo is JAX 0.10's default for CPU collectives across processes; named so the intent survives other versions.
+export JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo
+
+pids=()
+for ((i = 0; i < num_processes; i++)); do
+  log="${log_dir}/process_${i}.log"
+  command=("$python" -m hpl_jax.main --coordinator_address="localhost:${port}" --num_processes="$num_processes"
+           --process_id="$i" "$@")
+  if ((i == 0)); then
+    "${command[@]}" > >(tee "$log") 2>&1 &
+  else
+    "${command[@]}" >"$log" 2>&1 &
+  fi
+  pids+=("$!")
+  echo "$!" >"${log_dir}/process_${i}.pid"
+done
+echo "${num_processes} processes x ${devices_per_process} CPU devices, coordinator localhost:${port}, logs in ${log_dir}"
+
+forward() {
+  kill "-$1" "${pids[@]}" 2>/dev/null || true
+}
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+
+status=0
+running=("${pids[@]}")
+while ((${#running[@]} > 0)); do
+  # A background sleep: `wait` returns at once when a trapped signal arrives, a foreground sleep would not.
+  sleep 1 &
+  wait "$!" || true
+  still_running=()
+  for pid in "${running[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      still_running+=("$pid")
+      continue
+    fi
+    code=0
+    wait "$pid" || code=$?
+    if ((code != 0 && status == 0)); then
+      status=$code
+      echo "process ${pid} exited with status ${code}; stopping the others (logs in ${log_dir})" >&2
+      forward KILL
+    fi
+  done
+  running=("${still_running[@]}")
+done
+exit "$status"
