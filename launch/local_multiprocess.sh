@@ -17,7 +17,7 @@
 set -euo pipefail
 
 if [[ $# -lt 2 || ! $1 =~ ^[1-9][0-9]*$ || ! $2 =~ ^[1-9][0-9]*$ ]]; then
-  sed -n '2,10p' "$0" >&2
+  sed -n '2,/^set -euo pipefail/{/^#/p}' "$0" >&2
   exit 2
 fi
 num_processes=$1
