@@ -195,3 +195,27 @@ def test_main_reports_a_bad_config_in_one_line(tmp_path):
     result = _main(str(tmp_path), "--config.hpl.num_coarse=(50,)")
     assert result.returncode != 0
     assert "config.hpl.num_coarse" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_pretrained_weights_start_the_backbone_and_set_the_input_normalisation(tmp_path):
+    from hpl_jax import convert_weights
+    model = models.Embedder("resnet18", embedding_dim=16)
+    variables = model.init(jax.random.PRNGKey(7), jnp.zeros((1, 32, 32, 3)), train=False)
+    backbone = jax.tree_util.tree_map(lambda x: np.asarray(x) + 0.5, variables["params"]["backbone"])
+    stats = jax.tree_util.tree_map(np.asarray, variables["batch_stats"]["backbone"])
+    metadata = {"architecture": "resnet18", "preprocessing": convert_weights.PREPROCESSING["bn_inception"]}
+    convert_weights.save_converted(str(tmp_path / "weights"), backbone, stats, metadata)
+
+    config = tiny_config(**{"model.width": 1.0, "model.pretrained": str(tmp_path / "weights")})
+    config = train.with_pretrained_preprocessing(config)
+    assert config.dataset.color_order == "bgr" and config.dataset.pixel_scale == 255.0
+    assert tuple(config.dataset.mean) == (104, 117, 128)
+    _, _, state, _, _ = _setup(config)
+    for a, b in zip(jax.tree_util.tree_leaves(state.params["backbone"]), jax.tree_util.tree_leaves(backbone)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    assert np.std(np.asarray(state.params["embedding"]["kernel"])) > 0  # the head stays freshly initialised
+
+    wrong = tiny_config(**{"model.width": 1.0, "model.backbone": "resnet34",
+                           "model.pretrained": str(tmp_path / "weights")})
+    with pytest.raises(ValueError, match="resnet34"):
+        _setup(wrong)
