@@ -501,6 +501,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                                process_index=jax.process_index(), process_count=process_count)
     info = dataset.info
     config_checks.validate_against_dataset(config, info)
+    # From here on a SIGTERM (before the first step too) ends the run at a step boundary with a checkpoint.
+    preemption = Preemption()
     steps_per_epoch = data.steps_per_epoch(info.num_train_examples, config.batch_size)
     total_steps = steps_per_epoch * config.num_epochs
     logging.info("%s: %d training classes, %d training images, %d steps/epoch of %d images on %d devices "
@@ -531,7 +533,6 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                                          in_warmup=warm), axis_name=AXIS, donate_argnums=(0,))
         for warm in (True, False)}
 
-    preemption = Preemption()
     untrained = None
     if checkpoints.latest_step() is not None:
         state = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.StandardRestore(jax.device_get(state)))
