@@ -27,6 +27,7 @@ python=${PYTHON:-python3}
 port=${PORT:-$("$python" -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')}
 log_dir=${LOG_DIR:-$(mktemp -d -t hpl_local_multiprocess.XXXXXX)}
 mkdir -p "$log_dir"
+log_dir=$(cd "$log_dir" && pwd)
 cd "$(dirname "$0")/.."
 
 export JAX_PLATFORMS=cpu
