@@ -11,16 +11,16 @@ with other processes hits all alike, and reported as medians of wall time and of
 - the similarity matrix alone, in the same chunks on the same device (the floor of any exact search);
 - when faiss-cpu is importable (not a dependency of hpl-jax): IndexFlatIP add + search at k = 1001, the
   neighbours Recall@1000 needs with the query itself among them.
-Peak memory is the process's peak resident set after the first `retrieval_metrics` call, before faiss runs.
+Peak memory is the process's resident high-water mark during the first `retrieval_metrics` call (Linux,
+reset just before it), and the device's peak where the backend reports one (GPU/TPU).
 """
 from __future__ import annotations
 
 import argparse
 import functools
-import resource
 import statistics
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +71,7 @@ def _similarity_row_max(queries: jax.Array, gallery: jax.Array) -> jax.Array:
 
 
 def _similarities_only(embeddings: np.ndarray, chunk_size: int) -> None:
+    """The similarity matrix of every chunk of queries, as retrieval_metrics computes it, and nothing else."""
     gallery = jax.device_put(embeddings)
     for start in range(0, len(embeddings), chunk_size):
         chunk = embeddings[start:start + chunk_size]
@@ -79,6 +80,7 @@ def _similarities_only(embeddings: np.ndarray, chunk_size: int) -> None:
 
 
 def _faiss_search(embeddings: np.ndarray, k: int) -> None:
+    """Exact inner-product k-NN of every item among all items (the query itself is among its neighbours)."""
     import faiss
 
     index = faiss.IndexFlatIP(embeddings.shape[1])
@@ -86,8 +88,29 @@ def _faiss_search(embeddings: np.ndarray, k: int) -> None:
     index.search(embeddings, k)
 
 
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def _reset_peak_rss() -> bool:
+    """Resets the kernel's high-water mark of this process's resident set (Linux); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _memory_gib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM), in GiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20
+    raise KeyError(field)
+
+
+def _peak_device_gib() -> Optional[float]:
+    """Peak bytes in use on the default device (GPU/TPU), or None where the backend does not report it."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
 
 
 def main() -> None:
@@ -121,18 +144,25 @@ def main() -> None:
 
     wall = {name: [] for name in runs}
     cpu = {name: [] for name in runs}
-    peak_rss = None
+    rss_before = _memory_gib("VmRSS")
+    peak_reset = _reset_peak_rss()
+    memory_line = None
     for _ in range(args.repeats):
         for name, run in runs.items():
             start_wall, start_cpu = time.perf_counter(), time.process_time()
             run()
             wall[name].append(time.perf_counter() - start_wall)
             cpu[name].append(time.process_time() - start_cpu)
-            if peak_rss is None:
-                peak_rss = _peak_rss_gib()
+            if memory_line is None:
+                peak = _memory_gib("VmHWM")
+                memory_line = (f"peak resident memory during the first retrieval_metrics call: {peak:.2f} GiB, "
+                               f"{peak - rss_before:+.2f} GiB over the {rss_before:.2f} GiB held before it"
+                               if peak_reset else f"peak resident memory of the process so far: {peak:.2f} GiB")
+                if _peak_device_gib() is not None:
+                    memory_line += f"; device peak {_peak_device_gib():.2f} GiB"
     print("metrics: " + ", ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
                                   for key, value in metrics.items()))
-    print(f"peak resident memory after the first retrieval_metrics call (includes the data): {peak_rss:.2f} GiB")
+    print(memory_line)
     print(f"seconds over {args.repeats} repeats (the first retrieval_metrics and similarities runs compile): "
           f"median wall, median CPU (all threads of this process), then each run's wall:")
     for name in runs:
