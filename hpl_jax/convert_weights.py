@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from hpl_jax import models
 
@@ -232,6 +233,24 @@ def convert_file(arch: str, input_path: str, output_dir: str) -> Dict[str, Any]:
     return metadata
 
 
+def _weights_dir(path: str) -> epath.Path:
+    """A converted-weights directory, local (made absolute) or on a remote file system (gs://...)."""
+    return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
+def read_metadata(path: str) -> Dict[str, Any]:
+    """The metadata.json of converted weights: architecture, source, and the input preprocessing they expect.
+
+    Raises:
+      ValueError if `path` is not a directory written by this module.
+    """
+    metadata_path = _weights_dir(path) / METADATA_FILE
+    if not metadata_path.exists():
+        raise ValueError(f"config.model.pretrained = {path!r} is not a converted weights directory (no "
+                         f"{METADATA_FILE}); create it with python -m hpl_jax.convert_weights.")
+    return json.loads(metadata_path.read_text())
+
+
 def load_pretrained(path: str, backbone: str) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
     """Converted weights for the trainer: (backbone params, backbone batch_stats, metadata).
 
@@ -241,17 +260,12 @@ def load_pretrained(path: str, backbone: str) -> Tuple[Dict[str, Any], Dict[str,
     Raises:
       ValueError if `path` is not a directory written by this module, or holds another architecture.
     """
-    metadata_path = os.path.join(path, METADATA_FILE)
-    if not os.path.isfile(metadata_path):
-        raise ValueError(f"config.model.pretrained = {path!r} is not a converted weights directory (no "
-                         f"{METADATA_FILE}); create it with python -m hpl_jax.convert_weights.")
-    with open(metadata_path) as file:
-        metadata = json.load(file)
+    metadata = read_metadata(path)
     if metadata["architecture"] != backbone:
         raise ValueError(f"config.model.pretrained = {path!r} holds {metadata['architecture']} weights but "
                          f"config.model.backbone is {backbone!r}; make them agree.")
     with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(os.path.abspath(os.path.join(path, CHECKPOINT_SUBDIR)))
+        restored = checkpointer.restore(_weights_dir(path) / CHECKPOINT_SUBDIR)
     expected = backbone_variable_shapes(backbone)
     for collection in ("params", "batch_stats"):
         got = jax.tree.map(np.shape, restored[collection])

@@ -420,19 +420,16 @@ def with_pretrained_preprocessing(config):
     fed images normalised for other weights."""
     if not config.model.pretrained:
         return config
-    metadata_path = os.path.join(config.model.pretrained, convert_weights.METADATA_FILE)
-    if not os.path.isfile(metadata_path):
-        raise config_checks.ConfigError(
-            f"config.model.pretrained: {config.model.pretrained!r} has no {convert_weights.METADATA_FILE}; "
-            "create it with `python -m hpl_jax.convert_weights`.")
-    with open(metadata_path) as f:
-        preprocessing = json.load(f)["preprocessing"]
+    try:
+        preprocessing = convert_weights.read_metadata(config.model.pretrained)["preprocessing"]
+    except ValueError as error:
+        raise config_checks.ConfigError(str(error)) from None
     config = config.copy_and_resolve_references()
     config.dataset.mean = tuple(preprocessing["mean"])
     config.dataset.std = tuple(preprocessing["std"])
     config.dataset.color_order = preprocessing["input_space"].lower()
     config.dataset.pixel_scale = float(preprocessing["input_range"][1])
-    logging.info("Input normalisation from %s: %s", metadata_path, preprocessing)
+    logging.info("Input normalisation from %s: %s", config.model.pretrained, preprocessing)
     return config
 
 
