@@ -10,8 +10,9 @@ size, never gallery x gallery. Nothing is sorted along the gallery. For a query 
 similarity s_1 >= ... >= s_R and c_k = number of negatives with similarity >= s_k, the k-th positive sits at
 rank c_k + k of the pessimistic ranking. So:
 - Recall@K for every K follows from c_1 alone, one count over the gallery: a hit iff c_1 < K.
-- R-Precision and MAP@R only look at ranks <= R, where c_k < R <= max_R: the top max_R negatives of each query
-  (top_k on the device) give every c_k exactly below max_R, and a count capped at max_R is outside the top R.
+- R-Precision and MAP@R only look at ranks <= R, where c_k < R <= max_R: the top max_R + (largest class size)
+  items of each query (top_k on the device) hold its top max_R negatives, which give every c_k exactly below
+  max_R, and a count capped at max_R is outside the top R.
 """
 from __future__ import annotations
 
@@ -215,9 +216,9 @@ def _positives(level: _Level, query_ids: np.ndarray, exclude: np.ndarray):
     return np.where(valid, indices, 0).astype(np.int32), valid
 
 
-@functools.partial(jax.jit, static_argnames=("max_rs",))
+@functools.partial(jax.jit, static_argnames=("max_rs", "num_top"))
 def _negative_counts(queries, gallery, query_classes, gallery_classes, positive_indices, positive_valid,
-                     max_rs):
+                     max_rs, num_top):
     """Per query and level: negatives ranked above the best positive, and above each positive.
 
     A negative is ranked above a positive when its similarity is >= the positive's (pessimistic ties).
@@ -228,7 +229,8 @@ def _negative_counts(queries, gallery, query_classes, gallery_classes, positive_
       gallery: f32[gallery, dim], unit rows.
       query_classes, gallery_classes, positive_indices, positive_valid: one per level, i32[chunk],
         i32[gallery], i32[chunk, width], bool[chunk, width] (see `_positives`).
-      max_rs: static, one per level: the largest R, the number of top negatives kept.
+      max_rs: static, one per level: the largest R.
+      num_top: static, min(gallery, largest max_r + width over the levels): the most similar items kept.
 
     Returns:
       One pair per level: i32[chunk], negatives with similarity >= the query's best positive (exact; every
@@ -236,6 +238,9 @@ def _negative_counts(queries, gallery, query_classes, gallery_classes, positive_
       negatives with similarity >= that positive's, exact below max_r, else max_r (also for empty slots).
     """
     similarities = queries @ gallery.T
+    # The top max_r + width items of a row hold at least max_r negatives (at most width items share the
+    # query's class), so a positive with fewer than max_r negatives above it has them all among these.
+    top_sims, top_items = jax.lax.top_k(similarities, num_top)
     counts = []
     for q_classes, g_classes, indices, valid, max_r in zip(
             query_classes, gallery_classes, positive_indices, positive_valid, max_rs):
@@ -246,11 +251,14 @@ def _negative_counts(queries, gallery, query_classes, gallery_classes, positive_
         best = jax.lax.top_k(jnp.where(valid, positive_sims, -jnp.inf), 1)[0][:, 0]
         # Summed in float32, which XLA:CPU reduces several times faster than int32; exact below 2^24 items.
         above_best = jnp.sum((negative & (similarities >= best[:, None])).astype(jnp.float32), axis=1)
-        top_negatives = jax.lax.top_k(jnp.where(negative, similarities, -jnp.inf), max_r)[0]
-        # top_negatives is descending; counting its entries >= s is a search in the negated, ascending copy.
-        above_each = jax.vmap(functools.partial(jnp.searchsorted, side="right"))(
-            -top_negatives, -positive_sims)
-        counts.append((above_best.astype(jnp.int32), jnp.where(valid, above_each, max_r).astype(jnp.int32)))
+        # top_sims is descending, so the top items with similarity >= s are a prefix: its length is a search
+        # in the negated, ascending copy, and its same-class items a lookup in their running count.
+        num_at_least = jax.vmap(functools.partial(jnp.searchsorted, side="right"))(-top_sims, -positive_sims)
+        same_class_so_far = jnp.cumsum(g_classes[top_items] == q_classes[:, None], axis=1, dtype=jnp.int32)
+        same_class_so_far = jnp.pad(same_class_so_far, ((0, 0), (1, 0)))
+        above_each = num_at_least - jnp.take_along_axis(same_class_so_far, num_at_least, axis=1)
+        counts.append((above_best.astype(jnp.int32),
+                       jnp.where(valid, jnp.minimum(above_each, max_r), max_r).astype(jnp.int32)))
     return tuple(counts)
 
 
@@ -265,6 +273,7 @@ def _per_query_scores(queries: np.ndarray, gallery: np.ndarray, levels: Sequence
     gallery_device = jax.device_put(gallery)
     gallery_classes = tuple(jax.device_put(level.gallery_classes) for level in levels)
     max_rs = tuple(level.max_r for level in levels)
+    num_top = min(len(gallery), max(level.max_r + level.width for level in levels))
     chunks = [[] for _ in levels]
     for start in range(0, num_queries, chunk_size):
         query_ids = np.arange(start, min(start + chunk_size, num_queries))
@@ -279,6 +288,7 @@ def _per_query_scores(queries: np.ndarray, gallery: np.ndarray, levels: Sequence
             tuple(np.pad(indices, ((0, padding), (0, 0))) for indices, _ in positives),
             tuple(np.pad(valid, ((0, padding), (0, 0))) for _, valid in positives),
             max_rs=max_rs,
+            num_top=num_top,
         )
         for chunk, (above_best, above_each), (_, valid) in zip(chunks, device_counts, positives):
             chunk.append(_scores_from_counts(
