@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import flax.struct
 import jax

@@ -491,7 +491,6 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     device_count, process_count = jax.device_count(), jax.process_count()
     config_checks.validate_config(config, device_count=device_count, process_count=process_count)
     config = with_pretrained_preprocessing(config)
-    local_devices = jax.local_device_count()
     local_batch = config.batch_size // process_count
     dataset = data.get_dataset(config, local_batch_size=local_batch,
                                local_eval_batch_size=config.eval.batch_size // process_count,

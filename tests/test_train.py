@@ -14,7 +14,6 @@ import pytest
 from configs import default
 from hpl_jax import config_checks
 from hpl_jax import data
-from hpl_jax import hierarchy as hierarchy_lib
 from hpl_jax import models
 from hpl_jax import train
 
