@@ -43,4 +43,5 @@ def get_config():
 
     config.eval.recall_at = (1, 10, 100, 1000)
     config.eval.nmi = False
+    config.eval.super_metrics = False
     return config

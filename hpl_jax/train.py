@@ -318,7 +318,8 @@ def embed_split(p_embed, state, dataset: data.Dataset, split: str) -> Tuple[np.n
 def evaluate(p_embed, state, dataset: data.Dataset, config) -> Dict[str, float]:
     """The dataset's retrieval protocol on the unseen test classes (METHOD.md, "Benchmarks")."""
     info = dataset.info
-    options = dict(recall_at=tuple(config.eval.recall_at), super_labels=info.test_super_labels,
+    super_labels = info.test_super_labels if config.eval.super_metrics else None
+    options = dict(recall_at=tuple(config.eval.recall_at), super_labels=super_labels,
                    nmi=config.eval.nmi, chunk_size=config.eval.chunk_size, seed=config.seed)
     if "query" in info.eval_splits:
         gallery, gallery_labels = embed_split(p_embed, state, dataset, "gallery")
