@@ -27,6 +27,10 @@ TFDS_DATASETS = ("cub", "cars", "sop", "inshop", "cifar100", "image_folder")
 DATASETS = (SYNTHETIC,) + TFDS_DATASETS
 
 
+class DataError(ValueError):
+    """Data a user can fix (missing, unprepared or malformed files); the message says what to do."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
     """Static facts the training loop needs before it reads any image.

@@ -373,7 +373,7 @@ def prepared_builder(name: str, data_dir: str, manual_dir: str) -> tfds.core.Dat
     try:
         builder.download_and_prepare(download_config=download_config)
     except Exception as error:  # Any failure to fetch, find or unpack the files calls for the same advice.
-        raise ValueError(missing_data_message(name, builder, manual_dir, error)) from error
+        raise data.DataError(missing_data_message(name, builder, manual_dir, error)) from error
     return builder
 
 
@@ -403,7 +403,7 @@ def _class_supers(labels: np.ndarray, supers: np.ndarray, num_classes: int, what
     """i32[num_classes]: the super-class of each class, from the (label, super-class) of its records."""
     pairs = np.unique(np.stack([labels, supers], axis=1), axis=0)
     if len(pairs) != num_classes or not np.array_equal(pairs[:, 0], np.arange(num_classes)):
-        raise ValueError(f"{what}: some class has records with different super-classes (or none); the data is "
+        raise data.DataError(f"{what}: some class has records with different super-classes (or none); the data is "
                          "inconsistent.")
     return pairs[:, 1].astype(np.int32)
 
@@ -471,7 +471,7 @@ def _read_class_list(path: str, known: Sequence[str]) -> Optional[List[str]]:
         names = [line.strip() for line in f if line.strip()]
     unknown = sorted(set(names) - set(known))
     if unknown:
-        raise ValueError(f"{path} names classes without a folder of images: {unknown[:5]}; fix the names or "
+        raise data.DataError(f"{path} names classes without a folder of images: {unknown[:5]}; fix the names or "
                          "add the folders.")
     return names
 
@@ -487,7 +487,7 @@ def _read_hierarchy(path: str) -> Optional[Dict[str, str]]:
     hierarchy = {}
     for row in rows:
         if len(row) != 2:
-            raise ValueError(f"{path}: the row {row} should be 'class,super_class'.")
+            raise data.DataError(f"{path}: the row {row} should be 'class,super_class'.")
         hierarchy[row[0].strip()] = row[1].strip()
     return hierarchy
 
@@ -506,7 +506,7 @@ def image_folder_class_split(root: str, classes: Sequence[str]) -> Tuple[List[st
         test = [name for name in classes if name not in set(train)]
     shared = sorted(set(train) & set(test))
     if shared:
-        raise ValueError(f"{root}: {TRAIN_CLASSES_FILE} and {TEST_CLASSES_FILE} share classes {shared[:5]}; "
+        raise data.DataError(f"{root}: {TRAIN_CLASSES_FILE} and {TEST_CLASSES_FILE} share classes {shared[:5]}; "
                          "train and test classes must be disjoint.")
     return sorted(train), sorted(test)
 
@@ -518,7 +518,7 @@ def image_folder_splits(root: str):
     sorted class names; super-labels (from ROOT/hierarchy.csv, ids of the sorted super-class names) or None.
     """
     if not root or not tf.io.gfile.isdir(root):
-        raise ValueError(f"config.dataset.data_dir={root!r} is not a directory; for dataset.name='image_folder' "
+        raise data.DataError(f"config.dataset.data_dir={root!r} is not a directory; for dataset.name='image_folder' "
                          "set it to ROOT with one folder of images per class (ROOT/<class>/<images>).")
     files = {}
     for entry in sorted(tf.io.gfile.listdir(root)):
@@ -529,14 +529,14 @@ def image_folder_splits(root: str):
             if images:
                 files[name] = [os.path.join(folder, image) for image in images]
     if len(files) < 4:
-        raise ValueError(f"config.dataset.data_dir={root!r} has {len(files)} class folders with images "
+        raise data.DataError(f"config.dataset.data_dir={root!r} has {len(files)} class folders with images "
                          f"({', '.join(IMAGE_EXTENSIONS)}); an image folder needs at least 4 (2 train, 2 test).")
     train_classes, test_classes = image_folder_class_split(root, sorted(files))
     hierarchy = _read_hierarchy(os.path.join(root, HIERARCHY_FILE))
     if hierarchy is not None:
         missing = sorted(set(train_classes + test_classes) - set(hierarchy))
         if missing:
-            raise ValueError(f"{os.path.join(root, HIERARCHY_FILE)} has no row for the classes {missing[:5]}; add "
+            raise data.DataError(f"{os.path.join(root, HIERARCHY_FILE)} has no row for the classes {missing[:5]}; add "
                              "a 'class,super_class' row for every class.")
         vocabulary = sorted(set(hierarchy.values()))
 
@@ -644,7 +644,7 @@ class TfDataset:
             step += 1
             yield batch
         if step < self._steps_per_epoch:
-            raise ValueError(f"{self.info.name}: more than half of the images read in epoch {epoch} failed to "
+            raise data.DataError(f"{self.info.name}: more than half of the images read in epoch {epoch} failed to "
                              "decode; check the dataset's files.")
 
     def eval_batches(self, split: str) -> Iterator[data.Batch]:

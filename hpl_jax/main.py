@@ -17,6 +17,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from hpl_jax import config_checks
+from hpl_jax import data
 from hpl_jax import train
 
 FLAGS = flags.FLAGS
@@ -60,6 +61,8 @@ def main(argv):
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except config_checks.ConfigError as error:
         sys.exit(f"Config error: {error}")
+    except data.DataError as error:
+        sys.exit(f"Data error: {error}")
 
 
 if __name__ == "__main__":

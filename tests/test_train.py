@@ -224,3 +224,11 @@ def test_pretrained_weights_start_the_backbone_and_set_the_input_normalisation(t
                            "model.pretrained": str(tmp_path / "weights")})
     with pytest.raises(ValueError, match="resnet34"):
         _setup(wrong)
+
+
+def test_main_reports_unusable_data_in_one_line(tmp_path):
+    (tmp_path / "images").mkdir()  # an image folder with no class folders
+    result = _main(str(tmp_path / "workdir"), "--config.dataset.name=image_folder",
+                   f"--config.dataset.data_dir={tmp_path / 'images'}")
+    assert result.returncode != 0
+    assert "Data error: config.dataset.data_dir" in result.stderr and "Traceback" not in result.stderr
