@@ -12,7 +12,7 @@ from hpl_jax import models
 
 BASE_LOSSES = ("proxy_anchor", "proxy_nca")
 BACKBONES = models.BACKBONES
-DTYPES = ("float32", "bfloat16")
+DTYPES = tuple(models.DTYPES)
 FIRST_GROUPINGS = ("class_means", "proxies")
 COARSE_POLICIES = ("reset", "rematch")
 SAMPLERS = ("random", "class_balanced")

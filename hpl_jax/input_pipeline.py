@@ -673,12 +673,6 @@ def create_dataset(config, *, local_batch_size: int, local_eval_batch_size: int,
     """
     dataset = config.dataset
     name = dataset.name
-    if dataset.color_order not in COLOR_ORDERS:
-        raise ValueError(f"config.dataset.color_order={dataset.color_order!r} is unknown; use one of "
-                         f"{COLOR_ORDERS}.")
-    if dataset.pixel_scale <= 0:
-        raise ValueError(f"config.dataset.pixel_scale={dataset.pixel_scale} must be > 0 (1 for [0, 1] pixels, "
-                         "255 for [0, 255]).")
     if dataset.sampler == "class_balanced" and local_batch_size % dataset.samples_per_class:
         raise ValueError(f"config.dataset.samples_per_class={dataset.samples_per_class} must divide the "
                          f"per-host batch size {local_batch_size}; change it or config.batch_size.")
