@@ -3,7 +3,7 @@
 A dataset is class-disjoint (METHOD.md, "Benchmarks and class splits"): train labels are 0..C-1, test labels
 are 0..C_test-1 and name other classes. Every host reads only its own shard. Two sources implement it:
 `synthetic.py` (NumPy, the embedded default) and `input_pipeline.py` (tf.data + TFDS, the only module that
-imports TensorFlow); `get_dataset` picks one and never imports TensorFlow for the synthetic default.
+imports TensorFlow); `datasets.get_dataset` picks one. This module imports neither, so both can import it.
 
 Batches are dicts of host-local NumPy arrays:
   train:  {'image': f32[local_batch, H, W, 3], 'label': i32[local_batch]}
@@ -85,23 +85,6 @@ def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
 def host_shard(num_examples: int, process_index: int, process_count: int) -> np.ndarray:
     """Indices of the examples a host reads: a strided slice, so every example belongs to one host."""
     return np.arange(process_index, num_examples, process_count)
-
-
-def get_dataset(config, *, local_batch_size: int, local_eval_batch_size: int,
-                process_index: int = 0, process_count: int = 1) -> Dataset:
-    """Builds the dataset named by `config.dataset.name` for this host."""
-    name = config.dataset.name
-    if name == SYNTHETIC:
-        from hpl_jax import synthetic
-        return synthetic.SyntheticDataset(
-            config, local_batch_size=local_batch_size, local_eval_batch_size=local_eval_batch_size,
-            process_index=process_index, process_count=process_count)
-    if name in TFDS_DATASETS:
-        from hpl_jax import input_pipeline
-        return input_pipeline.create_dataset(
-            config, local_batch_size=local_batch_size, local_eval_batch_size=local_eval_batch_size,
-            process_index=process_index, process_count=process_count)
-    raise ValueError(f"config.dataset.name={name!r} is unknown; use one of {DATASETS}.")
 
 
 def shard_for_devices(batch: Batch, num_devices: int) -> Batch:

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from hpl_jax import train
+from hpl_jax import preemption
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")
@@ -134,13 +134,13 @@ def test_two_processes_match_one_process_and_resume_exactly_after_sigterm(tmp_pa
                     reason="signal handlers can only be installed from the main thread")
 def test_a_single_process_stops_at_the_next_boundary_after_sigterm():
     before = signal.getsignal(signal.SIGTERM)
-    preemption = train.Preemption()
+    sigterm = preemption.Preemption()
     try:
-        assert not preemption.reached(1)
+        assert not sigterm.reached(1)
         os.kill(os.getpid(), signal.SIGTERM)
-        assert preemption.reached(2) and preemption.reached(3)
+        assert sigterm.reached(2) and sigterm.reached(3)
     finally:
-        preemption.close()
+        sigterm.close()
     assert signal.getsignal(signal.SIGTERM) is before
 
 

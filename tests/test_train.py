@@ -14,8 +14,12 @@ import pytest
 from configs import default
 from hpl_jax import config_checks
 from hpl_jax import data
+from hpl_jax import datasets
+from hpl_jax import evaluation
 from hpl_jax import models
+from hpl_jax import optim
 from hpl_jax import train
+from hpl_jax import train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,11 +49,11 @@ def tiny_config(**overrides):
 
 
 def _setup(config):
-    dataset = data.get_dataset(config, local_batch_size=config.batch_size,
+    dataset = datasets.get_dataset(config, local_batch_size=config.batch_size,
                                local_eval_batch_size=config.eval.batch_size)
     model = models.create_model(config.model, bn_axis_name=None if config.model.bn_frozen else train.AXIS)
-    state = train.create_train_state(jax.random.PRNGKey(config.seed), config, model, dataset.info)
-    labels, groups = train.parameter_groups(train.trainable(state.params, state.hierarchy), config.optim)
+    state = train_state.create_train_state(jax.random.PRNGKey(config.seed), config, model, dataset.info)
+    labels, groups = optim.parameter_groups(train_state.trainable(state.params, state.hierarchy), config.optim)
     return dataset, model, state, labels, groups
 
 
@@ -65,7 +69,7 @@ def _run_steps(config, num_devices, num_steps, in_warmup=False):
     for _, batch in zip(range(num_steps), batches):
         state, step_metrics = step_fn(state, data.shard_for_devices(batch, num_devices))
         losses.append(float(step_metrics["loss"][0]))
-    return jax.device_get(train.unreplicate(state)), losses
+    return jax.device_get(train_state.unreplicate(state)), losses
 
 
 @pytest.mark.parametrize("base", ["proxy_anchor", "proxy_nca"])
@@ -87,7 +91,7 @@ def test_warmup_leaves_backbone_and_its_optimizer_state_untouched():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.allclose(initial.params["embedding"]["kernel"], after.params["embedding"]["kernel"])
     assert not np.allclose(initial.hierarchy.proxies[0], after.hierarchy.proxies[0])
-    inner = train._partition_state(after.opt_state).inner_states
+    inner = optim._partition_state(after.opt_state).inner_states
     waiting = [g for g in inner if g.endswith("_after_warmup")]
     assert waiting, "the backbone should be in a group that waits for the end of warm-up"
     for group in waiting:
@@ -111,8 +115,8 @@ def test_tiny_run_overfits_training_classes():
     dataset, model, _, _, _ = _setup(config)
     state, losses = _run_steps(config, 2, 60)
     assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])
-    p_embed = jax.pmap(functools.partial(train.embed_step, model=model), axis_name=train.AXIS)
-    embeddings, labels = train.embed_split(p_embed, flax.jax_utils.replicate(state), dataset, "train")
+    p_embed = jax.pmap(functools.partial(evaluation.embed_step, model=model), axis_name=train.AXIS)
+    embeddings, labels = evaluation.embed_split(p_embed, flax.jax_utils.replicate(state), dataset, "train")
     from hpl_jax import metrics
     assert metrics.retrieval_metrics(embeddings, labels, nmi=False)["recall@1"] > 0.9
 
@@ -120,8 +124,8 @@ def test_tiny_run_overfits_training_classes():
 def test_evaluation_embeds_every_example_exactly_once():
     config = tiny_config(**{"eval.batch_size": 10})  # 42 test images: not a multiple of 10
     dataset, model, state, _, _ = _setup(config)
-    p_embed = jax.pmap(functools.partial(train.embed_step, model=model), axis_name=train.AXIS)
-    embeddings, labels = train.embed_split(p_embed, flax.jax_utils.replicate(state), dataset, "test")
+    p_embed = jax.pmap(functools.partial(evaluation.embed_step, model=model), axis_name=train.AXIS)
+    embeddings, labels = evaluation.embed_split(p_embed, flax.jax_utils.replicate(state), dataset, "test")
     assert dataset.info.num_eval_examples["test"] == 42 and embeddings.shape == (42, 16)
     reference = np.concatenate([
         model.apply({"params": state.params, "batch_stats": state.batch_stats}, b["image"][b["mask"]], train=False)
@@ -140,7 +144,7 @@ def test_refresh_regroups_without_empty_groups_and_resets_moments():
     after = np.asarray(refreshed.hierarchy.parents[0])
     assert not np.array_equal(before, after)
     assert np.all(np.bincount(after, minlength=3) >= 1)
-    mu = train._partition_state(refreshed.opt_state).inner_states["lr_x100"].inner_state.inner_state[0].mu
+    mu = optim._partition_state(refreshed.opt_state).inner_states["lr_x100"].inner_state.inner_state[0].mu
     assert not np.any(np.asarray(mu["proxies"][1])) and np.any(np.asarray(mu["proxies"][0]))
 
 
@@ -157,7 +161,7 @@ def test_config_errors_name_the_field():
     with pytest.raises(config_checks.ConfigError, match="config.dataset.data_dir"):
         config_checks.validate_config(tiny_config(**{"dataset.name": "image_folder", "dataset.data_dir": "/no/dir"}),
                                       device_count=2, process_count=1)
-    info = data.get_dataset(tiny_config(), local_batch_size=16, local_eval_batch_size=16).info
+    info = datasets.get_dataset(tiny_config(), local_batch_size=16, local_eval_batch_size=16).info
     with pytest.raises(config_checks.ConfigError, match=r"config.hpl.num_coarse.*K_1 = 6 .* 6 training classes"):
         config_checks.validate_against_dataset(tiny_config(**{"hpl.num_coarse": (6,)}), info)
 

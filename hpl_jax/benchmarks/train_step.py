@@ -20,8 +20,11 @@ from ml_collections import config_flags
 
 from hpl_jax import config_checks
 from hpl_jax import data
+from hpl_jax import datasets
 from hpl_jax import models
+from hpl_jax import optim
 from hpl_jax import train
+from hpl_jax import train_state
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.", lock_config=True)
@@ -38,12 +41,12 @@ def main(argv):
             config.dataset.synthetic.images_per_class,
             -(-config.batch_size * (FLAGS.steps + 2) // (config.dataset.synthetic.num_families
                                                         * config.dataset.synthetic.classes_per_family // 2)))
-    dataset = data.get_dataset(config, local_batch_size=config.batch_size // jax.process_count(),
+    dataset = datasets.get_dataset(config, local_batch_size=config.batch_size // jax.process_count(),
                                local_eval_batch_size=config.eval.batch_size // jax.process_count(),
                                process_index=jax.process_index(), process_count=jax.process_count())
     model = models.create_model(config.model, bn_axis_name=None if config.model.bn_frozen else train.AXIS)
-    state = train.create_train_state(jax.random.PRNGKey(config.seed), config, model, dataset.info)
-    labels, groups = train.parameter_groups(train.trainable(state.params, state.hierarchy), config.optim)
+    state = train_state.create_train_state(jax.random.PRNGKey(config.seed), config, model, dataset.info)
+    labels, groups = optim.parameter_groups(train_state.trainable(state.params, state.hierarchy), config.optim)
     step_fn = jax.pmap(functools.partial(train.train_step, model=model, config=config, labels=labels,
                                          groups=groups, in_warmup=False), axis_name=train.AXIS,
                        donate_argnums=(0,))

@@ -1,0 +1,114 @@
+"""The optimiser (METHOD.md, "Training recipe"): AdamW per parameter group, element-wise clipping, step decay.
+
+Parameter groups are data, not code paths (big_vision style): config regexes on parameter paths
+('model/backbone/...', 'model/embedding/kernel', 'proxies/<level>') give each parameter its learning-rate
+multiplier, whether it trains during warm-up, or FROZEN.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+FROZEN = "frozen"
+
+
+def parameter_path(path) -> str:
+    names = []
+    for key in path:
+        for attribute in ("key", "idx", "name"):
+            if hasattr(key, attribute):
+                names.append(str(getattr(key, attribute)))
+                break
+    return "/".join(names)
+
+
+def _first_match(patterns, path: str, default):
+    for pattern, value in patterns:
+        if re.fullmatch(pattern, path):
+            return value
+    return default
+
+
+def parameter_groups(tree, optim_config) -> Tuple[Any, Dict[str, Tuple[float, bool]]]:
+    """Labels every parameter by (learning-rate multiplier, trains during warm-up), or FROZEN.
+
+    Returns the label tree (same structure as `tree`) and {label: (lr multiplier, trains during warm-up)}.
+    """
+    groups = {}
+
+    def label(path, _):
+        name = parameter_path(path)
+        if any(re.fullmatch(pattern, name) for pattern in optim_config.frozen):
+            return FROZEN
+        multiplier = float(_first_match(optim_config.lr_mults, name, 1.0))
+        in_warmup = any(re.fullmatch(pattern, name) for pattern in optim_config.warmup_trainable)
+        group = f"lr_x{multiplier:g}" + ("" if in_warmup else "_after_warmup")
+        groups[group] = (multiplier, in_warmup)
+        return group
+
+    labels = jax.tree_util.tree_map_with_path(label, tree)
+    return labels, groups
+
+
+def create_optimizer(labels, groups, optim_config) -> optax.GradientTransformation:
+    """AdamW per group (decoupled weight decay), after element-wise clipping, as the Proxy-Anchor code.
+
+    The learning rates are hyperparameters in the state, set every step by `set_learning_rates`.
+    """
+    def adamw():
+        return optax.inject_hyperparams(optax.adamw)(learning_rate=optim_config.lr,
+                                                     weight_decay=optim_config.weight_decay)
+
+    transforms = {group: adamw() for group in groups}
+    transforms[FROZEN] = optax.set_to_zero()
+    steps = [optax.multi_transform(transforms, labels)]
+    if optim_config.grad_clip_value > 0:
+        # torch.nn.utils.clip_grad_value_: each gradient entry clipped to [-c, c] before AdamW.
+        steps.insert(0, optax.clip(optim_config.grad_clip_value))
+    return optax.chain(*steps)
+
+
+def learning_rate(optim_config, epoch):
+    """Step decay per epoch, counted from epoch 0: lr * gamma^(epoch // decay_epochs)."""
+    return optim_config.lr * optim_config.decay_gamma ** (epoch // optim_config.decay_epochs)
+
+
+def _partition_state(opt_state) -> optax.MultiTransformState:
+    return opt_state[-1]
+
+
+def set_learning_rates(opt_state, groups, base_lr):
+    partition = _partition_state(opt_state)
+    inner = dict(partition.inner_states)
+    for group, (multiplier, _) in groups.items():
+        masked = inner[group]
+        hyper = dict(masked.inner_state.hyperparams)
+        hyper["learning_rate"] = jnp.asarray(base_lr * multiplier, jnp.float32)
+        inner[group] = masked._replace(inner_state=masked.inner_state._replace(hyperparams=hyper))
+    return opt_state[:-1] + (partition._replace(inner_states=inner),)
+
+
+def keep_waiting_groups(new_opt_state, old_opt_state, groups):
+    """During warm-up, the groups that wait keep their optimiser state untouched (no step, no decay)."""
+    new_partition, old_partition = _partition_state(new_opt_state), _partition_state(old_opt_state)
+    inner = dict(new_partition.inner_states)
+    for group, (_, in_warmup) in groups.items():
+        if not in_warmup:
+            inner[group] = old_partition.inner_states[group]
+    return new_opt_state[:-1] + (new_partition._replace(inner_states=inner),)
+
+
+def reset_proxy_moments(opt_state, levels):
+    """Zeroes the AdamW moments of the proxies of the given levels (after they were reset to centres)."""
+    def reset(path, leaf):
+        names = parameter_path(path).split("/")
+        for i in range(len(names) - 1):
+            if names[i] == "proxies" and names[i + 1] in levels and ("mu" in names or "nu" in names):
+                return jnp.zeros_like(leaf)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(reset, opt_state)

@@ -1,0 +1,77 @@
+"""What a run tells: progress lines, TensorBoard scalars (tensorboardX: no TensorFlow) and metrics.json."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Dict
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+
+
+class Reporter:
+    """Progress lines, TensorBoard scalars (tensorboardX: no TensorFlow) and metrics.json; process 0 only."""
+
+    def __init__(self, workdir: epath.Path, total_steps: int):
+        self.is_lead = jax.process_index() == 0
+        self.total_steps = total_steps
+        self.metrics_path = workdir / "metrics.json"
+        self.history = {}
+        if self.metrics_path.exists():
+            self.history = {int(k): v for k, v in json.loads(self.metrics_path.read_text())["history"].items()}
+        self.writer = None
+        if self.is_lead:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(str(workdir / "tensorboard"))
+        self._last_time, self._last_step = time.time(), None
+
+    def scalars(self, step: int, values: Dict[str, float], prefix: str = "") -> None:
+        if self.writer:
+            for name, value in values.items():
+                # TensorBoard tag names allow no '@'.
+                self.writer.add_scalar((prefix + name).replace("@", "_at_"), float(value), step)
+            self.writer.flush()
+
+    def progress(self, epoch: int, num_epochs: int, step: int, images_per_step: int, values: Dict[str, float]):
+        now = time.time()
+        if self._last_step is None or step <= self._last_step:
+            speed, eta = float("nan"), "?"
+        else:
+            steps_per_s = (step - self._last_step) / (now - self._last_time)
+            speed = steps_per_s * images_per_step
+            eta = time.strftime("%H:%M:%S", time.gmtime((self.total_steps - step) / steps_per_s))
+        self._last_time, self._last_step = now, step
+        levels = " ".join(f"{values[k]:.4f}" for k in sorted(values) if k.startswith("loss/level_"))
+        logging.info("epoch %d/%d step %d/%d loss %.4f (levels %s) lr %.2e %.1f img/s ETA %s",
+                     epoch + 1, num_epochs, step, self.total_steps, values["loss"], levels, values["lr"],
+                     speed, eta)
+        self.scalars(step, values if np.isnan(speed) else {**values, "images_per_second": speed})
+
+    def evaluation(self, epoch: int, step: int, values: Dict[str, float]) -> None:
+        self.history[epoch] = values
+        logging.info("eval after epoch %d: %s", epoch,
+                     " ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float)))
+        self.scalars(step, values, prefix="eval/")
+        self._write_json()
+
+    def _write_json(self) -> None:
+        if self.is_lead:
+            tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+            tmp.write_text(json.dumps({"history": self.history, **self.summary()}, indent=2))
+            tmp.replace(self.metrics_path)
+
+    def summary(self, metric: str = "recall@1") -> Dict[str, Any]:
+        """The last and the best epoch's metrics (METHOD.md: report both; the published ones are the best)."""
+        if not self.history:
+            return {}
+        last = max(self.history)
+        # Epoch 0 is the untrained model: not a candidate for the best epoch.
+        trained = [epoch for epoch in self.history if epoch > 0] or [last]
+        best = max(trained, key=lambda e: self.history[e].get(metric, -1.0))
+        return {"last": {"epoch": last, **self.history[last]}, "best": {"epoch": best, **self.history[best]}}
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()

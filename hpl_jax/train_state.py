@@ -1,0 +1,77 @@
+"""The train state: everything a run needs to continue exactly, and how it is created and moved between
+devices and host."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from hpl_jax import convert_weights
+from hpl_jax import data
+from hpl_jax import hierarchy as hierarchy_lib
+from hpl_jax import optim
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue exactly; saved whole in every checkpoint.
+
+    Attributes:
+      step: i32[], optimiser steps taken.
+      epoch: i32[], the epoch in progress (= epochs completed, at an epoch boundary).
+      params: the model's parameters {'backbone': ..., 'embedding': ...}.
+      batch_stats: the model's BatchNorm running statistics.
+      hierarchy: proxies of every level (trained with the model) and the parent maps (set by refreshes).
+      opt_state: the optimiser state over `trainable(state)`.
+      rng: the run's PRNG key; k-means seeds are folded out of it.
+    """
+
+    step: jax.Array
+    epoch: jax.Array
+    params: Any
+    batch_stats: Any
+    hierarchy: hierarchy_lib.ProxyHierarchy
+    opt_state: optax.OptState
+    rng: jax.Array
+
+
+def unreplicate(tree):
+    """Device 0's copy of a pmap-replicated pytree, [devices, ...] -> [...]."""
+    return jax.tree_util.tree_map(lambda x: x.addressable_shards[0].data.reshape(x.shape[1:]), tree)
+
+
+def trainable(params, hierarchy: hierarchy_lib.ProxyHierarchy) -> Dict[str, Any]:
+    """The tree the optimiser updates; its paths ('model/...', 'proxies/<level>') are what config regexes match."""
+    return {"model": params, "proxies": hierarchy.proxies}
+
+
+def host_copy(replicated_state: TrainState) -> TrainState:
+    """The state as NumPy arrays, what checkpoints hold: orbax writes NumPy leaves from process 0 alone, and
+    refuses the host-local jax.Arrays that pmap leaves in a multi-process run."""
+    return jax.device_get(unreplicate(replicated_state))
+
+
+def create_train_state(rng, config, model, info: data.DatasetInfo) -> TrainState:
+    """Fresh parameters, proxies (coarse levels grouped from the initial fine proxies) and optimiser."""
+    model_rng, proxy_rng, run_rng = jax.random.split(rng, 3)
+    image = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
+    variables = jax.jit(functools.partial(model.init, train=False))(model_rng, image)
+    num_coarse = tuple(config.hpl.num_coarse)[:len(config.hpl.weights) - 1]
+    hierarchy = hierarchy_lib.init_hierarchy(proxy_rng, info.num_train_classes, num_coarse,
+                                             config.model.embedding_dim, seed=config.seed,
+                                             n_init=config.hpl.kmeans_restarts)
+    params = variables["params"]
+    if config.model.pretrained:
+        backbone_params, backbone_stats, _ = convert_weights.load_pretrained(config.model.pretrained, config.model.backbone)
+        params = {**params, "backbone": backbone_params}
+        variables = {**variables, "batch_stats": {**variables["batch_stats"], "backbone": backbone_stats}}
+    labels, groups = optim.parameter_groups(trainable(params, hierarchy), config.optim)
+    optimizer = optim.create_optimizer(labels, groups, config.optim)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32), params=params,
+        batch_stats=variables.get("batch_stats", {}), hierarchy=hierarchy,
+        opt_state=optimizer.init(trainable(params, hierarchy)), rng=run_rng)
