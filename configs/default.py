@@ -13,12 +13,19 @@ import ml_collections
 
 def get_config():
     config = ml_collections.ConfigDict()
-    # Seed of everything random: parameter init, data order, augmentation, k-means.
+    # Seed of the training run: parameter init, data order, augmentation, k-means. (The data themselves and the
+    # choice of validation classes follow dataset.seed, so training seeds vary on the same data.)
     config.seed = 0
 
     config.dataset = dataset = ml_collections.ConfigDict()
     # Which data: 'synthetic' (embedded, no files), 'cub', 'cars', 'sop', 'inshop', 'cifar100', 'image_folder'.
     dataset.name = "synthetic"
+    # Seed of the data: the embedded dataset's images and which training classes are held out for validation.
+    dataset.seed = 0
+    # Class-disjoint validation: this many training classes (drawn with dataset.seed) are held out and evaluated
+    # each epoch by the test protocol (keys 'val/...'); the best epoch and best/ checkpoint are then chosen on
+    # val/<checkpoint.best_metric>, never on test. 0 = no validation (the published recipe selects on test).
+    dataset.num_val_classes = 8
     # TFDS data_dir (where prepared TFDS datasets live), or the root of an image folder. '' = TFDS default.
     dataset.data_dir = ""
     # TFDS manual_dir for datasets whose files must be placed by hand (In-Shop, Cars196). '' = TFDS default.
@@ -88,6 +95,9 @@ def get_config():
     # At a refresh, coarse proxies are 'reset' to the normalised cluster centres (moments zeroed), or
     # 'rematch': kept, and the new clusters matched to them (Hungarian matching).
     hpl.coarse_policy = "reset"
+    # The norm a coarse proxy takes when it is set to a cluster centre: 'children_mean' (the mean norm of the
+    # proxies it groups, so it moves at their pace) or 'unit'.
+    hpl.coarse_norm = "children_mean"
     # k-means restarts (sklearn n_init) per grouping; each costs a full k-means on the level below.
     hpl.kmeans_restarts = 10
     # Use the dataset's ground-truth super-classes for level 1 instead of k-means (ablation).
@@ -134,8 +144,9 @@ def get_config():
     config.checkpoint = ckpt = ml_collections.ConfigDict()
     # Keep the last this many epoch checkpoints.
     ckpt.keep = 2
-    # Also keep the best checkpoint by this metric (a key of the evaluation metrics; '' = don't).
-    ckpt.best_metric = "recall@1"
+    # The metric the best epoch is chosen on, and best/ kept by ('' = no best/ checkpoint; the best epoch is then
+    # chosen on recall@1). With validation classes it is read on them (val/map@r), else on test.
+    ckpt.best_metric = "map@r"
     # Additionally save every this many steps inside an epoch (0 = only at epoch ends).
     ckpt.every_steps = 0
 

@@ -7,14 +7,17 @@ from __future__ import annotations
 import os
 import re
 
+import numpy as np
+
 from hpl_jax import data
+from hpl_jax import hierarchy
 from hpl_jax import models
 
 BASE_LOSSES = ("proxy_anchor", "proxy_nca")
 BACKBONES = models.BACKBONES
 DTYPES = tuple(models.DTYPES)
 FIRST_GROUPINGS = ("class_means", "proxies")
-COARSE_POLICIES = ("reset", "rematch")
+COARSE_POLICIES = hierarchy.REFRESH_POLICIES
 SAMPLERS = ("random", "class_balanced")
 METRIC_NAMES = ("precision@1", "r_precision", "map@r", "nmi")
 
@@ -68,6 +71,8 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
                  "dataset.samples_per_class",
                  f"{dataset.samples_per_class} must be >= 2 and divide config.batch_size ({config.batch_size}).")
     _require(dataset.shuffle_buffer >= 1, "dataset.shuffle_buffer", "must be >= 1.")
+    _require(isinstance(dataset.num_val_classes, int) and dataset.num_val_classes >= 0, "dataset.num_val_classes",
+             f"{dataset.num_val_classes!r} must be an integer >= 0 (0 = no validation classes).")
     synthetic = dataset.synthetic
     _require(synthetic.num_families >= 2, "dataset.synthetic.num_families", "must be >= 2.")
     _require(synthetic.classes_per_family >= 2, "dataset.synthetic.classes_per_family",
@@ -109,6 +114,8 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
              f"{hpl.first_grouping!r}; use one of {FIRST_GROUPINGS}.")
     _require(hpl.refresh_every_steps >= 0, "hpl.refresh_every_steps", "must be >= 0 (0 = every epoch).")
     _require(hpl.kmeans_restarts >= 1, "hpl.kmeans_restarts", "must be >= 1.")
+    _require(hpl.coarse_norm in hierarchy.COARSE_NORMS, "hpl.coarse_norm",
+             f"{hpl.coarse_norm!r}; use one of {hierarchy.COARSE_NORMS}.")
     _require(hpl.coarse_policy in COARSE_POLICIES, "hpl.coarse_policy",
              f"{hpl.coarse_policy!r}; use one of {COARSE_POLICIES}.")
     if hpl.ground_truth_level1:
@@ -161,12 +168,23 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
 def validate_against_dataset(config, info: data.DatasetInfo) -> None:
     """Checks that need the dataset's sizes (known before any image is read)."""
     num_coarse = tuple(config.hpl.num_coarse)[:len(config.hpl.weights) - 1]
-    if num_coarse:
+    if num_coarse and not config.hpl.ground_truth_level1:
         _require(num_coarse[0] < info.num_train_classes, "hpl.num_coarse",
                  f"K_1 = {num_coarse[0]} must be smaller than the {info.num_train_classes} training classes of "
                  f"{info.name}.")
     if config.hpl.ground_truth_level1:
         _require(info.train_super_labels is not None, "hpl.ground_truth_level1",
                  f"{info.name} has no ground-truth super-classes; set it to False.")
+        num_super = len(np.unique(info.train_super_labels))
+        _require(2 <= num_super < info.num_train_classes, "hpl.ground_truth_level1",
+                 f"the {info.num_train_classes} training classes of {info.name} fall into {num_super} "
+                 "super-class(es); a level above the classes needs at least 2 and fewer than the classes.")
     _require(config.batch_size <= info.num_train_examples, "batch_size",
              f"{config.batch_size} exceeds the {info.num_train_examples} training images; lower it.")
+
+
+def check_num_val_classes(num_val_classes: int, num_classes: int, name: str) -> None:
+    """Checks `dataset.num_val_classes` against the C training classes a dataset has before the hold-out."""
+    _require(num_val_classes == 0 or 2 <= num_val_classes <= num_classes - 2, "dataset.num_val_classes",
+             f"{num_val_classes} validation classes out of the {num_classes} training classes of {name}: use 0 "
+             f"(off) or 2..{num_classes - 2} (validation retrieval needs 2 classes, training keeps at least 2).")

@@ -44,6 +44,10 @@ class DatasetInfo:
       num_eval_examples: images of each eval split over all hosts, e.g. {'test': 5924}.
       train_super_labels: i32[num_train_classes], the ground-truth super-class of each train class, if any.
       test_super_labels: i32[num_test_classes], the same for the test classes, if any.
+      val_super_labels: i32[num_val_classes], the same for the validation classes, if any.
+
+    With `dataset.num_val_classes` > 0, 'val' is a key of `num_eval_examples`: the held-out training classes
+    (labels 0..V-1), and the training classes are the others, relabelled 0..C-1.
     """
 
     name: str
@@ -54,6 +58,7 @@ class DatasetInfo:
     num_eval_examples: Dict[str, int]
     train_super_labels: Optional[np.ndarray] = None
     test_super_labels: Optional[np.ndarray] = None
+    val_super_labels: Optional[np.ndarray] = None
 
 
 class Dataset(Protocol):
@@ -85,6 +90,26 @@ def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
 def host_shard(num_examples: int, process_index: int, process_count: int) -> np.ndarray:
     """Indices of the examples a host reads: a strided slice, so every example belongs to one host."""
     return np.arange(process_index, num_examples, process_count)
+
+
+def validation_split(num_classes: int, num_val_classes: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Which training classes are held out for validation: class-disjoint, deterministic from `seed`.
+
+    A uniform draw without replacement (not a block of the sorted list), so the held-out classes spread over
+    the super-classes the way the test classes do.
+
+    Returns:
+      (train_classes, val_classes): sorted i64 arrays of class ids that partition range(num_classes).
+    """
+    val = np.sort(np.random.default_rng([seed, 2718]).choice(num_classes, num_val_classes, replace=False))
+    return np.setdiff1d(np.arange(num_classes), val), val
+
+
+def relabelling(kept_classes: np.ndarray, num_classes: int) -> np.ndarray:
+    """i32[num_classes]: class id -> its index among `kept_classes` (sorted), -1 for the others."""
+    table = np.full(num_classes, -1, np.int32)
+    table[kept_classes] = np.arange(len(kept_classes), dtype=np.int32)
+    return table
 
 
 def shard_for_devices(batch: Batch, num_devices: int) -> Batch:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import flax.struct
 import jax
@@ -23,8 +23,12 @@ import numpy as np
 import scipy.optimize
 import sklearn.cluster
 import sklearn.exceptions
+import sklearn.metrics
 
 REFRESH_POLICIES = ("reset", "rematch")
+# The norm a coarse proxy takes when it is (re)set to a cluster centre: 'children_mean' (the mean norm of the
+# proxies it groups, so it moves at their pace under the same Adam step size) or 'unit'.
+COARSE_NORMS = ("children_mean", "unit")
 
 # A fixed number of k-means restarts (not sklearn's 'auto') keeps a grouping a function of the seed alone.
 KMEANS_N_INIT = 10
@@ -249,22 +253,53 @@ def _validate_coarse_sizes(sizes: Sequence[int], names: Sequence[str], size_belo
         below = size
 
 
-def _kmeans_levels(vectors, sizes: Sequence[int], seed: int, n_init: int) -> Tuple[list, list]:
+def coarse_proxy_norms(children, assignment, num_groups: int, coarse_norm: str) -> np.ndarray:
+    """f64[num_groups]: the norm each coarse proxy takes at a (re)set (METHOD.md, "Coarse-proxy bookkeeping").
+
+    'children_mean': the mean L2 norm of the proxies of the level below assigned to it (a unit-norm proxy over
+    children of norm ~sqrt(2d/C) would turn several times faster than they do under the same Adam step);
+    'unit': 1.
+
+    Args:
+      children: f32[K_{l-1}, d], the proxies of the level below.
+      assignment: i32[K_{l-1}], values in [0, num_groups), every value used.
+    """
+    if coarse_norm not in COARSE_NORMS:
+        raise ValueError(f"coarse_norm = {coarse_norm!r} is not one of {COARSE_NORMS}.")
+    if coarse_norm == "unit":
+        return np.ones(num_groups)
+    norms = np.linalg.norm(_host_matrix(children), axis=1)
+    assignment = np.asarray(jax.device_get(assignment))
+    return np.bincount(assignment, weights=norms, minlength=num_groups) / np.bincount(assignment,
+                                                                                        minlength=num_groups)
+
+
+def _scaled(centres, norms: np.ndarray) -> jax.Array:
+    """Unit-norm centres f32[k, d] scaled row-wise to `norms` f64[k]."""
+    return jnp.asarray(_host_matrix(centres) * norms[:, None], jnp.float32)
+
+
+def _kmeans_levels(vectors, children, sizes: Sequence[int], seed: int, n_init: int,
+                   coarse_norm: str) -> Tuple[list, list]:
     """Coarse levels by k-means, each over the normalised proxies of the level below.
 
     Args:
-      vectors: f32[K_{l-1}, d], what the first of these levels clusters.
+      vectors: f32[K_{l-1}, d], what the first of these levels clusters (its children's stand-ins).
+      children: f32[K_{l-1}, d], the proxies of the level below the first of these levels (their norms set
+        the new proxies' norms).
       sizes: (K_l, K_{l+1}, ...).
+      coarse_norm: see `coarse_proxy_norms`.
 
     Returns:
-      (proxies: list of f32[K, d] normalised centres, parents: list of i32[K_below]).
+      (proxies: list of f32[K, d] scaled centres, parents: list of i32[K_below]).
     """
     proxies, parents = [], []
     for size in sizes:
         assignment, centres = kmeans_grouping(vectors, size, seed=seed, n_init=n_init)
+        centres = _scaled(centres, coarse_proxy_norms(children, assignment, size, coarse_norm))
         proxies.append(centres)
         parents.append(assignment)
-        vectors = centres
+        vectors = children = centres
     return proxies, parents
 
 
@@ -278,13 +313,14 @@ def _check_level1_vectors(level1_vectors, num_classes: int, dim: int) -> None:
 
 
 def init_hierarchy(rng: jax.Array, num_classes: int, num_coarse: Sequence[int], dim: int, *,
-                   level1_vectors=None, seed: int = 0, n_init: int = KMEANS_N_INIT) -> ProxyHierarchy:
+                   level1_vectors=None, seed: int = 0, n_init: int = KMEANS_N_INIT,
+                   coarse_norm: str = "children_mean") -> ProxyHierarchy:
     """The initial hierarchy (METHOD.md, "The hierarchy" and "How the groupings are found and refreshed").
 
     Fine proxies come from `init_proxies`. Level 1 groups `level1_vectors` (METHOD.md's default first
     grouping: the class-mean embeddings under the initial network, see `class_means`) or, when None, the
     initial fine proxies, by `kmeans_grouping`; level l >= 2 groups the level l-1 proxies. Coarse proxies
-    are the normalised cluster centres.
+    are the cluster centres' directions with the norm `coarse_proxy_norms` gives.
 
     Args:
       rng: PRNG key of the fine proxies.
@@ -294,6 +330,7 @@ def init_hierarchy(rng: jax.Array, num_classes: int, num_coarse: Sequence[int], 
       level1_vectors: f32[C, d] or None.
       seed: random state of the k-means.
       n_init: k-means restarts per level (see `kmeans_grouping`).
+      coarse_norm: 'children_mean' or 'unit' (see `coarse_proxy_norms`).
 
     Returns:
       A ProxyHierarchy with proxies (f32[C, d], f32[K_1, d], ...) and parents (i32[C], i32[K_1], ...).
@@ -303,7 +340,7 @@ def init_hierarchy(rng: jax.Array, num_classes: int, num_coarse: Sequence[int], 
     if level1_vectors is None:
         level1_vectors = fine
     _check_level1_vectors(level1_vectors, num_classes, dim)
-    coarse, parents = _kmeans_levels(level1_vectors, num_coarse, seed, n_init)
+    coarse, parents = _kmeans_levels(level1_vectors, fine, num_coarse, seed, n_init, coarse_norm)
     validate_parents(parents, (num_classes, *num_coarse))
     return ProxyHierarchy(proxies=(fine, *coarse), parents=tuple(parents))
 
@@ -322,14 +359,15 @@ def _matched_labels(centres: jax.Array, proxies: jax.Array) -> np.ndarray:
 
 
 def refresh_hierarchy(hierarchy: ProxyHierarchy, *, seed: int, policy: str = "reset",
-                      level1_vectors=None,
-                      n_init: int = KMEANS_N_INIT) -> Tuple[ProxyHierarchy, Tuple[jax.Array, ...]]:
+                      level1_vectors=None, n_init: int = KMEANS_N_INIT,
+                      coarse_norm: str = "children_mean") -> Tuple[ProxyHierarchy, Tuple[jax.Array, ...]]:
     """Re-groups every coarse level (METHOD.md, "How the groupings are found and refreshed"), on the host.
 
     Level 1 clusters the normalised fine proxies, or `level1_vectors` if given; level l >= 2 clusters the
     new level l-1 proxies. The fine proxies are never changed. What happens to the coarse proxies:
-      'reset' (METHOD.md's default): they become the normalised cluster centres, and `reset` flags all of
-        them so the trainer zeroes their optimiser moments.
+      'reset' (METHOD.md's default): they take the cluster centres' directions, with the norm
+        `coarse_norm` says (default: the mean norm of their children), and `reset` flags all of them so the
+        trainer re-initialises their optimiser state.
       'rematch': they are kept, and the new clusters are relabelled by Hungarian matching on the cosine
         similarity between new centres and existing proxies, so each proxy takes the cluster most like it
         overall; `reset` flags none.
@@ -340,6 +378,7 @@ def refresh_hierarchy(hierarchy: ProxyHierarchy, *, seed: int, policy: str = "re
       policy: 'reset' or 'rematch'.
       level1_vectors: f32[K_0, d] or None.
       n_init: k-means restarts per level (see `kmeans_grouping`).
+      coarse_norm: 'children_mean' or 'unit' (see `coarse_proxy_norms`); 'reset' only.
 
     Returns:
       (the new ProxyHierarchy, reset: per level l >= 1, bool[K_l], True where the proxy was replaced).
@@ -358,7 +397,8 @@ def refresh_hierarchy(hierarchy: ProxyHierarchy, *, seed: int, policy: str = "re
     _check_level1_vectors(level1_vectors, sizes[0], dim)
 
     if policy == "reset":
-        coarse, parents = _kmeans_levels(level1_vectors, sizes[1:], seed, n_init)
+        coarse, parents = _kmeans_levels(level1_vectors, hierarchy.proxies[0], sizes[1:], seed, n_init,
+                                         coarse_norm)
     else:
         coarse, parents = [], []
         vectors = level1_vectors
@@ -374,18 +414,23 @@ def refresh_hierarchy(hierarchy: ProxyHierarchy, *, seed: int, policy: str = "re
 
 
 def hierarchy_from_super_labels(fine_proxies, super_labels, *, num_coarse_above: Sequence[int] = (),
-                                seed: int = 0, n_init: int = KMEANS_N_INIT) -> ProxyHierarchy:
+                                seed: int = 0, n_init: int = KMEANS_N_INIT,
+                                coarse_norm: str = "children_mean") -> ProxyHierarchy:
     """A hierarchy whose level 1 is a dataset's ground-truth super-classes (METHOD.md's ablation).
 
-    Level-1 proxy s is the normalised mean of the normalised fine proxies of the classes in super-class s;
-    levels 2.. come from k-means as in `init_hierarchy`.
+    The super-classes present among the classes are renumbered 0..S-1 in increasing order of their ids (a
+    training split need not hold every super-class of a dataset: CIFAR-100's classes 0-49 miss some), so
+    level 1 has S proxies, S = the number of distinct super-classes. Level-1 proxy s points along the
+    normalised mean of the normalised fine proxies of the classes in super-class s, with the norm
+    `coarse_proxy_norms` gives; levels 2.. come from k-means as in `init_hierarchy`.
 
     Args:
       fine_proxies: f32[C, d].
-      super_labels: i32[C], class -> super-class, values 0..S-1 with every value used.
+      super_labels: int[C], class -> super-class id (any non-negative ids).
       num_coarse_above: (K_2, ..., K_L) with S > K_2 > ... >= 2.
       seed: random state of the k-means of levels 2...
       n_init: k-means restarts per level (see `kmeans_grouping`).
+      coarse_norm: 'children_mean' or 'unit'.
 
     Returns:
       A ProxyHierarchy with proxies (f32[C, d], f32[S, d], f32[K_2, d], ...).
@@ -400,19 +445,15 @@ def hierarchy_from_super_labels(fine_proxies, super_labels, *, num_coarse_above:
     if super_labels.min() < 0:
         raise ValueError(
             f"super_labels gives class {int(np.argmin(super_labels))} the negative super-class "
-            f"{int(super_labels.min())}; super-classes of level 1 are numbered 0..S-1.")
+            f"{int(super_labels.min())}; super-class ids must be >= 0.")
+    _, super_labels = np.unique(super_labels, return_inverse=True)
     num_super = int(super_labels.max()) + 1
-    unused = np.flatnonzero(np.bincount(super_labels, minlength=num_super) == 0)
-    if unused.size:
-        raise ValueError(
-            f"super_labels leaves super-class {int(unused[0])} of level 1 with no class; number the "
-            f"super-classes 0..S-1 with every one used.")
-    _validate_coarse_sizes((num_super,), ("super_labels (max + 1)",), num_classes)
+    _validate_coarse_sizes((num_super,), ("super-classes among the classes",), num_classes)
     _validate_coarse_sizes(num_coarse_above, [f"num_coarse_above[{i}]" for i in range(len(num_coarse_above))],
                            num_super, first_level=2)
-    level1 = _l2_normalised(_cluster_means(_l2_normalised(_host_matrix(fine)), super_labels, num_super))
-    level1 = jnp.asarray(level1, jnp.float32)
-    coarse, parents = _kmeans_levels(level1, num_coarse_above, seed, n_init)
+    directions = _l2_normalised(_cluster_means(_l2_normalised(_host_matrix(fine)), super_labels, num_super))
+    level1 = _scaled(directions, coarse_proxy_norms(fine, super_labels, num_super, coarse_norm))
+    coarse, parents = _kmeans_levels(level1, level1, num_coarse_above, seed, n_init, coarse_norm)
     parents = [jnp.asarray(super_labels, jnp.int32), *parents]
     validate_parents(parents, (num_classes, num_super, *num_coarse_above))
     return ProxyHierarchy(proxies=(fine, level1, *coarse), parents=tuple(parents))
@@ -448,3 +489,73 @@ def class_means(embeddings, labels, num_classes: int) -> jax.Array:
             f"classes {shown} ({missing.size} in all) have no example among the embeddings; compute class "
             "means over the whole training split.")
     return jnp.asarray(_cluster_means(_l2_normalised(embeddings), labels, num_classes), jnp.float32)
+
+
+def _child_cosines(children: np.ndarray, parents: np.ndarray, parent_map: np.ndarray) -> np.ndarray:
+    """f64[K_l]: cosine between each coarse proxy (parents f64[K_l, d]) and the mean of its children's
+    normalised vectors (children f64[K_{l-1}, d], parent_map int[K_{l-1}])."""
+    child_means = _cluster_means(_l2_normalised(children), parent_map, parents.shape[0])
+    return np.sum(_l2_normalised(child_means) * _l2_normalised(parents), axis=1)
+
+
+def hierarchy_metrics(hierarchy: ProxyHierarchy, *, super_labels=None,
+                      previous: ProxyHierarchy = None) -> Dict[str, float]:
+    """What a refresh found, as scalars a run logs (the hierarchy made observable).
+
+    For every coarse level l >= 1:
+      level_l_group_size_{min,mean,max}: children per coarse proxy;
+      level_l_norm_{min,mean,max}: norms of the coarse proxies, next to level_{l-1}_norm_mean, their
+        children's (a coarse proxy much shorter than its children turns faster under the same Adam step);
+      level_l_child_cosine_{min,mean}: cosine between each coarse proxy and the mean of its children's
+        normalised vectors (1 = the proxy sits on its group's centre, as right after a 'reset' refresh).
+    For level 1, when `super_labels` (the dataset's ground-truth super-class of each class) is given:
+      level_1_nmi, level_1_ari: normalised mutual information and adjusted Rand index of the level-1
+        grouping of the classes against the super-classes (1 = the families found exactly; ~0 = unrelated);
+      level_1_purity: fraction of classes whose group's majority super-class is their own;
+      level_1_purity_min: the purity of the least pure group.
+    When `previous` (the hierarchy just before this refresh) is given:
+      level_l_stability_ari: adjusted Rand index between the previous and the new grouping of level l-1
+        (1 = unchanged; label permutations do not count);
+      level_l_child_cosine_before_{min,mean}, level_l_norm_mean_before: the same as above for the coarse
+        proxies as training left them, before the refresh: how far they drifted from their groups.
+
+    Args:
+      hierarchy: the unreplicated ProxyHierarchy.
+      super_labels: int[C] or None.
+      previous: a ProxyHierarchy of the same level sizes, or None.
+
+    Returns:
+      {name: float}, names without a prefix (e.g. 'level_1_nmi').
+    """
+    values = {}
+    proxies = [_host_matrix(p) for p in hierarchy.proxies]
+    if len(proxies) > 1:
+        values["level_0_norm_mean"] = float(np.mean(np.linalg.norm(proxies[0], axis=1)))
+    for level, parent_map in enumerate(hierarchy.parents, start=1):
+        prefix = f"level_{level}_"
+        parent_map = np.asarray(jax.device_get(parent_map))
+        sizes = np.bincount(parent_map, minlength=proxies[level].shape[0])
+        norms = np.linalg.norm(proxies[level], axis=1)
+        for stat, fn in (("min", np.min), ("mean", np.mean), ("max", np.max)):
+            values[prefix + f"group_size_{stat}"] = float(fn(sizes))
+            values[prefix + f"norm_{stat}"] = float(fn(norms))
+        cosines = _child_cosines(proxies[level - 1], proxies[level], parent_map)
+        values[prefix + "child_cosine_min"] = float(np.min(cosines))
+        values[prefix + "child_cosine_mean"] = float(np.mean(cosines))
+        if previous is not None:
+            before = [_host_matrix(p) for p in previous.proxies[level - 1:level + 1]]
+            previous_map = np.asarray(jax.device_get(previous.parents[level - 1]))
+            values[prefix + "stability_ari"] = float(sklearn.metrics.adjusted_rand_score(previous_map, parent_map))
+            cosines = _child_cosines(*before, previous_map)
+            values[prefix + "child_cosine_before_min"] = float(np.min(cosines))
+            values[prefix + "child_cosine_before_mean"] = float(np.mean(cosines))
+            values[prefix + "norm_mean_before"] = float(np.mean(np.linalg.norm(before[1], axis=1)))
+    if super_labels is not None and hierarchy.parents:
+        groups = np.asarray(jax.device_get(hierarchy.parents[0]))
+        truth = np.asarray(super_labels)
+        values["level_1_nmi"] = float(sklearn.metrics.normalized_mutual_info_score(truth, groups))
+        values["level_1_ari"] = float(sklearn.metrics.adjusted_rand_score(truth, groups))
+        contingency = sklearn.metrics.cluster.contingency_matrix(groups, truth)  # [groups, super-classes]
+        values["level_1_purity"] = float(contingency.max(axis=1).sum() / len(groups))
+        values["level_1_purity_min"] = float(np.min(contingency.max(axis=1) / contingency.sum(axis=1)))
+    return values

@@ -60,6 +60,7 @@ tf.config.set_visible_devices([], "TPU")
 import tensorflow_datasets as tfds  # noqa: E402  (imported after the accelerators are hidden)
 
 from hpl_jax import cars_makes  # noqa: E402
+from hpl_jax import config_checks  # noqa: E402
 from hpl_jax import data  # noqa: E402
 from hpl_jax import inshop  # noqa: E402  (registers the inshop_clothes builder)
 
@@ -664,6 +665,17 @@ class TfDataset:
         self._count_skipped(f"{self.info.name} eval split {split!r}", count - decoded)
 
 
+def _only_classes(examples: Examples, classes: np.ndarray) -> Examples:
+    """The examples of `classes` (sorted ids of the label space), relabelled 0..len(classes)-1."""
+    table = np.append(data.relabelling(classes, examples.num_classes), -1)  # index -1 (other spaces) -> -1
+    if isinstance(examples, FileExamples):
+        rows = np.isin(examples.labels, classes)
+        return FileExamples(examples.paths[rows], table[examples.labels[rows]])
+    return dataclasses.replace(
+        examples, record_labels={split: table[labels] for split, labels in examples.record_labels.items()},
+        label_table=table[examples.label_table])
+
+
 def create_dataset(config, *, local_batch_size: int, local_eval_batch_size: int, process_index: int = 0,
                    process_count: int = 1) -> TfDataset:
     """This host's view of `config.dataset.name` (a TFDS benchmark or 'image_folder'); see the module doc.
@@ -685,16 +697,24 @@ def create_dataset(config, *, local_batch_size: int, local_eval_batch_size: int,
     else:
         raise ValueError(f"config.dataset.name={name!r} has no input pipeline; use one of "
                          f"{tuple(BENCHMARKS) + ('image_folder',)}.")
+    val_supers = None
+    if dataset.num_val_classes:
+        config_checks.check_num_val_classes(dataset.num_val_classes, train.num_classes, name)
+        train_classes, val_classes = data.validation_split(train.num_classes, dataset.num_val_classes, dataset.seed)
+        if train_supers is not None:
+            train_supers, val_supers = train_supers[train_classes], train_supers[val_classes]
+        train, evals["val"] = (_only_classes(train, classes) for classes in (train_classes, val_classes))
     splits = dict(evals, train=train)
     info = data.DatasetInfo(
         name=name,
         num_train_classes=train.num_classes,
         num_train_examples=train.num_examples,
         image_shape=(dataset.image_size, dataset.image_size, 3),
-        eval_splits=tuple(evals),
+        eval_splits=tuple(split for split in evals if split != "val"),
         num_eval_examples={split: examples.num_examples for split, examples in splits.items()},
         train_super_labels=train_supers,
         test_super_labels=test_supers,
+        val_super_labels=val_supers,
     )
     if data.steps_per_epoch(info.num_train_examples, local_batch_size * process_count) < 1:
         raise ValueError(f"config.batch_size={local_batch_size * process_count} exceeds the "

@@ -36,6 +36,11 @@ def _first_match(patterns, path: str, default):
 def parameter_groups(tree, optim_config) -> Tuple[Any, Dict[str, Tuple[float, bool]]]:
     """Labels every parameter by (learning-rate multiplier, trains during warm-up), or FROZEN.
 
+    Each proxy level is a group of its own ('proxies_<level>_lr_x100'): a refresh re-initialises a coarse
+    level's whole AdamW state (moments and step count) without touching the other levels' (METHOD.md,
+    "Coarse-proxy bookkeeping"). A shared step count would leave a reset proxy's second moment under-corrected
+    and its first steps several times larger than a fresh AdamW's.
+
     Returns the label tree (same structure as `tree`) and {label: (lr multiplier, trains during warm-up)}.
     """
     groups = {}
@@ -46,7 +51,9 @@ def parameter_groups(tree, optim_config) -> Tuple[Any, Dict[str, Tuple[float, bo
             return FROZEN
         multiplier = float(_first_match(optim_config.lr_mults, name, 1.0))
         in_warmup = any(re.fullmatch(pattern, name) for pattern in optim_config.warmup_trainable)
-        group = f"lr_x{multiplier:g}" + ("" if in_warmup else "_after_warmup")
+        level = re.fullmatch(r"proxies/(\d+)", name)
+        group = (f"proxies_{level.group(1)}_" if level else "") + f"lr_x{multiplier:g}"
+        group += "" if in_warmup else "_after_warmup"
         groups[group] = (multiplier, in_warmup)
         return group
 
@@ -102,13 +109,22 @@ def keep_waiting_groups(new_opt_state, old_opt_state, groups):
     return new_opt_state[:-1] + (new_partition._replace(inner_states=inner),)
 
 
-def reset_proxy_moments(opt_state, levels):
-    """Zeroes the AdamW moments of the proxies of the given levels (after they were reset to centres)."""
-    def reset(path, leaf):
-        names = parameter_path(path).split("/")
-        for i in range(len(names) - 1):
-            if names[i] == "proxies" and names[i + 1] in levels and ("mu" in names or "nu" in names):
-                return jnp.zeros_like(leaf)
-        return leaf
+def proxy_group(labels, level: int) -> str:
+    """The optimiser group of the proxies of `level` (see `parameter_groups`)."""
+    return labels["proxies"][level]
 
-    return jax.tree_util.tree_map_with_path(reset, opt_state)
+
+def reset_group_states(opt_state, group_names):
+    """The optimiser state with the AdamW state of the named groups as a fresh init leaves it.
+
+    Moments and step counts go to zero (the bias correction of the next step is a first step's); the
+    hyperparameters (learning rate, weight decay) stay.
+    """
+    partition = _partition_state(opt_state)
+    inner = dict(partition.inner_states)
+    for group in group_names:
+        injected = inner[group].inner_state
+        fresh = injected._replace(count=jnp.zeros_like(injected.count),
+                                  inner_state=jax.tree_util.tree_map(jnp.zeros_like, injected.inner_state))
+        inner[group] = inner[group]._replace(inner_state=fresh)
+    return opt_state[:-1] + (partition._replace(inner_states=inner),)

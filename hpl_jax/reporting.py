@@ -14,13 +14,19 @@ from etils import epath
 class Reporter:
     """Progress lines, TensorBoard scalars (tensorboardX: no TensorFlow) and metrics.json; process 0 only."""
 
-    def __init__(self, workdir: epath.Path, total_steps: int):
+    def __init__(self, workdir: epath.Path, total_steps: int, selection_metric: str = "recall@1"):
+        """`selection_metric`: the metrics key the best epoch is chosen on ('val/...' when there is a
+        validation split; see evaluation.selection_metric)."""
         self.is_lead = jax.process_index() == 0
         self.total_steps = total_steps
+        self.selection_metric = selection_metric
         self.metrics_path = workdir / "metrics.json"
         self.history = {}
+        self.refreshes = []
         if self.metrics_path.exists():
-            self.history = {int(k): v for k, v in json.loads(self.metrics_path.read_text())["history"].items()}
+            saved = json.loads(self.metrics_path.read_text())
+            self.history = {int(k): v for k, v in saved["history"].items()}
+            self.refreshes = saved.get("refreshes", [])
         self.writer = None
         if self.is_lead:
             from tensorboardX import SummaryWriter
@@ -56,20 +62,45 @@ class Reporter:
         self.scalars(step, values, prefix="eval/")
         self._write_json()
 
+    def refresh(self, epoch: int, step: int, values: Dict[str, float]) -> None:
+        """Records what a refresh of the groupings found (hierarchy.hierarchy_metrics, keys 'hierarchy/...'):
+        one line in the log, TensorBoard scalars, and an entry of metrics.json's 'refreshes'."""
+        self.refreshes = [r for r in self.refreshes if r["step"] < step] + [{"epoch": epoch, "step": step, **values}]
+
+        def get(name, fmt="{:.3f}"):
+            return fmt.format(values[name]) if name in values else "-"
+
+        logging.info(
+            "hierarchy after step %d: level 1 vs true super-classes NMI %s ARI %s purity %s (min %s); stability "
+            "ARI %s; group sizes %s-%s; coarse norm %s (children %s); before the refresh: cos(proxy, children "
+            "mean) %s (min %s)",
+            step, get("hierarchy/level_1_nmi"), get("hierarchy/level_1_ari"), get("hierarchy/level_1_purity"),
+            get("hierarchy/level_1_purity_min"), get("hierarchy/level_1_stability_ari"),
+            get("hierarchy/level_1_group_size_min", "{:.0f}"), get("hierarchy/level_1_group_size_max", "{:.0f}"),
+            get("hierarchy/level_1_norm_mean"), get("hierarchy/level_0_norm_mean"),
+            get("hierarchy/level_1_child_cosine_before_mean"), get("hierarchy/level_1_child_cosine_before_min"))
+        self.scalars(step, values)
+        self._write_json()
+
     def _write_json(self) -> None:
         if self.is_lead:
             tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
-            tmp.write_text(json.dumps({"history": self.history, **self.summary()}, indent=2))
+            content = {"selected_on": self.selection_metric, "history": self.history, **self.summary(),
+                       "refreshes": self.refreshes}
+            tmp.write_text(json.dumps(content, indent=2))
             tmp.replace(self.metrics_path)
 
-    def summary(self, metric: str = "recall@1") -> Dict[str, Any]:
-        """The last and the best epoch's metrics (METHOD.md: report both; the published ones are the best)."""
+    def summary(self) -> Dict[str, Any]:
+        """The last and the best epoch's metrics (METHOD.md: report both; the published ones are the best).
+
+        The best epoch is chosen on `selection_metric`: on the validation classes when there are any.
+        """
         if not self.history:
             return {}
         last = max(self.history)
         # Epoch 0 is the untrained model: not a candidate for the best epoch.
         trained = [epoch for epoch in self.history if epoch > 0] or [last]
-        best = max(trained, key=lambda e: self.history[e].get(metric, -1.0))
+        best = max(trained, key=lambda e: self.history[e].get(self.selection_metric, -1.0))
         return {"last": {"epoch": last, **self.history[last]}, "best": {"epoch": best, **self.history[best]}}
 
     def close(self) -> None:

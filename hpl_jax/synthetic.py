@@ -1,11 +1,12 @@
 """The embedded default dataset: procedurally generated images with a known two-level hierarchy.
 
-Made in memory from `config.seed` with NumPy alone (no files, no download, no TensorFlow). Each coarse *family*
-fixes a palette and a stripe orientation; each fine *class* inside it adds its own stripe frequency, a colour
+Made in memory from `config.dataset.seed` with NumPy alone (no files, no download, no TensorFlow), so training
+seeds (`config.seed`) vary on the same data. Each coarse *family* fixes a palette and a stripe orientation; each fine *class* inside it adds its own stripe frequency, a colour
 shift and a blob at its own place. Every image is its class's pattern under a random phase, shift, contrast
 and noise. As in the real benchmarks, the classes are split disjointly: the first half of each family's classes
 trains, the other half is the unseen test set, so the test measures what the embedding learned about the
-families' shared structure.
+families' shared structure. With `dataset.num_val_classes`, that many training classes (`data.validation_split`)
+form a 'val' split instead.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
+from hpl_jax import config_checks
 from hpl_jax import data
 
 
@@ -113,7 +115,7 @@ class SyntheticDataset:
         self._mean = np.asarray(config.dataset.mean, np.float32)
         self._std = np.asarray(config.dataset.std, np.float32)
 
-        rng = np.random.default_rng(config.seed)
+        rng = np.random.default_rng(config.dataset.seed)
         patterns = _class_patterns(rng, synthetic.num_families, synthetic.classes_per_family)
         num_train_per_family = synthetic.classes_per_family // 2
         splits = {"train": ([], [], []), "test": ([], [], [])}
@@ -128,6 +130,8 @@ class SyntheticDataset:
         self._images = {name: np.concatenate(s[0]) for name, s in splits.items()}
         self._labels = {name: np.concatenate(s[1]) for name, s in splits.items()}
         super_labels = {name: np.asarray(s[2], np.int32) for name, s in splits.items()}
+        if config.dataset.num_val_classes:
+            self._hold_out_validation_classes(super_labels)
 
         size = config.dataset.image_size
         self.info = data.DatasetInfo(
@@ -136,12 +140,26 @@ class SyntheticDataset:
             num_train_examples=len(self._labels["train"]),
             image_shape=(size, size, 3),
             eval_splits=("test",),
-            num_eval_examples={"test": len(self._labels["test"]), "train": len(self._labels["train"])},
+            num_eval_examples={name: len(labels) for name, labels in self._labels.items()},
             train_super_labels=super_labels["train"],
             test_super_labels=super_labels["test"],
+            val_super_labels=super_labels.get("val"),
         )
         self._global_batch_size = local_batch_size * process_count
         self._steps_per_epoch = data.steps_per_epoch(self.info.num_train_examples, self._global_batch_size)
+
+    def _hold_out_validation_classes(self, super_labels) -> None:
+        """Moves `dataset.num_val_classes` training classes (data.validation_split) to a 'val' split."""
+        dataset = self._config.dataset
+        num_classes = len(super_labels["train"])
+        config_checks.check_num_val_classes(dataset.num_val_classes, num_classes, data.SYNTHETIC)
+        images, labels, supers = self._images["train"], self._labels["train"], super_labels["train"]
+        split = data.validation_split(num_classes, dataset.num_val_classes, dataset.seed)
+        for name, classes in zip(("train", "val"), split):
+            rows = np.isin(labels, classes)
+            self._images[name] = images[rows]
+            self._labels[name] = data.relabelling(classes, num_classes)[labels[rows]]
+            super_labels[name] = supers[classes]
 
     def _normalise(self, images: np.ndarray) -> np.ndarray:
         """RGB in 0..255 -> the network's input, as input_pipeline.normalize."""
@@ -166,7 +184,7 @@ class SyntheticDataset:
 
     def eval_batches(self, split: str) -> Iterator[data.Batch]:
         if split not in self._labels:
-            raise ValueError(f"Unknown eval split {split!r}; the synthetic dataset has 'test' and 'train'.")
+            raise ValueError(f"Unknown eval split {split!r}; the synthetic dataset has {tuple(self._labels)}.")
         num = len(self._labels[split])
         global_batch = self._local_eval_batch_size * self._process_count
         num_batches = data.num_eval_batches(num, global_batch)

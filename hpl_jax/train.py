@@ -8,7 +8,7 @@ reporting, checkpoints) live in modules of their own.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax.jax_utils
 import jax
@@ -46,17 +46,20 @@ def create_base_loss(loss_config) -> Callable:
 
 
 # --------------------------------------------------------------------------------------------- steps
-def train_step(state: TrainState, batch, *, model, config, labels, groups, in_warmup: bool):
-    """One AdamW step on one global batch; runs under pmap on every device.
+def loss_and_gradients(state: TrainState, batch, *, model, config, labels, groups, in_warmup: bool):
+    """L_HPL of one global batch and its gradient on the trainable tree; runs under pmap on every device.
 
     The loss is computed on the *global* batch (embeddings gathered from every device of every host):
     Proxy-Anchor's per-proxy log-sum-exp and its 1/|P+| depend on the whole batch, so N devices with global
-    batch B take the same step as 1 device with batch B.
+    batch B get the gradient 1 device with batch B gets.
 
     Args:
       batch: {'image': f32[per_device, H, W, 3], 'label': i32[per_device]} on this device.
-      in_warmup: static; True during the first `optim.warmup_epochs` epochs, when only the groups that train
-        during warm-up move and the backbone's backward pass is not even computed.
+      in_warmup: static; True during the first `optim.warmup_epochs` epochs, when the groups that wait get no
+        gradient and the backbone's backward pass is not even computed.
+
+    Returns:
+      (total f32[], per-level losses (f32[], ...), new BatchNorm statistics, gradients like `trainable(...)`).
     """
     base_loss = create_base_loss(config.loss)
     weights = tuple(config.hpl.weights)
@@ -81,7 +84,14 @@ def train_step(state: TrainState, batch, *, model, config, labels, groups, in_wa
     # Every device computed the same loss of the gathered batch; all_gather's transpose sums each device's
     # share N times, so the mean over devices is the exact gradient of the global-batch loss.
     grads = jax.lax.pmean(grads, AXIS)
+    return total, per_level, batch_stats, grads
 
+
+def train_step(state: TrainState, batch, *, model, config, labels, groups, in_warmup: bool):
+    """One AdamW step on one global batch (see `loss_and_gradients`); runs under pmap on every device."""
+    total, per_level, batch_stats, grads = loss_and_gradients(
+        state, batch, model=model, config=config, labels=labels, groups=groups, in_warmup=in_warmup)
+    tree = trainable(state.params, state.hierarchy)
     opt_state = optim.set_learning_rates(state.opt_state, groups, optim.learning_rate(config.optim, state.epoch))
     optimizer = optim.create_optimizer(labels, groups, config.optim)
     updates, new_opt_state = optimizer.update(grads, opt_state, tree)
@@ -96,7 +106,7 @@ def train_step(state: TrainState, batch, *, model, config, labels, groups, in_wa
         step=state.step + 1, params=tree["model"], batch_stats=batch_stats, opt_state=new_opt_state,
         hierarchy=state.hierarchy.replace(proxies=tree["proxies"]))
     step_metrics = {"loss": total, "lr": optim.learning_rate(config.optim, state.epoch)}
-    for level in range(len(weights)):
+    for level in range(len(per_level)):
         step_metrics[f"loss/level_{level}"] = per_level[level]
     return new_state, step_metrics
 
@@ -107,7 +117,8 @@ def kmeans_seed(state: TrainState, step: int) -> int:
 
 def refresh_groupings(state: TrainState, config, *, level1_vectors=None,
                       policy: Optional[str] = None) -> TrainState:
-    """Host side: re-cluster the coarse levels (k-means) and reset the moments of re-initialised proxies.
+    """Host side: re-cluster the coarse levels (k-means); a coarse level whose proxies were reset gets a
+    fresh optimiser state (its own AdamW group: moments and step count).
 
     Process 0 computes the groupings and broadcasts them: k-means sums in thread order, so two hosts could
     otherwise disagree in the last bit on a point between two clusters.
@@ -117,13 +128,42 @@ def refresh_groupings(state: TrainState, config, *, level1_vectors=None,
     hierarchy, reset = hierarchy_lib.refresh_hierarchy(
         jax.device_get(state.hierarchy), seed=kmeans_seed(state, int(state.step)),
         policy=policy or config.hpl.coarse_policy, level1_vectors=level1_vectors,
-        n_init=config.hpl.kmeans_restarts)
+        n_init=config.hpl.kmeans_restarts, coarse_norm=config.hpl.coarse_norm)
     if jax.process_count() > 1:
         hierarchy, reset = multihost_utils.broadcast_one_to_all((hierarchy, reset))
         hierarchy = jax.tree_util.tree_map(jnp.asarray, hierarchy)
-    reset_levels = {str(level) for level, mask in enumerate(reset, start=1) if np.any(mask)}
-    opt_state = optim.reset_proxy_moments(state.opt_state, reset_levels) if reset_levels else state.opt_state
+    labels, _ = optim.parameter_groups(trainable(state.params, state.hierarchy), config.optim)
+    reset_groups = [optim.proxy_group(labels, level) for level, mask in enumerate(reset, start=1) if np.any(mask)]
+    opt_state = optim.reset_group_states(state.opt_state, reset_groups) if reset_groups else state.opt_state
     return state.replace(hierarchy=hierarchy, opt_state=opt_state)
+
+
+def observe_hierarchy(reporter: reporting.Reporter, state: TrainState, info: data.DatasetInfo, *,
+                      previous=None) -> Dict[str, float]:
+    """Records what the groupings now in `state` (host copy) mean: hierarchy.hierarchy_metrics against the
+    training classes' true super-classes where the dataset has them, and against the `previous` hierarchy."""
+    if state.hierarchy.num_levels == 1:
+        return {}
+    values = {f"hierarchy/{name}": value for name, value in hierarchy_lib.hierarchy_metrics(
+        state.hierarchy, super_labels=info.train_super_labels, previous=previous).items()}
+    reporter.refresh(int(state.epoch), int(state.step), values)
+    return values
+
+
+def refresh_on_host(replicated_state: TrainState, config, reporter, info, *,
+                    end_of_epoch: bool) -> Tuple[TrainState, TrainState, Dict[str, float]]:
+    """The loop's refresh: on the host, identically on every host; at an epoch's end also counts the epoch.
+
+    Returns (the replicated new state, its host copy, the hierarchy scalars recorded).
+    """
+    state = jax.device_get(unreplicate(replicated_state))
+    previous = state.hierarchy
+    state = refresh_groupings(state, config)
+    if end_of_epoch:
+        state = state.replace(epoch=state.epoch + 1)
+    hierarchies_agree(state.hierarchy)
+    values = observe_hierarchy(reporter, state, info, previous=previous)
+    return flax.jax_utils.replicate(state), state, values
 
 
 def hierarchies_agree(hierarchy) -> None:
@@ -134,13 +174,6 @@ def hierarchies_agree(hierarchy) -> None:
     gathered = multihost_utils.process_allgather(parents)
     if not np.all(gathered == gathered[0]):
         raise RuntimeError("The hosts hold different coarse groupings after a refresh.")
-
-
-def _on_host(replicated_state: TrainState, update: Callable[[TrainState], TrainState]) -> TrainState:
-    """Applies a host-side update (k-means, counters) to the replicated state, identically on every host."""
-    state = update(jax.device_get(unreplicate(replicated_state)))
-    hierarchies_agree(state.hierarchy)
-    return flax.jax_utils.replicate(state)
 
 
 def with_pretrained_preprocessing(config):
@@ -194,16 +227,17 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     workdir = checkpointing.workdir_path(workdir)
     options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True)
     checkpoints = ocp.CheckpointManager(workdir / "checkpoints", options=options)
+    selected_on = evaluation.selection_metric(config, info)
     best_checkpoint = None
     if config.checkpoint.best_metric:
         best_checkpoint = ocp.CheckpointManager(
             workdir / "best",
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, best_fn=lambda m: m[config.checkpoint.best_metric], best_mode="max", create=True,
+                max_to_keep=1, best_fn=lambda m: m[selected_on], best_mode="max", create=True,
                 # Its saves run beside those of `checkpoints`, at the same steps: the hosts' barriers need
                 # other names.
                 multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="best")))
-    reporter = reporting.Reporter(workdir, total_steps)
+    reporter = reporting.Reporter(workdir, total_steps, selected_on)
     if jax.process_index() == 0 and not (workdir / checkpointing.CONFIG_FILE).exists():
         checkpointing.save_config(workdir, config)
 
@@ -224,17 +258,16 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     else:
         replicated = flax.jax_utils.replicate(state)
         untrained = evaluation.evaluate(p_embed, replicated, dataset, config)
-        reporter.evaluation(0, 0, untrained)
-        level1_vectors = None
-        if info.train_super_labels is not None and config.hpl.ground_truth_level1:
-            state = state.replace(hierarchy=hierarchy_lib.hierarchy_from_super_labels(
-                state.hierarchy.proxies[0], info.train_super_labels))
-        elif state.hierarchy.num_levels > 1:
+        # The first grouping (the ground-truth level 1 is already in place: create_train_state).
+        if state.hierarchy.num_levels > 1 and not config.hpl.ground_truth_level1:
+            level1_vectors = None
             if config.hpl.first_grouping == "class_means":
                 embeddings, train_labels = evaluation.embed_split(p_embed, replicated, dataset, "train")
                 level1_vectors = hierarchy_lib.class_means(embeddings, train_labels, info.num_train_classes)
             # Also for 'proxies': the grouping is recomputed once on process 0 and broadcast to every host.
             state = refresh_groupings(state, config, level1_vectors=level1_vectors, policy="reset")
+        untrained.update(observe_hierarchy(reporter, state, info))
+        reporter.evaluation(0, 0, untrained)
         del replicated
     hierarchies_agree(state.hierarchy)
 
@@ -253,7 +286,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                                   jax.device_get(unreplicate(step_metrics)))
             last_of_epoch = step_in_epoch == steps_per_epoch - 1
             if config.hpl.refresh_every_steps and step % config.hpl.refresh_every_steps == 0 and not last_of_epoch:
-                state = _on_host(state, lambda s: refresh_groupings(s, config))
+                state, _, _ = refresh_on_host(state, config, reporter, info, end_of_epoch=False)
             # The last step of an epoch is asked after the epoch's checkpoint, so a stop there needs no save.
             preempted = not last_of_epoch and preemption.reached(step)
             if preempted or (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
@@ -265,15 +298,10 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
             break
         start_step = 0
 
-        state = _on_host(state, lambda s: refresh_groupings(s, config).replace(epoch=s.epoch + 1))
-        host_state = host_copy(state)
-        reporter.scalars(int(host_state.step), {
-            f"hierarchy/level_{level}_group_size_{stat}": fn(sizes)
-            for level, sizes in enumerate(hierarchy_lib.group_sizes(host_state.hierarchy), start=1)
-            for stat, fn in (("min", np.min), ("max", np.max), ("mean", np.mean))})
+        state, host_state, hierarchy_values = refresh_on_host(state, config, reporter, info, end_of_epoch=True)
         values = None
         if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
-            values = evaluation.evaluate(p_embed, state, dataset, config)
+            values = {**evaluation.evaluate(p_embed, state, dataset, config), **hierarchy_values}
             reporter.evaluation(epoch + 1, int(host_state.step), values)
         checkpoints.save(int(host_state.step), args=ocp.args.StandardSave(host_state))
         if best_checkpoint is not None and values is not None:
@@ -287,7 +315,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         best_checkpoint.wait_until_finished()
     preemption.close()
 
-    summary = reporter.summary(config.checkpoint.best_metric or "recall@1")
+    summary = reporter.summary()
     if preempted:
         logging.warning("Stopped for preemption at step %d with a checkpoint in %s; run again with the same "
                         "workdir to resume.", checkpoints.latest_step(), checkpoints.directory)

@@ -9,6 +9,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 
 from hpl_jax import convert_weights
 from hpl_jax import data
@@ -55,15 +56,37 @@ def host_copy(replicated_state: TrainState) -> TrainState:
     return jax.device_get(unreplicate(replicated_state))
 
 
+def initial_hierarchy(rng, config, info: data.DatasetInfo) -> hierarchy_lib.ProxyHierarchy:
+    """Fresh proxies of every level, with the level sizes the run trains with.
+
+    With `hpl.ground_truth_level1`, level 1 is the dataset's super-classes present among the training
+    classes (its size comes from the data, whatever `hpl.num_coarse` says); otherwise the coarse levels are
+    k-means groupings of the initial fine proxies, which the loop's first grouping replaces (METHOD.md: by
+    default from the class means of the initial network). Either way the sizes are final here, so the
+    optimiser state and the restore template are built for them.
+    """
+    hpl = config.hpl
+    num_coarse = tuple(hpl.num_coarse)[:len(hpl.weights) - 1]
+    if hpl.ground_truth_level1:
+        fine = hierarchy_lib.init_proxies(rng, info.num_train_classes, config.model.embedding_dim)
+        hierarchy = hierarchy_lib.hierarchy_from_super_labels(
+            fine, info.train_super_labels, num_coarse_above=num_coarse[1:], seed=config.seed,
+            n_init=hpl.kmeans_restarts, coarse_norm=hpl.coarse_norm)
+        if hierarchy.level_sizes[1] != num_coarse[0]:
+            logging.info("hpl.ground_truth_level1: level 1 has the %d super-classes of the training classes "
+                         "(hpl.num_coarse[0] = %d is not used).", hierarchy.level_sizes[1], num_coarse[0])
+        return hierarchy
+    return hierarchy_lib.init_hierarchy(rng, info.num_train_classes, num_coarse, config.model.embedding_dim,
+                                        seed=config.seed, n_init=hpl.kmeans_restarts,
+                                        coarse_norm=hpl.coarse_norm)
+
+
 def create_train_state(rng, config, model, info: data.DatasetInfo) -> TrainState:
-    """Fresh parameters, proxies (coarse levels grouped from the initial fine proxies) and optimiser."""
+    """Fresh parameters, proxy hierarchy (`initial_hierarchy`) and optimiser state."""
     model_rng, proxy_rng, run_rng = jax.random.split(rng, 3)
     image = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
     variables = jax.jit(functools.partial(model.init, train=False))(model_rng, image)
-    num_coarse = tuple(config.hpl.num_coarse)[:len(config.hpl.weights) - 1]
-    hierarchy = hierarchy_lib.init_hierarchy(proxy_rng, info.num_train_classes, num_coarse,
-                                             config.model.embedding_dim, seed=config.seed,
-                                             n_init=config.hpl.kmeans_restarts)
+    hierarchy = initial_hierarchy(proxy_rng, config, info)
     params = variables["params"]
     if config.model.pretrained:
         backbone_params, backbone_stats, _ = convert_weights.load_pretrained(config.model.pretrained, config.model.backbone)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import sklearn.cluster
+import sklearn.metrics
 
 from hpl_jax import hierarchy as hier
 
@@ -43,9 +44,18 @@ def _random_hierarchy(seed, sizes, dim):
 
 
 def _assert_centres_of_children(h, level, children):
-    """Proxies of `level` are the normalised means of their children's normalised vectors f32[K_{l-1}, d]."""
+    """Proxies of `level` point along the normalised means of their children's normalised vectors
+    f32[K_{l-1}, d] (their norms: `_assert_norms_of_children`)."""
     expected = _normalised_group_means(children, h.parents[level - 1], h.level_sizes[level])
-    np.testing.assert_allclose(h.proxies[level], expected, atol=1e-6)
+    np.testing.assert_allclose(_normalise(h.proxies[level]), expected, atol=1e-6)
+
+
+def _assert_norms_of_children(h, level):
+    """Proxies of `level` have the mean norm of their children among the proxies of level - 1 (a loop)."""
+    children_norms = np.linalg.norm(np.asarray(h.proxies[level - 1], np.float64), axis=1)
+    parents = np.asarray(h.parents[level - 1])
+    expected = [children_norms[parents == j].mean() for j in range(h.level_sizes[level])]
+    np.testing.assert_allclose(np.linalg.norm(h.proxies[level], axis=1), expected, rtol=1e-5)
 
 
 def _check_tree(h, sizes):
@@ -221,8 +231,28 @@ def test_refresh_invariants(policy):
     assert all(r.dtype == jnp.bool_ for r in reset)
     assert all(bool(np.all(r)) == (policy == "reset") for r in reset)
     if policy == "reset":
-        for proxies in refreshed.proxies[1:]:
-            np.testing.assert_allclose(np.linalg.norm(proxies, axis=1), 1.0, atol=1e-6)
+        for level in (1, 2):
+            _assert_norms_of_children(refreshed, level)
+    else:
+        for new, old in zip(refreshed.proxies[1:], h.proxies[1:]):
+            np.testing.assert_array_equal(new, old)
+
+
+def test_coarse_norm_unit_resets_to_unit_norm_and_children_mean_follows_the_children():
+    h = _random_hierarchy(4, (50, 9, 3), 12)
+    h = h.replace(proxies=(h.proxies[0] * 3.0,) + h.proxies[1:])  # fine proxies of norm ~10, not 1
+    unit, _ = hier.refresh_hierarchy(h, seed=0, coarse_norm="unit")
+    for proxies in unit.proxies[1:]:
+        np.testing.assert_allclose(np.linalg.norm(proxies, axis=1), 1.0, atol=1e-6)
+    scaled, _ = hier.refresh_hierarchy(h, seed=0)
+    assert np.linalg.norm(scaled.proxies[1], axis=1).min() > 5.0
+    for a, b in zip(unit.parents, scaled.parents):  # the norm changes nothing else
+        np.testing.assert_array_equal(a, b)
+    fresh = hier.init_hierarchy(jax.random.PRNGKey(0), 40, (6, 2), 16)
+    _assert_norms_of_children(fresh, 1)
+    _assert_norms_of_children(fresh, 2)
+    with pytest.raises(ValueError, match="coarse_norm"):
+        hier.refresh_hierarchy(h, seed=0, coarse_norm="huge")
 
 
 @pytest.mark.parametrize("policy", ["reset", "rematch"])
@@ -303,6 +333,17 @@ def test_hierarchy_from_super_labels():
     _assert_centres_of_children(h, 1, fine)
     _assert_centres_of_children(h, 2, h.proxies[1])
     _assert_centres_of_children(h, 3, h.proxies[2])
+    for level in (1, 2, 3):
+        _assert_norms_of_children(h, level)
+
+
+def test_hierarchy_from_super_labels_renumbers_the_super_classes_present():
+    """A training split need not hold every super-class (CIFAR-100's classes 0-49, an image folder whose
+    hierarchy.csv has test-only super-classes): level 1 has one proxy per super-class present, in id order."""
+    fine = np.random.default_rng(3).normal(size=(6, 4)).astype(np.float32)
+    h = hier.hierarchy_from_super_labels(fine, np.array([14, 3, 3, 14, 10, 3]))
+    _check_tree(h, (6, 3, ))
+    np.testing.assert_array_equal(h.parents[0], [2, 0, 0, 2, 1, 0])
 
 
 def test_class_means_matches_numpy_loop():
@@ -347,18 +388,15 @@ _ERROR_CASES = {
     "refresh level1_vectors shape": (
         lambda: hier.refresh_hierarchy(_GOOD, seed=0, level1_vectors=np.zeros((10, 4))),
         r"level1_vectors has shape \(10, 4\).*\(10, 3\)"),
-    "super-class unused": (
-        lambda: hier.hierarchy_from_super_labels(np.ones((6, 3)), np.array([0, 1, 3, 3, 0, 1])),
-        r"super-class 2 of level 1 with no class"),
     "super_labels length": (
         lambda: hier.hierarchy_from_super_labels(np.ones((6, 3)), np.array([0, 1, 0, 1])),
         r"super_labels has shape \(4,\).*level 1.*\(6,\)"),
     "super_labels negative": (
         lambda: hier.hierarchy_from_super_labels(np.ones((4, 3)), np.array([0, -1, 0, 1])),
-        r"class 1 the negative super-class -1.*level 1"),
+        r"class 1 the negative super-class -1"),
     "super-classes as many as classes": (
         lambda: hier.hierarchy_from_super_labels(np.ones((4, 3)), np.array([0, 1, 2, 3])),
-        r"super_labels \(max \+ 1\) \(K_1\) = 4 must be smaller than the 4 classes of level 0"),
+        r"super-classes among the classes \(K_1\) = 4 must be smaller than the 4 classes of level 0"),
     "num_coarse_above too large": (
         lambda: hier.hierarchy_from_super_labels(np.ones((6, 3)), np.array([0, 1, 2, 3, 0, 1]),
                                                  num_coarse_above=(4,)),
@@ -392,3 +430,28 @@ def test_user_errors_raise_value_error_naming_the_level(case):
     call, message = _ERROR_CASES[case]
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# --- what a grouping means --------------------------------------------------------------------------------
+
+def test_hierarchy_metrics_against_super_classes_and_the_previous_grouping():
+    rng = np.random.default_rng(12)
+    fine = rng.normal(size=(8, 5)).astype(np.float32)
+    truth = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    exact = hier.hierarchy_from_super_labels(fine, truth)
+    values = hier.hierarchy_metrics(exact, super_labels=truth + 7)
+    for name in ("level_1_nmi", "level_1_ari", "level_1_purity", "level_1_purity_min", "level_1_child_cosine_min"):
+        assert values[name] == pytest.approx(1.0), name
+    assert values["level_1_group_size_min"] == values["level_1_group_size_max"] == 4
+    np.testing.assert_allclose(values["level_1_norm_mean"], np.mean(np.linalg.norm(exact.proxies[1], axis=1)))
+
+    # Groups {0,1,2,4} and {3,5,6,7}: purities 3/4 and 3/4; contingency [[3, 1], [1, 3]].
+    mixed = exact.replace(parents=(jnp.asarray([0, 0, 0, 1, 0, 1, 1, 1], jnp.int32),))
+    values = hier.hierarchy_metrics(mixed, super_labels=truth, previous=exact)
+    assert values["level_1_purity"] == pytest.approx(0.75) and values["level_1_purity_min"] == pytest.approx(0.75)
+    assert values["level_1_ari"] == pytest.approx(sklearn.metrics.adjusted_rand_score(truth, mixed.parents[0]))
+    assert values["level_1_nmi"] < 1.0
+    assert values["level_1_stability_ari"] == pytest.approx(values["level_1_ari"])
+    assert values["level_1_child_cosine_before_min"] == pytest.approx(1.0)
+    assert values["level_1_child_cosine_min"] < 1.0  # the proxies no longer sit on the new groups' centres
+    assert "level_1_nmi" not in hier.hierarchy_metrics(mixed)
