@@ -667,7 +667,8 @@ class TfDataset:
 
 def _only_classes(examples: Examples, classes: np.ndarray) -> Examples:
     """The examples of `classes` (sorted ids of the label space), relabelled 0..len(classes)-1."""
-    table = np.append(data.relabelling(classes, examples.num_classes), -1)  # index -1 (other spaces) -> -1
+    # One more entry, -1 -> -1, so the records of other label spaces (-1) stay out.
+    table = np.concatenate([data.relabelling(classes, examples.num_classes), np.array([-1], np.int32)])
     if isinstance(examples, FileExamples):
         rows = np.isin(examples.labels, classes)
         return FileExamples(examples.paths[rows], table[examples.labels[rows]])

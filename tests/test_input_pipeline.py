@@ -317,9 +317,11 @@ TEST_CLASSES = {"cub": [100, 120, 199], "cars": [98, 150, 195], "sop": [11318, 1
                 "cifar100": [50, 77, 99]}
 
 
-def benchmark_records(name, copies=2):
-    """Records for the fake TFDS dataset: each listed class id gets `copies` images; returns (records, owner)."""
-    _, layout, supers = BENCHMARKS[name]
+def benchmark_records(name, copies=2, layout=None, supers=None):
+    """Records for the fake TFDS dataset: each listed class id gets `copies` images; returns (records, owner).
+    `layout` and `supers` replace the BENCHMARKS entry's."""
+    _, default_layout, default_supers = BENCHMARKS[name]
+    layout, supers = layout or default_layout, supers or default_supers
     label_key = input_pipeline.BENCHMARKS[name].label_key
     super_key = input_pipeline.BENCHMARKS[name].super_key
     records, owner, next_id = {}, {}, 0
@@ -430,9 +432,9 @@ INSHOP_ROWS = [  # (path, item, split)
 ]
 
 
-def write_inshop_tree(root):
-    lines = [str(len(INSHOP_ROWS)), "image_name item_id evaluation_status"]
-    for example_id, (path, item, split) in enumerate(INSHOP_ROWS):
+def write_inshop_tree(root, rows=INSHOP_ROWS):
+    lines = [str(len(rows)), "image_name item_id evaluation_status"]
+    for example_id, (path, item, split) in enumerate(rows):
         os.makedirs(os.path.join(root, os.path.dirname(path)), exist_ok=True)
         with open(os.path.join(root, path), "wb") as f:
             f.write(jpeg_of(example_id))
@@ -619,3 +621,82 @@ def test_every_dataset_config_trains_end_to_end_on_mock_data(tmp_path, inshop_di
                                     "batch_size": 2, "eval.batch_size": 2})
     result = train.train_and_evaluate(config, str(tmp_path / "inshop"))
     assert result["last"]["num_queries"] == 4  # the In-Shop queries, searched against the gallery
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation classes and the ground-truth level 1 on every source.
+
+def test_validation_classes_of_an_image_folder_and_a_tfds_benchmark(tmp_path):
+    make_image_folder(str(tmp_path), [f"c{i}" for i in range(8)], [2] * 8)
+    config = tiny(image_folder_config, **{"dataset.data_dir": str(tmp_path), "dataset.num_val_classes": 2})
+    held = input_pipeline.create_dataset(config, local_batch_size=2, local_eval_batch_size=2)
+    info = held.info
+    assert (info.num_train_classes, info.num_eval_examples) == (2, {"test": 8, "train": 4, "val": 4})
+    assert info.eval_splits == ("test",)
+    whole = input_pipeline.create_dataset(tiny(image_folder_config, **{"dataset.data_dir": str(tmp_path)}),
+                                          local_batch_size=2, local_eval_batch_size=2)
+    train_ids = set(eval_ids(held, "train")[0]) | set(eval_ids(held, "val")[0])
+    assert train_ids == set(eval_ids(whole, "train")[0]) and not set(eval_ids(held, "train")[0]) & set(
+        eval_ids(held, "val")[0])
+    labels = np.concatenate([b["label"][b["mask"]] for b in held.eval_batches("val")])
+    assert sorted(labels) == [0, 0, 1, 1]
+
+    layout = {"train": [0, 1, 2, 13], "test": [98, 150, 195]}
+    records, owner = benchmark_records("cars", layout=layout)
+    with fake_tfds(records):
+        config = tiny(cars_config, **{"dataset.num_val_classes": 0})
+        whole_info = input_pipeline.create_dataset(config, local_batch_size=2, local_eval_batch_size=2).info
+        held = input_pipeline.create_dataset(tiny(cars_config, **{"dataset.num_val_classes": 2}),
+                                             local_batch_size=2, local_eval_batch_size=2)
+        train_classes, val_classes = data.validation_split(4, 2, 0)
+        ids_by_split = {split: eval_ids(held, split)[0] for split in ("train", "val")}
+    original = np.array(layout["train"])
+    assert {owner[i] for i in ids_by_split["val"]} == set(original[val_classes])
+    assert {owner[i] for i in ids_by_split["train"]} == set(original[train_classes])
+    np.testing.assert_array_equal(held.info.val_super_labels, whole_info.train_super_labels[val_classes])
+    with pytest.raises(config_checks.ConfigError, match="config.dataset.num_val_classes"):
+        input_pipeline.create_dataset(tiny(image_folder_config, **{"dataset.data_dir": str(tmp_path),
+                                                                   "dataset.num_val_classes": 3}),
+                                      local_batch_size=2, local_eval_batch_size=2)
+
+
+GROUND_TRUTH_LAYOUTS = {  # train classes with a shared super-class: 2 <= S < C (for Cars: Acura twice)
+    "cars": ({"train": [0, 1, 2, 13], "test": [98, 150, 195]}, None),
+    "sop": (None, None),
+    # Super-class ids 3 and 14 only among the training classes: renumbered, not a crash.
+    "cifar100": (None, {**BENCHMARKS["cifar100"][2], 49: 3}),
+}
+INSHOP_GT_ROWS = INSHOP_ROWS + [("img/WOMEN/Dresses/id_00000009/01_1_front.jpg", "id_00000009", "train")]
+
+
+def test_ground_truth_level1_trains_end_to_end_on_every_dataset_config(tmp_path):
+    """hpl.ground_truth_level1 through train_and_evaluate for every dataset config on its mock data, with a K_1
+    that differs from the number of super-classes; CUB has none and stops with a Config error."""
+    from hpl_jax import train
+
+    overrides = {**E2E_OVERRIDES, "hpl.ground_truth_level1": True, "hpl.num_coarse": (5,)}
+    for name, (layout, supers) in GROUND_TRUTH_LAYOUTS.items():
+        records, _ = benchmark_records(name, layout=layout, supers=supers)
+        with fake_tfds(records):
+            result = train.train_and_evaluate(tiny(BENCHMARKS[name][0], **overrides), str(tmp_path / name))
+        assert result["last"]["hierarchy/level_1_nmi"] == pytest.approx(1.0), name
+    records, _ = benchmark_records("cub")
+    with fake_tfds(records), pytest.raises(config_checks.ConfigError, match="no ground-truth super-classes"):
+        train.train_and_evaluate(tiny(cub_config, **overrides), str(tmp_path / "cub"))
+
+    manual_dir = tmp_path / "inshop_files"
+    write_inshop_tree(str(manual_dir), INSHOP_GT_ROWS)
+    config = tiny(inshop_config, **{**overrides, "dataset.data_dir": str(tmp_path / "tfds"),
+                                    "dataset.manual_dir": str(manual_dir), "batch_size": 2, "eval.batch_size": 2})
+    assert train.train_and_evaluate(config, str(tmp_path / "inshop"))["last"]["hierarchy/level_1_nmi"] == 1.0
+
+    # An image folder whose hierarchy.csv has a super-class ('fish') with test classes only.
+    classes = [f"c{i}" for i in range(10)]
+    make_image_folder(str(tmp_path / "images"), classes, [2] * 10)
+    with open(tmp_path / "images" / "hierarchy.csv", "w") as f:
+        f.write("class,super_class\n" + "".join(
+            f"{c},{['bird', 'cat', 'bird', 'cat', 'dog', 'fish', 'fish', 'fish', 'fish', 'fish'][i]}\n"
+            for i, c in enumerate(classes)))
+    config = tiny(image_folder_config, **{**overrides, "dataset.data_dir": str(tmp_path / "images")})
+    result = train.train_and_evaluate(config, str(tmp_path / "image_folder"))
+    assert result["last"]["hierarchy/level_1_nmi"] == pytest.approx(1.0)

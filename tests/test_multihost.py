@@ -29,7 +29,8 @@ FLAGS = ["--config=configs/default.py", "--config.dataset.image_size=16", "--con
          "--config.dataset.synthetic.images_per_class=7", "--config.model.width=0.125",
          "--config.model.embedding_dim=16", "--config.hpl.num_coarse=(3,)", "--config.batch_size=8",
          "--config.eval.batch_size=16", "--config.eval.nmi=False", "--config.num_epochs=1",
-         "--config.optim.warmup_epochs=0", "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=10"]
+         "--config.optim.warmup_epochs=0", "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=10",
+         "--config.dataset.num_val_classes=2"]
 # Compiling dominates these runs; XLA's backend optimisation off halves them. Every run here uses it.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 TIMEOUT_S = 900  # generous: the CPU is shared

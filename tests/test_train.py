@@ -292,3 +292,68 @@ def test_main_reports_unusable_data_in_one_line(tmp_path):
                    f"--config.dataset.data_dir={tmp_path / 'images'}")
     assert result.returncode != 0
     assert "Data error: config.dataset.data_dir" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_training_seed_keeps_the_data_and_the_data_seed_changes_it():
+    def images(**overrides):
+        dataset = datasets.get_dataset(tiny_config(**overrides), local_batch_size=16, local_eval_batch_size=16)
+        return np.concatenate([b["image"] for b in dataset.eval_batches("test")])
+
+    reference = images()
+    np.testing.assert_array_equal(images(seed=5), reference)
+    assert not np.allclose(images(**{"dataset.seed": 5}), reference)
+
+
+def test_validation_classes_are_held_out_class_disjointly_and_deterministically():
+    config = tiny_config(**{"dataset.num_val_classes": 2})
+    whole = datasets.get_dataset(tiny_config(), local_batch_size=16, local_eval_batch_size=16)
+    held = datasets.get_dataset(config, local_batch_size=16, local_eval_batch_size=16)
+    info = held.info
+    assert (info.num_train_classes, info.num_eval_examples) == (4, {"train": 28, "val": 14, "test": 42})
+    assert info.eval_splits == ("test",)
+
+    def rows(dataset, split):
+        return np.concatenate([b["image"][b["mask"]].reshape(int(b["mask"].sum()), -1)
+                               for b in dataset.eval_batches(split)])
+
+    original = rows(whole, "train")
+    parts = np.concatenate([rows(held, "train"), rows(held, "val")])
+    np.testing.assert_array_equal(np.sort(parts, axis=0), np.sort(original, axis=0))  # a partition of train
+    train_classes, val_classes = data.validation_split(6, 2, config.dataset.seed)
+    np.testing.assert_array_equal(info.val_super_labels, whole.info.train_super_labels[val_classes])
+    np.testing.assert_array_equal(info.train_super_labels, whole.info.train_super_labels[train_classes])
+    again = data.validation_split(6, 2, config.dataset.seed)
+    np.testing.assert_array_equal(again[1], val_classes)
+    assert not set(train_classes) & set(val_classes) and len(set(train_classes) | set(val_classes)) == 6
+    with pytest.raises(config_checks.ConfigError, match="config.dataset.num_val_classes"):
+        datasets.get_dataset(tiny_config(**{"dataset.num_val_classes": 5}), local_batch_size=16,
+                             local_eval_batch_size=16)
+
+
+def test_validation_chooses_the_best_epoch_and_each_refresh_is_recorded(tmp_path):
+    config = tiny_config(**{"dataset.num_val_classes": 2, "num_epochs": 3, "optim.warmup_epochs": 0})
+    result = train.train_and_evaluate(config, str(tmp_path))
+    with open(tmp_path / "metrics.json") as f:
+        saved = json.load(f)
+    assert saved["selected_on"] == "val/map@r"
+    trained = {int(e): v for e, v in saved["history"].items() if int(e) > 0}
+    assert saved["best"]["epoch"] == max(trained, key=lambda e: trained[e]["val/map@r"])
+    assert result["best"]["epoch"] == saved["best"]["epoch"]
+    for values in saved["history"].values():
+        assert {"map@r", "val/map@r", "val/super/map@r", "hierarchy/level_1_nmi"} <= set(values)
+    refreshes = saved["refreshes"]
+    assert [(r["epoch"], r["step"]) for r in refreshes] == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    assert all(0.0 <= r["hierarchy/level_1_nmi"] <= 1.0 and "hierarchy/level_1_stability_ari" in r
+               for r in refreshes[1:])
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["dataset"]["num_val_classes"] == 2
+
+
+def test_ground_truth_level1_sizes_level1_from_the_super_classes(tmp_path):
+    """K_1 = 2 asked, 3 families present: level 1 has 3 proxies, and the optimiser and checkpoints fit it."""
+    config = tiny_config(**{"hpl.ground_truth_level1": True, "hpl.num_coarse": (2,), "num_epochs": 1,
+                            "optim.warmup_epochs": 0})
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert result["last"]["hierarchy/level_1_nmi"] == pytest.approx(1.0)
+    state = _final_state(str(tmp_path))
+    assert [np.shape(p) for p in state["hierarchy"]["proxies"]] == [(6, 16), (3, 16)]
