@@ -23,10 +23,10 @@ from hpl_jax import preemption
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")
-STEPS_PER_EPOCH = 5  # 42 training images // 8
+STEPS_PER_EPOCH = 5  # 40 training images (4 classes x 10; 2 more held out for validation) // 8
 FLAGS = ["--config=configs/default.py", "--config.dataset.image_size=16", "--config.dataset.resize_size=18",
          "--config.dataset.synthetic.num_families=3", "--config.dataset.synthetic.classes_per_family=4",
-         "--config.dataset.synthetic.images_per_class=7", "--config.model.width=0.125",
+         "--config.dataset.synthetic.images_per_class=10", "--config.model.width=0.125",
          "--config.model.embedding_dim=16", "--config.hpl.num_coarse=(3,)", "--config.batch_size=8",
          "--config.eval.batch_size=16", "--config.eval.nmi=False", "--config.num_epochs=1",
          "--config.optim.warmup_epochs=0", "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=10",
