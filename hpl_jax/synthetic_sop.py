@@ -213,12 +213,16 @@ def render(rng: np.random.Generator, catalogue: Catalogue, views: Dict[str, np.n
 
 
 def _rotate(x, y, angle):
+    """The coordinates of the points (x, y) in axes turned by `angle` (radians)."""
     cos, sin = np.cos(angle), np.sin(angle)
     return cos * x + sin * y, -sin * x + cos * y
 
 
 def _render_chunk(catalogue: Catalogue, views: Dict[str, np.ndarray], size: int) -> np.ndarray:
-    """f32[n, size, size, 3], noiseless and unclipped. Masks and coordinates are f32[n, size, size], colours [n, 1, 1, 3]."""
+    """f32[n, size, size, 3], noiseless and unclipped.
+
+    Masks and coordinates are f32[n, size, size] (or broadcast to it), colours f32[n, 1, 1, 3].
+    """
     c = views["classes"]
     n = len(c)
 
