@@ -162,6 +162,8 @@ def refresh_on_host(replicated_state: TrainState, config, reporter, info, *,
     if end_of_epoch:
         state = state.replace(epoch=state.epoch + 1)
     hierarchies_agree(state.hierarchy)
+    # NumPy leaves: orbax saves them from process 0 alone (it refuses the host-local jax.Arrays a refresh makes).
+    state = jax.device_get(state)
     values = observe_hierarchy(reporter, state, info, previous=previous)
     return flax.jax_utils.replicate(state), state, values
 
