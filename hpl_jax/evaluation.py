@@ -41,7 +41,7 @@ def embed_examples(p_embed, state, dataset: data.Dataset, split: str) -> Embedde
         out = p_embed(state, {"image": sharded["image"]})
         embeddings.append(np.asarray(out).reshape(-1, out.shape[-1]))
         labels.append(batch["label"])
-        ids.append(batch["index"])
+        ids.append(batch["index"].astype(np.int32))  # int32: what process_allgather keeps without x64
         masks.append(batch["mask"])
     embeddings, labels, ids, masks = map(np.concatenate, (embeddings, labels, ids, masks))
     if jax.process_count() > 1:
