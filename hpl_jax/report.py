@@ -353,7 +353,8 @@ def report(root: str, metrics: Sequence[str], baseline_specs: Sequence[str] = ()
     if missing:
         known = list(dict.fromkeys(name for run in runs for name in run.metrics))
         raise ValueError(f"--metrics {missing} are not in the runs' metrics.json; they have {known}.")
-    write_csv(os.path.join(root, "results.csv"), runs, keys)
+    ordered = [run for setting in settings for run in sorted(setting.runs, key=lambda r: value_order(r.seeds))]
+    write_csv(os.path.join(root, "results.csv"), ordered, keys)
     plots = []
     if len(keys) == 1 and len(settings) > 1:
         selection = "last epoch" if {r.selection for r in runs} == {"last"} else "validation-selected epoch"

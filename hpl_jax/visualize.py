@@ -19,6 +19,7 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 import sklearn.manifold
 import sklearn.metrics
@@ -248,7 +249,7 @@ def plot_hierarchy(path: str, groups: np.ndarray, super_labels: Optional[np.ndar
         nmi = sklearn.metrics.normalized_mutual_info_score(super_labels, groups)
         ari = sklearn.metrics.adjusted_rand_score(super_labels, groups)
         ax.set_title(f"training classes per group: NMI {nmi:.2f}, ARI {ari:.2f}", fontsize=9)
-        fig.colorbar(image, ax=ax, fraction=0.046)
+        fig.colorbar(image, ax=ax, fraction=0.046, ticks=matplotlib.ticker.MaxNLocator(integer=True))
     else:
         ax.bar(np.arange(groups.max() + 1), np.bincount(groups))
         ax.set_xlabel("learned level-1 group")
