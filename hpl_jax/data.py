@@ -8,7 +8,8 @@ both can import it.
 
 Batches are dicts of host-local NumPy arrays:
   train:  {'image': f32[local_batch, H, W, 3], 'label': i32[local_batch]}
-  eval:   {'image': f32[local_batch, H, W, 3], 'label': i32[local_batch], 'mask': bool[local_batch]}
+  eval:   {'image': f32[local_batch, H, W, 3], 'label': i32[local_batch], 'mask': bool[local_batch],
+           'index': i64[local_batch]}  (each example's index within its split; padding is masked out)
 `shard_for_devices` reshapes them to [local_devices, per_device_batch, ...] for pmap.
 """
 from __future__ import annotations

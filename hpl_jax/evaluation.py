@@ -4,7 +4,8 @@ Used by the training loop and by the commands that restore a run without trainin
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+import dataclasses
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -20,21 +21,80 @@ def embed_step(state: TrainState, batch, *, model):
     return model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
 
 
-def embed_split(p_embed, state, dataset: data.Dataset, split: str) -> Tuple[np.ndarray, np.ndarray]:
-    """Embeddings and labels of every example of `split`, from every host, each exactly once."""
-    embeddings, labels, masks = [], [], []
+@dataclasses.dataclass(frozen=True)
+class Embedded:
+    """Every example of one eval split, embedded.
+
+    embeddings: f32[n, embedding_dim]; labels: i32[n]; ids: i64[n], each example's index within the split.
+    """
+
+    embeddings: np.ndarray
+    labels: np.ndarray
+    ids: np.ndarray
+
+
+def embed_examples(p_embed, state, dataset: data.Dataset, split: str) -> Embedded:
+    """Embeddings, labels and ids of every example of `split`, from every host, each exactly once."""
+    embeddings, labels, ids, masks = [], [], [], []
     for batch in dataset.eval_batches(split):
         sharded = data.shard_for_devices(batch, jax.local_device_count())
         out = p_embed(state, {"image": sharded["image"]})
         embeddings.append(np.asarray(out).reshape(-1, out.shape[-1]))
         labels.append(batch["label"])
+        ids.append(batch["index"].astype(np.int32))  # int32: what process_allgather keeps without x64
         masks.append(batch["mask"])
-    embeddings, labels, masks = map(np.concatenate, (embeddings, labels, masks))
+    embeddings, labels, ids, masks = map(np.concatenate, (embeddings, labels, ids, masks))
     if jax.process_count() > 1:
-        embeddings, labels, masks = (
+        embeddings, labels, ids, masks = (
             np.asarray(x).reshape((-1,) + x.shape[2:])
-            for x in multihost_utils.process_allgather((embeddings, labels, masks)))
-    return embeddings[masks], labels[masks]
+            for x in multihost_utils.process_allgather((embeddings, labels, ids, masks)))
+    return Embedded(embeddings=embeddings[masks], labels=labels[masks], ids=ids[masks].astype(np.int64))
+
+
+def embed_split(p_embed, state, dataset: data.Dataset, split: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Embeddings and labels of every example of `split`, from every host, each exactly once."""
+    embedded = embed_examples(p_embed, state, dataset, split)
+    return embedded.embeddings, embedded.labels
+
+
+def protocol_splits(info: data.DatasetInfo, split: str) -> Tuple[str, ...]:
+    """The eval splits evaluating `split` reads: ('query', 'gallery') for 'test' of a query-vs-gallery dataset
+    (In-Shop), else the split itself."""
+    if split in ("test", "query", "gallery") and "query" in info.eval_splits:
+        return ("query", "gallery")
+    if split not in info.num_eval_examples:
+        raise ValueError(f"{info.name} has no eval split {split!r}; it has {tuple(info.num_eval_examples)}.")
+    return (split,)
+
+
+def split_super_labels(info: data.DatasetInfo, split: str) -> Optional[np.ndarray]:
+    """i32[classes of the split]: the ground-truth super-class of each class of `split`, or None."""
+    if split == "train":
+        return info.train_super_labels
+    if split == "val":
+        return getattr(info, "val_super_labels", None)
+    return info.test_super_labels
+
+
+def split_metrics(embedded: Dict[str, Embedded], info: data.DatasetInfo, config, split: str) -> Dict[str, float]:
+    """The dataset's retrieval protocol on `split` (METHOD.md, "Benchmarks"), from its embedded eval splits.
+
+    embedded: {name: Embedded} for every name in `protocol_splits(info, split)`.
+    """
+    super_labels = split_super_labels(info, split) if config.eval.super_metrics else None
+    options = dict(recall_at=tuple(config.eval.recall_at), super_labels=super_labels,
+                   nmi=config.eval.nmi, chunk_size=config.eval.chunk_size, seed=config.seed)
+    if "query" in embedded:
+        gallery, queries = embedded["gallery"], embedded["query"]
+        return metrics_lib.retrieval_metrics(gallery.embeddings, gallery.labels,
+                                             query_embeddings=queries.embeddings,
+                                             query_labels=queries.labels, **options)
+    return metrics_lib.retrieval_metrics(embedded[split].embeddings, embedded[split].labels, **options)
+
+
+def embed_protocol_splits(p_embed, state, dataset: data.Dataset, split: str) -> Dict[str, Embedded]:
+    """{name: Embedded} of the eval splits evaluating `split` reads (`protocol_splits`)."""
+    return {name: embed_examples(p_embed, state, dataset, name) for name in protocol_splits(dataset.info, split)}
 
 
 VAL = "val"
@@ -58,27 +118,9 @@ def evaluate(p_embed, state, dataset: data.Dataset, config) -> Dict[str, float]:
 
     Validation is always self-retrieval over its images (the training classes have no query/gallery split).
     """
-    info = dataset.info
-    options = dict(recall_at=tuple(config.eval.recall_at), nmi=config.eval.nmi, chunk_size=config.eval.chunk_size,
-                   seed=config.seed)
-
-    def supers(labels):
-        return labels if config.eval.super_metrics else None
-
-    if "query" in info.eval_splits:
-        gallery, gallery_labels = embed_split(p_embed, state, dataset, "gallery")
-        queries, query_labels = embed_split(p_embed, state, dataset, "query")
-        values = metrics_lib.retrieval_metrics(gallery, gallery_labels, query_embeddings=queries,
-                                               query_labels=query_labels, super_labels=supers(info.test_super_labels),
-                                               **options)
-    else:
-        embeddings, labels = embed_split(p_embed, state, dataset, "test")
-        values = metrics_lib.retrieval_metrics(embeddings, labels, super_labels=supers(info.test_super_labels),
-                                               **options)
-    if has_validation(info):
-        embeddings, labels = embed_split(p_embed, state, dataset, VAL)
-        val_values = metrics_lib.retrieval_metrics(embeddings, labels, super_labels=supers(info.val_super_labels),
-                                                   **options)
+    values = split_metrics(embed_protocol_splits(p_embed, state, dataset, "test"), dataset.info, config, "test")
+    if has_validation(dataset.info):
+        val_values = split_metrics(embed_protocol_splits(p_embed, state, dataset, VAL), dataset.info, config, VAL)
         values.update({f"{VAL}/{name}": value for name, value in val_values.items()})
     return values
 
@@ -87,15 +129,20 @@ def evaluate(p_embed, state, dataset: data.Dataset, config) -> Dict[str, float]:
 TABLE_HIERARCHY_KEYS = ("hierarchy/level_1_nmi", "hierarchy/level_1_ari", "hierarchy/level_1_purity")
 
 
-def format_table(summary: Dict[str, Any], untrained: Optional[Dict[str, float]]) -> str:
-    """The untrained, last and best epoch's metrics side by side, one metric a row."""
-    columns = [("epoch 0 (untrained)", untrained)] if untrained else []
-    columns += [(f"last (epoch {summary['last']['epoch']})", summary["last"]),
-                (f"best (epoch {summary['best']['epoch']})", summary["best"])]
-    names = [k for k, v in summary["last"].items() if k != "epoch" and isinstance(v, float)
+def format_columns(columns: Sequence[Tuple[str, Optional[Dict[str, Any]]]]) -> str:
+    """A metric table: one row per float metric of the last column, one column per (title, metrics)."""
+    columns = [(title, values) for title, values in columns if values]
+    names = [k for k, v in columns[-1][1].items() if k != "epoch" and isinstance(v, float)
              and (not k.startswith("hierarchy/") or k in TABLE_HIERARCHY_KEYS)]
     width = max(len(n) for n in names) + 2
-    lines = ["metric".ljust(width) + "".join(title.rjust(22) for title, _ in columns)]
+    lines = ["metric".ljust(width) + "".join(title.rjust(max(22, len(title) + 2)) for title, _ in columns)]
     for name in names:
-        lines.append(name.ljust(width) + "".join(f"{values.get(name, float('nan')):22.4f}" for _, values in columns))
+        lines.append(name.ljust(width) + "".join(
+            f"{values.get(name, float('nan')):{max(22, len(title) + 2)}.4f}" for title, values in columns))
     return "\n".join(lines)
+
+
+def format_table(summary: Dict[str, Any], untrained: Optional[Dict[str, float]]) -> str:
+    return format_columns([("epoch 0 (untrained)", untrained),
+                           (f"last (epoch {summary['last']['epoch']})", summary["last"]),
+                           (f"best (epoch {summary['best']['epoch']})", summary["best"])])

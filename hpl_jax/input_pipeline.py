@@ -254,6 +254,10 @@ class TfdsExamples:
                                       reshuffle_each_iteration=False)
         return records, count
 
+    def host_ids(self, process_index: int, process_count: int) -> np.ndarray:
+        """i64[count]: the index within the split of each record `host_records` yields unshuffled."""
+        return np.arange(*host_block(self.num_examples, process_index, process_count), dtype=np.int64)
+
 
 @dataclasses.dataclass(frozen=True)
 class FileExamples:
@@ -280,6 +284,10 @@ class FileExamples:
         if not len(mine):
             return _empty_records("path"), 0
         return tf.data.Dataset.from_tensor_slices({"path": self.paths[mine], "label": self.labels[mine]}), len(mine)
+
+    def host_ids(self, process_index: int, process_count: int) -> np.ndarray:
+        """i64[count]: the index within the split of each record `host_records` yields unshuffled."""
+        return data.host_shard(self.num_examples, process_index, process_count).astype(np.int64)
 
 
 Examples = Union[TfdsExamples, FileExamples]
@@ -584,12 +592,15 @@ def train_dataset(records: tf.data.Dataset, *, epoch_seed_value: int, local_batc
 
 def eval_dataset(records: tf.data.Dataset, *, num_batches: int, local_batch_size: int, transform,
                  image_shape: Tuple[int, int, int]) -> tf.data.Dataset:
-    """Exactly `num_batches` batches {'image', 'label', 'mask'}: this host's images, then padding (mask False)."""
+    """Exactly `num_batches` batches {'image', 'label', 'mask', 'index'}: this host's images, then padding (mask
+    False, index -1). records carry each example's 'index' within the split."""
     examples = records.map(
         lambda record: {"image": transform(_encoded_image(record)), "label": record["label"],
-                        "mask": tf.constant(True)}, num_parallel_calls=AUTOTUNE).ignore_errors()
+                        "mask": tf.constant(True), "index": record["index"]},
+        num_parallel_calls=AUTOTUNE).ignore_errors()
     padding = tf.data.Dataset.from_tensors({"image": tf.zeros(image_shape, tf.float32), "label": tf.constant(0),
-                                            "mask": tf.constant(False)}).repeat()
+                                            "mask": tf.constant(False),
+                                            "index": tf.constant(-1, tf.int64)}).repeat()
     examples = examples.concatenate(padding).take(num_batches * local_batch_size)
     return examples.batch(local_batch_size).prefetch(AUTOTUNE)
 
@@ -654,6 +665,8 @@ class TfDataset:
             raise ValueError(f"Unknown eval split {split!r}; {self.info.name} has "
                              f"{tuple(self.info.num_eval_examples)}.")
         records, count = self._splits[split].host_records(self._process_index, self._process_count, None)
+        ids = tf.constant(self._splits[split].host_ids(self._process_index, self._process_count))
+        records = records.enumerate().map(lambda position, record: {**record, "index": tf.gather(ids, position)})
         num_batches = data.num_eval_batches(self.info.num_eval_examples[split],
                                             self._local_eval_batch_size * self._process_count)
         batches = eval_dataset(records, num_batches=num_batches, local_batch_size=self._local_eval_batch_size,

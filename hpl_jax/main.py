@@ -7,62 +7,27 @@ process, adding either `--distributed` (Cloud TPU pod slices, SLURM with one tas
 layout from the environment) or the explicit `--coordinator_address`, `--num_processes` and `--process_id`.
 The scripts in launch/ do this.
 """
-import logging as std_logging
-import sys
-
-import jax
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
-from hpl_jax import config_checks
-from hpl_jax import data
+from hpl_jax import cli
 from hpl_jax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and metrics.json; "
                     "a run started on an existing workdir resumes where it stopped.")
 config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).", lock_config=True)
-flags.DEFINE_bool("distributed", False, "Join a multi-process run whose layout JAX detects from the environment "
-                  "(Cloud TPU pod slice, SLURM with one task per GPU, Open MPI).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process run with an "
-                    "explicit layout; needs --num_processes and --process_id.")
-flags.DEFINE_integer("num_processes", None, "Number of processes of the run (with --coordinator_address).")
-flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 (with --coordinator_address).")
+cli.define_process_flags()
 flags.mark_flags_as_required(["config", "workdir"])
-flags.register_multi_flags_validator(
-    ["coordinator_address", "num_processes", "process_id"],
-    lambda f: (f["coordinator_address"] is None) == (f["num_processes"] is None) == (f["process_id"] is None),
-    "--coordinator_address, --num_processes and --process_id go together: give all three or none.")
-
-
-def _own_info_only(record) -> bool:
-    # orbax and tensorflow-datasets log every file operation at INFO; keep their warnings only.
-    return record.levelno >= std_logging.WARNING or "/hpl_jax/" in record.pathname
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().python_handler.addFilter(_own_info_only)
-    if FLAGS.coordinator_address:
-        # 'deactivate': under SLURM, detection would otherwise give each process a single GPU.
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                                   cluster_detection_method="deactivate")
-    elif FLAGS.distributed:
-        jax.distributed.initialize()
-    if jax.process_count() > 1 and not jax.distributed.is_initialized():
-        sys.exit("This is one of several JAX processes but jax.distributed is not initialised; pass --distributed "
-                 "or --coordinator_address, --num_processes and --process_id (see launch/).")
-    logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
-                 jax.local_devices())
-    try:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except config_checks.ConfigError as error:
-        sys.exit(f"Config error: {error}")
-    except data.DataError as error:
-        sys.exit(f"Data error: {error}")
+    cli.quiet_library_logs()
+    cli.join_processes()
+    cli.exit_on_user_error(train.train_and_evaluate, FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -206,4 +206,4 @@ class SyntheticDataset:
             rows = padded[start:start + self._local_eval_batch_size]
             images = center_crop(self._images[split][rows], self._config.dataset.image_size)
             yield {"image": self._normalise(images), "label": self._labels[split][rows],
-                   "mask": mask[start:start + self._local_eval_batch_size]}
+                   "mask": mask[start:start + self._local_eval_batch_size], "index": rows}

@@ -78,6 +78,14 @@ def eval_ids(dataset, split):
     return ids, len(batches), batches
 
 
+def split_index_of_image(host_results):
+    """{the batches' 'index': image id} over every host's eval batches; checks each index appears once, 0..n-1."""
+    pairs = [(index, image) for _, _, batches in host_results for b in batches
+             for index, image in zip(b["index"][b["mask"]], ids_of(b["image"])[b["mask"]])]
+    assert sorted(index for index, _ in pairs) == list(range(len(pairs)))
+    return dict(pairs)
+
+
 def fake_tfds(records):
     """mock_data serving `records` ({tfds_split: [feature dict]}) through the builder's real features."""
     def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
@@ -265,6 +273,9 @@ def test_image_folder_host_sharding(tmp_path, process_count):
     test = [eval_ids(host, "test") for host in hosts]
     assert len({num_batches for _, num_batches, _ in test}) == 1
     assert sorted(np.concatenate([ids for ids, _, _ in test])) == [i for i, n in owner.items() if n in "cd"]
+    # The split index of an image is the same whichever hosts read it.
+    one_host = input_pipeline.create_dataset(config, local_batch_size=2, local_eval_batch_size=2)
+    assert split_index_of_image(test) == split_index_of_image([eval_ids(one_host, "test")])
 
 
 def test_train_order_is_seeded_and_resumable(tmp_path):
@@ -394,6 +405,8 @@ def test_tfds_host_sharding(process_count):
             assert len({num_batches for _, num_batches, _ in results}) == 1
             assert sorted(np.concatenate([ids for ids, _, _ in results])) == sorted(
                 i for i, c in owner.items() if c in classes)
+            one_host = input_pipeline.create_dataset(tiny(cub_config), local_batch_size=2, local_eval_batch_size=2)
+            assert split_index_of_image(results) == split_index_of_image([eval_ids(one_host, split)])
 
 
 def test_host_record_ranges_cover_every_kept_record_once():

@@ -1,0 +1,68 @@
+"""What every command (main, evaluate, visualize) shares: joining a multi-process run, quiet library logs, and
+user errors reported as one line."""
+from __future__ import annotations
+
+import logging as std_logging
+import sys
+from typing import Callable, TypeVar
+
+import jax
+from absl import flags
+from absl import logging
+
+from hpl_jax import checkpointing
+from hpl_jax import config_checks
+from hpl_jax import data
+
+FLAGS = flags.FLAGS
+T = TypeVar("T")
+
+
+def define_process_flags() -> None:
+    """The flags that join a multi-process run (the launch/ scripts pass them)."""
+    flags.DEFINE_bool("distributed", False, "Join a multi-process run whose layout JAX detects from the environment "
+                      "(Cloud TPU pod slice, SLURM with one task per GPU, Open MPI).")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process run with an "
+                        "explicit layout; needs --num_processes and --process_id.")
+    flags.DEFINE_integer("num_processes", None, "Number of processes of the run (with --coordinator_address).")
+    flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 (with --coordinator_address).")
+    flags.register_multi_flags_validator(
+        ["coordinator_address", "num_processes", "process_id"],
+        lambda f: (f["coordinator_address"] is None) == (f["num_processes"] is None) == (f["process_id"] is None),
+        "--coordinator_address, --num_processes and --process_id go together: give all three or none.")
+
+
+def _own_info_only(record) -> bool:
+    # orbax and tensorflow-datasets log every file operation at INFO; keep their warnings only.
+    return record.levelno >= std_logging.WARNING or "/hpl_jax/" in record.pathname
+
+
+def quiet_library_logs() -> None:
+    logging.get_absl_handler().python_handler.addFilter(_own_info_only)
+
+
+def join_processes() -> None:
+    """Joins the other processes of a multi-process run as the flags of `define_process_flags` say."""
+    if FLAGS.coordinator_address:
+        # 'deactivate': under SLURM, detection would otherwise give each process a single GPU.
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                   cluster_detection_method="deactivate")
+    elif FLAGS.distributed:
+        jax.distributed.initialize()
+    if jax.process_count() > 1 and not jax.distributed.is_initialized():
+        sys.exit("This is one of several JAX processes but jax.distributed is not initialised; pass --distributed "
+                 "or --coordinator_address, --num_processes and --process_id (see launch/).")
+    logging.info("JAX process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
+                 jax.local_devices())
+
+
+def exit_on_user_error(fn: Callable[..., T], *args, **kwargs) -> T:
+    """Calls fn; an error the user can fix (config, data, a missing run or checkpoint) exits with its one line."""
+    try:
+        return fn(*args, **kwargs)
+    except config_checks.ConfigError as error:
+        sys.exit(f"Config error: {error}")
+    except data.DataError as error:
+        sys.exit(f"Data error: {error}")
+    except checkpointing.RunError as error:
+        sys.exit(f"Run error: {error}")
