@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Dict, Optional
 
-import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +31,7 @@ from hpl_jax import optim
 from hpl_jax import preemption as preemption_lib
 from hpl_jax import reporting
 from hpl_jax.train_state import TrainState
-from hpl_jax.train_state import create_train_state, host_copy, trainable, unreplicate
+from hpl_jax.train_state import create_train_state, host_copy, replicate, trainable, unreplicate
 
 AXIS = "batch"  # pmap axis over the local devices; collectives span every device of every host
 
@@ -140,7 +139,7 @@ def _on_host(replicated_state: TrainState, update: Callable[[TrainState], TrainS
     """Applies a host-side update (k-means, counters) to the replicated state, identically on every host."""
     state = update(jax.device_get(unreplicate(replicated_state)))
     hierarchies_agree(state.hierarchy)
-    return flax.jax_utils.replicate(state)
+    return replicate(state, AXIS)
 
 
 def with_pretrained_preprocessing(config):
@@ -222,7 +221,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         preemption.reached(int(state.step))
         untrained = reporter.history.get(0)
     else:
-        replicated = flax.jax_utils.replicate(state)
+        replicated = replicate(state, AXIS)
         untrained = evaluation.evaluate(p_embed, replicated, dataset, config)
         reporter.evaluation(0, 0, untrained)
         level1_vectors = None
@@ -240,7 +239,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
 
     start_epoch = int(state.epoch)
     start_step = int(state.step) - start_epoch * steps_per_epoch
-    state = flax.jax_utils.replicate(state)
+    state = replicate(state, AXIS)
     preempted = False
     for epoch in range(start_epoch, config.num_epochs):
         step_fn = step_fns[epoch < config.optim.warmup_epochs]
