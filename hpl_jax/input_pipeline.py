@@ -256,10 +256,11 @@ class TfdsExamples:
 
 @dataclasses.dataclass(frozen=True)
 class FileExamples:
-    """The examples of one split of an image folder: paths: str[n], labels: i32[n]."""
+    """The examples of one split of an image folder: paths: str[n], labels: i32[n], and each label's class folder."""
 
     paths: np.ndarray
     labels: np.ndarray
+    class_names: Tuple[str, ...] = ()
 
     @property
     def num_examples(self) -> int:
@@ -545,7 +546,7 @@ def image_folder_splits(root: str):
         labels = [label for label, name in enumerate(classes) for _ in files[name]]
         supers = None if hierarchy is None else np.array([vocabulary.index(hierarchy[c]) for c in classes],
                                                          np.int32)
-        return FileExamples(np.array(paths), np.array(labels, np.int32)), supers
+        return FileExamples(np.array(paths), np.array(labels, np.int32), tuple(classes)), supers
 
     (train, train_supers), (test, test_supers) = split(train_classes), split(test_classes)
     return train, test, train_supers, test_supers
@@ -695,6 +696,7 @@ def create_dataset(config, *, local_batch_size: int, local_eval_batch_size: int,
         num_eval_examples={split: examples.num_examples for split, examples in splits.items()},
         train_super_labels=train_supers,
         test_super_labels=test_supers,
+        train_class_names=train.class_names if isinstance(train, FileExamples) else None,
     )
     if data.steps_per_epoch(info.num_train_examples, local_batch_size * process_count) < 1:
         raise ValueError(f"config.batch_size={local_batch_size * process_count} exceeds the "

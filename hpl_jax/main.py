@@ -16,8 +16,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from hpl_jax import checkpointing
 from hpl_jax import config_checks
 from hpl_jax import data
+from hpl_jax import guards
 from hpl_jax import train
 
 FLAGS = flags.FLAGS
@@ -42,10 +44,39 @@ def _own_info_only(record) -> bool:
     return record.levelno >= std_logging.WARNING or "/hpl_jax/" in record.pathname
 
 
+# A failed background save (a full disk) is reported by the run in one line. Around it, orbax logs the failure
+# with a traceback from each of its threads, and the writes it left running end after orbax stopped waiting: each
+# reports "Event loop is closed" (about 150 tracebacks on a full disk) or, when garbage-collected, "exception was
+# never retrieved". The filters below keep orbax's one-line messages and drop the rest.
+def _one_line_library_errors(record) -> bool:
+    if "/hpl_jax/" not in record.pathname:
+        record.exc_info, record.exc_text = None, None
+    return not (record.name == "asyncio" and "exception was never retrieved" in record.getMessage())
+
+
+def _no_closed_loop_noise(unraisable) -> None:
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def parse_flags(argv):
+    """absl's flag parsing, but a `--config.<field>` override that names no field is one line, not tracebacks."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as error:
+        message = config_checks.unknown_field(error, argv)
+        if message is None:
+            raise
+        sys.exit(f"Config error: {message}")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().python_handler.addFilter(_own_info_only)
+    logging.get_absl_handler().python_handler.addFilter(_one_line_library_errors)
+    sys.unraisablehook = _no_closed_loop_noise
     if FLAGS.coordinator_address:
         # 'deactivate': under SLURM, detection would otherwise give each process a single GPU.
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
@@ -63,7 +94,11 @@ def main(argv):
         sys.exit(f"Config error: {error}")
     except data.DataError as error:
         sys.exit(f"Data error: {error}")
+    except checkpointing.WorkdirError as error:
+        sys.exit(f"Workdir error: {error}")
+    except guards.NonFiniteError as error:
+        sys.exit(f"Training error: {error}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

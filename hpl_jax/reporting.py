@@ -3,29 +3,45 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import jax
 import numpy as np
 from absl import logging
 from etils import epath
 
+from hpl_jax import checkpointing
+
 
 class Reporter:
-    """Progress lines, TensorBoard scalars (tensorboardX: no TensorFlow) and metrics.json; process 0 only."""
+    """Progress lines, TensorBoard scalars (tensorboardX: no TensorFlow) and metrics.json; process 0 only.
 
-    def __init__(self, workdir: epath.Path, total_steps: int):
+    A run resumed at `resumed_step` (in epoch `resumed_epoch`) redoes what came after it: metrics.json drops
+    the evaluations after that epoch, and TensorBoard hides the events after that step (purge_step), so the
+    redone steps are not shown twice. A fresh start (`resumed_step` None) redoes everything.
+    """
+
+    def __init__(self, workdir: epath.Path, total_steps: int, resumed_step: Optional[int] = None,
+                 resumed_epoch: int = 0):
         self.is_lead = jax.process_index() == 0
         self.total_steps = total_steps
         self.metrics_path = workdir / "metrics.json"
         self.history = {}
+        self.notes: Dict[str, Any] = {}
         if self.metrics_path.exists():
-            self.history = {int(k): v for k, v in json.loads(self.metrics_path.read_text())["history"].items()}
+            self.history = {int(k): v for k, v in json.loads(self.metrics_path.read_text())["history"].items()
+                            if int(k) <= resumed_epoch}
         self.writer = None
         if self.is_lead:
             from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(str(workdir / "tensorboard"))
+            # TensorBoard drops the events of steps >= purge_step written before this one.
+            self.writer = SummaryWriter(str(workdir / "tensorboard"),
+                                        purge_step=0 if resumed_step is None else resumed_step + 1)
         self._last_time, self._last_step = time.time(), None
+
+    def restart_clock(self, step: int) -> None:
+        """Measures the speed from `step` on: what came before (compiling, evaluation) is not a training step."""
+        self._last_time, self._last_step = time.time(), step
 
     def scalars(self, step: int, values: Dict[str, float], prefix: str = "") -> None:
         if self.writer:
@@ -56,11 +72,21 @@ class Reporter:
         self.scalars(step, values, prefix="eval/")
         self._write_json()
 
+    def annotate(self, notes: Dict[str, Any]) -> None:
+        """Adds top-level entries to metrics.json (e.g. skipped_images)."""
+        self.notes.update(notes)
+        self._write_json()
+
     def _write_json(self) -> None:
         if self.is_lead:
             tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
-            tmp.write_text(json.dumps({"history": self.history, **self.summary()}, indent=2))
-            tmp.replace(self.metrics_path)
+            try:
+                tmp.write_text(json.dumps({"history": self.history, **self.summary(), **self.notes}, indent=2))
+                tmp.replace(self.metrics_path)
+            except OSError as error:
+                raise checkpointing.WorkdirError(f"cannot write {self.metrics_path} ({error.strerror or error}); "
+                                                 "free space or fix the file system, then run the same command "
+                                                 "again to resume.") from None
 
     def summary(self, metric: str = "recall@1") -> Dict[str, Any]:
         """The last and the best epoch's metrics (METHOD.md: report both; the published ones are the best)."""
@@ -75,3 +101,19 @@ class Reporter:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+
+
+def format_notes(summary: Dict[str, Any], notes: Dict[str, Any]) -> List[str]:
+    """The lines under the final table: what the metrics alone do not tell."""
+    lines = []
+    if notes.get("skipped_images"):
+        lines.append(f"images that failed to decode and were skipped: {notes['skipped_images']} "
+                     "(counted at every read, in every epoch and evaluation)")
+    if notes.get("skipped_steps"):
+        lines.append(f"non-finite steps skipped (optim.skip_nonfinite_steps): {notes['skipped_steps']}")
+    best = summary["best"]["epoch"] if summary else 0
+    if "best_checkpoint_epoch" in notes and best >= 1 and notes["best_checkpoint_epoch"] != best:
+        held = notes["best_checkpoint_epoch"]
+        lines.append(f"best/ {'is empty' if held is None else f'holds epoch {held}'}, not epoch {best}: that "
+                     "epoch's checkpoint was lost when the run stopped")
+    return lines

@@ -102,6 +102,8 @@ def center_crop(images: np.ndarray, out_size: int) -> np.ndarray:
 class SyntheticDataset:
     """The embedded default behind the `data.Dataset` protocol (see data.py for the batch format)."""
 
+    num_skipped_images = 0  # its images are generated: none fails to decode
+
     def __init__(self, config, *, local_batch_size: int, local_eval_batch_size: int,
                  process_index: int = 0, process_count: int = 1):
         synthetic = config.dataset.synthetic
