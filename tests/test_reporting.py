@@ -38,15 +38,18 @@ def _as_tensorboard_shows(events):
     return points
 
 
-def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
+def test_a_resume_shows_each_step_and_evaluation_once(tmp_path):
     first = reporting.Reporter(tmp_path, total_steps=6)
-    for step in range(1, 6):  # killed after step 5; the latest checkpoint is at step 3
-        first.progress(0, 1, step, 8, {"loss": 10.0 - step, "lr": 0.1})
+    for step in range(1, 6):  # 2 steps per epoch; killed after step 5; the latest checkpoint is at step 3
+        first.progress(step // 2, 3, step, 8, {"loss": 10.0 - step, "lr": 0.1})
+        if step % 2 == 0:
+            first.evaluation(step // 2, step, {"recall@1": 0.5})
     first.close()
     time.sleep(1.1)  # event files are named by the second they were opened in
-    resumed = reporting.Reporter(tmp_path, total_steps=6, resumed_step=3, resumed_epoch=0)
+    resumed = reporting.Reporter(tmp_path, total_steps=6, resumed_step=3, resumed_epoch=1)
+    assert sorted(resumed.history) == [1]  # the evaluation after epoch 2 (step 4) is redone
     for step in range(4, 7):
-        resumed.progress(0, 1, step, 8, {"loss": 100.0 + step, "lr": 0.1})
+        resumed.progress(step // 2, 3, step, 8, {"loss": 100.0 + step, "lr": 0.1})
     resumed.close()
 
     points = _as_tensorboard_shows(_events(tmp_path / "tensorboard"))
