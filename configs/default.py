@@ -132,6 +132,9 @@ def get_config():
     optim.frozen = ()
     # Element-wise gradient clipping to [-clip, clip] (0 = off).
     optim.grad_clip_value = 10.0
+    # A step whose loss, gradients or updated parameters are not finite stops the run (False), or is skipped,
+    # leaving the state as it was (True); may be switched on when resuming a run that stopped on such a step.
+    optim.skip_nonfinite_steps = False
     # Step decay: multiply the learning rate by gamma every decay_epochs epochs, counted from epoch 0.
     optim.decay_epochs = 5
     optim.decay_gamma = 0.5

@@ -2,28 +2,36 @@
 
   WORKDIR/config.json     the resolved config of the run, written at its first start (human-readable)
   WORKDIR/checkpoints/    the whole train state after every epoch (orbax; the last `checkpoint.keep`)
-  WORKDIR/best/           the best train state by `checkpoint.best_metric`
+  WORKDIR/best/           the train state of the best epoch so far (the `best` entry of metrics.json)
   WORKDIR/metrics.json    every evaluation, and the last and best epoch
   WORKDIR/tensorboard/    TensorBoard scalars
 
 `restore_run` gives another command (evaluate, visualize) a run's config, dataset, model and a restored train
 state without the training loop.
+
+What a run may rely on: a resume compares the config with config.json first (`check_resumed_config`); what a
+save cut short left is removed (`remove_unfinished_saves`); best/ is made to agree with metrics.json
+(`Checkpoints.reconcile_best`); a save that fails in the background stops the run within a step
+(`Checkpoints.raise_if_a_save_failed`).
 """
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import os
-from typing import Any, List, Optional, Union
+import re
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
+from hpl_jax import config_checks
 from hpl_jax import data
 from hpl_jax import datasets
-from hpl_jax import hierarchy as hierarchy_lib
 from hpl_jax import models
 from hpl_jax.train_state import TrainState, create_train_state
 
@@ -31,10 +39,30 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
+# What orbax names a step directory while it is being written; renamed to the step number when complete.
+UNFINISHED_SAVE = ".orbax-checkpoint-tmp"
+
+# Fields a resumed run may change: how long it runs, what and how often it reports, where the data lies. Every
+# other field (model.*, hpl.*, loss.*, optim.*, dataset.* but the paths, seed, batch_size, checkpoint.best_metric,
+# and any field added later) changes the train state's shape or what it means, and must match config.json.
+RESUMABLE_FIELDS = (
+    "num_epochs", "log_every_steps", "eval.*", "checkpoint.keep", "checkpoint.every_steps",
+    "dataset.data_dir", "dataset.manual_dir",
+    # Read only to initialise the backbone (the resumed state replaces it); the input normalisation the
+    # weights imply is in dataset.* and compared.
+    "model.pretrained",
+    # A way to resume a run that stopped on a non-finite step (see train.train_step).
+    "optim.skip_nonfinite_steps",
+)
+MISSING = "(absent)"
 
 
 class RunError(FileNotFoundError):
     """A run or checkpoint a command names does not exist; the message says what exists instead."""
+
+
+class WorkdirError(Exception):
+    """The workdir cannot be used or written (a file, read-only, full); the message says what to do."""
 
 
 def workdir_path(workdir: str) -> epath.Path:
@@ -172,10 +200,202 @@ def restore_run(workdir, which: Union[str, int] = "latest") -> RestoredRun:
     template_config = config.copy_and_resolve_references()
     template_config.model.pretrained = ""
     template_config.hpl.kmeans_restarts = 1
+    # create_train_state sizes every level as training did (ground-truth level 1 included).
     template = create_train_state(jax.random.PRNGKey(config.seed), template_config, model, dataset.info)
-    if config.hpl.ground_truth_level1 and dataset.info.train_super_labels is not None:
-        # As the training loop does: level 1 is then the S ground-truth super-classes, not K_1 clusters.
-        template = template.replace(hierarchy=hierarchy_lib.hierarchy_from_super_labels(
-            template.hierarchy.proxies[0], dataset.info.train_super_labels))
     state = restore_state(workdir, template, which, best_metric)
     return RestoredRun(workdir=workdir, config=config, dataset=dataset, model=model, state=state)
+# --------------------------------------------------------------------------------------------- the config
+def _fields(tree: Mapping[str, Any], prefix: str = "") -> Iterator[Tuple[str, Any]]:
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _fields(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def changed_fields(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Dict[str, Tuple[Any, Any]]:
+    """{field: (saved value, current value)} for every leaf field that differs; MISSING where one side lacks it."""
+    saved, current = dict(_fields(_tuples(dict(saved)))), dict(_fields(_tuples(dict(current))))
+    pairs = {field: (saved.get(field, MISSING), current.get(field, MISSING))
+             for field in sorted(saved.keys() | current.keys())}
+    return {field: (then, now) for field, (then, now) in pairs.items() if then != now}
+
+
+def is_resumable(field: str) -> bool:
+    return any(fnmatch.fnmatchcase(field, pattern) for pattern in RESUMABLE_FIELDS)
+
+
+def check_resumed_config(saved: Mapping[str, Any], config: ml_collections.ConfigDict, path) -> None:
+    """Raises ConfigError if `config` differs from the saved one in a field a resume may not change; logs the
+    changes it may make."""
+    changes = changed_fields(saved, config.to_dict())
+    refused = {field: values for field, values in changes.items() if not is_resumable(field)}
+    if refused:
+        listed = "; ".join(f"config.{field} = {then!r} there, {now!r} now" for field, (then, now) in refused.items())
+        raise config_checks.ConfigError(
+            f"{path} holds the config this workdir's run started with, and fields that change the train state's "
+            f"shape or meaning differ: {listed}. Run with the saved values to resume, or use a new --workdir.")
+    for field, (then, now) in changes.items():
+        logging.info("Resuming with config.%s = %r (was %r; allowed on resume).", field, now, then)
+
+
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *, write: bool) -> epath.Path:
+    """The workdir, created if new, checked against the config it holds, with the config (re)written.
+
+    Raises WorkdirError if it is a file or cannot be written, ConfigError if a resume would change a field that
+    changes the train state's shape or meaning (see RESUMABLE_FIELDS). `write`: this process writes (process 0).
+    """
+    path = workdir_path(workdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise WorkdirError(f"--workdir {workdir} is a file (or lies under one); pass a directory.") from None
+    except OSError as error:
+        raise WorkdirError(f"--workdir {workdir} cannot be created ({error.strerror or error}); pass a "
+                           "writable directory.") from None
+    if (path / CONFIG_FILE).exists():
+        check_resumed_config(json.loads((path / CONFIG_FILE).read_text()), config, path / CONFIG_FILE)
+    if write:
+        try:
+            save_config(path, config)
+        except OSError as error:
+            raise WorkdirError(f"--workdir {workdir} cannot be written ({error.strerror or error}); pass a "
+                               "writable directory.") from None
+    return path
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+def remove_unfinished_saves(directory: epath.Path) -> None:
+    """Deletes the step directories of saves a stopped run left half-written (orbax never reads them)."""
+    if not directory.exists():
+        return
+    for child in directory.iterdir():
+        if UNFINISHED_SAVE in child.name:
+            logging.warning("Removing %s, a save that a stopped run left unfinished.", child)
+            child.rmtree()
+
+
+def _failure_reason(error: BaseException) -> str:
+    """One line: the OS error a save met where there is one (tensorstore reports it as os_error_code='28')."""
+    code = re.search(r"os_error_code='?(\d+)", str(error))
+    if code:
+        return os.strerror(int(code.group(1)))
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+class Checkpoints:
+    """A run's WORKDIR/checkpoints (the last `checkpoint.keep` saves) and, with `checkpoint.best_metric`,
+    WORKDIR/best (the state of the best epoch so far), saved in the background by orbax.
+
+    A save that fails in the background (a full disk) raises WorkdirError at the next `raise_if_a_save_failed`
+    (called at every step boundary) or save, naming the resume point: the latest complete save, untouched.
+    """
+
+    def __init__(self, workdir: epath.Path, config, *, is_lead: bool):
+        if is_lead:
+            remove_unfinished_saves(workdir / CHECKPOINTS_DIR)
+            remove_unfinished_saves(workdir / BEST_DIR)
+        self.all = ocp.CheckpointManager(
+            workdir / CHECKPOINTS_DIR,
+            options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True))
+        self.best = None
+        if config.checkpoint.best_metric:
+            self.best = ocp.CheckpointManager(
+                workdir / BEST_DIR,
+                options=ocp.CheckpointManagerOptions(
+                    # The loop saves here only at an epoch metrics.json calls the best so far, so the latest save
+                    # is the best: one rule (the summary's) decides, ties included.
+                    max_to_keep=1, create=True,
+                    # Its saves run beside those of `all`, at the same steps: the hosts' barriers need other names.
+                    multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="best")))
+
+    @property
+    def directory(self) -> epath.Path:
+        return self.all.directory
+
+    def latest_step(self) -> Optional[int]:
+        return self.all.latest_step()
+
+    def restore(self, step: int, template):
+        """The state saved at `step`, with the structure and dtypes of `template` (NumPy leaves)."""
+        return self.all.restore(step, args=ocp.args.StandardRestore(template))
+
+    def save(self, step: int, state) -> None:
+        """Starts a background save of `state` (NumPy leaves) once the previous one has ended (orbax waits for
+        it anyway); that one's failure raises WorkdirError."""
+        self._raise_if_failed(self.all)
+        self.all.save(step, args=ocp.args.StandardSave(state))
+
+    def save_best(self, step: int, state, metrics: Dict[str, float]) -> None:
+        """Saves `state` as the best so far (call it only at an epoch metrics.json calls the best)."""
+        self._raise_if_failed(self.best)
+        self.best.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+
+    def raise_if_a_save_failed(self) -> None:
+        """Raises WorkdirError if a background save has failed; returns at once while saves are still running,
+        so it is cheap enough for every step boundary."""
+        for manager in self._managers():
+            if not manager.is_saving_in_progress():
+                self._raise_if_failed(manager)
+
+    def wait(self) -> None:
+        """Blocks until the background saves have ended; a failed one raises WorkdirError."""
+        for manager in self._managers():
+            self._raise_if_failed(manager)
+
+    def finish_quietly(self) -> None:
+        """When a run stops on an error: the saves in flight (of good state) complete; a failing one is logged,
+        as the error that stopped the run is the one to report."""
+        try:
+            self.wait()
+        except WorkdirError as error:
+            logging.error("%s", error)
+
+    def reconcile_best(self, *, best_epoch: int, best_metrics: Dict[str, float], steps_per_epoch: int,
+                       resumed_step: int, template) -> None:
+        """On resume, makes best/ hold the state of `best_epoch`, metrics.json's best epoch up to the resume point.
+
+        A run stopped between the saves of an epoch can leave best/ one best epoch behind (its save was cut
+        short) or ahead of the resume point (the epoch's regular checkpoint was cut short, and the epoch is
+        redone). best/ is re-saved from checkpoints/ where that still holds the epoch; otherwise it stays as it
+        is, and the run's closing notes say which epoch it holds (`held_best_epoch`).
+        """
+        for step in self.best.all_steps():
+            if step > resumed_step:
+                self.best.delete(step)
+        if best_epoch < 1:
+            return
+        step = best_epoch * steps_per_epoch
+        if self.best.all_steps() == [step]:
+            return
+        if step not in self.all.all_steps():
+            logging.warning("best/ cannot be brought up to epoch %d, the best so far: checkpoints/%d is gone.",
+                            best_epoch, step)
+            return
+        for stale in self.best.all_steps():
+            self.best.delete(stale)
+        self.save_best(step, self.restore(step, template), best_metrics)
+        self.wait()
+        logging.warning("best/ re-saved from checkpoints/%d: epoch %d is the best so far.", step, best_epoch)
+
+    def held_best_epoch(self, steps_per_epoch: int) -> Optional[int]:
+        """The epoch whose state best/ holds (None if empty)."""
+        step = self.best.latest_step()
+        return None if step is None else step // steps_per_epoch
+
+    def _managers(self):
+        return [m for m in (self.all, self.best) if m is not None]
+
+    def _raise_if_failed(self, manager: ocp.CheckpointManager) -> None:
+        try:
+            manager.wait_until_finished()
+        except Exception as error:  # pylint: disable=broad-except  (orbax re-raises its save thread's error)
+            latest = self.all.latest_step()
+            resume = (f"{self.all.directory}/{latest} is the resume point" if latest is not None
+                      else "no checkpoint is complete yet")
+            raise WorkdirError(f"saving a checkpoint in {manager.directory} failed ({_failure_reason(error)}); "
+                               f"{resume}: free space or fix the file system, then run the same command "
+                               "again.") from None

@@ -7,12 +7,14 @@ import sys
 from typing import Callable, TypeVar
 
 import jax
+from absl import app
 from absl import flags
 from absl import logging
 
 from hpl_jax import checkpointing
 from hpl_jax import config_checks
 from hpl_jax import data
+from hpl_jax import guards
 
 FLAGS = flags.FLAGS
 T = TypeVar("T")
@@ -37,8 +39,38 @@ def _own_info_only(record) -> bool:
     return record.levelno >= std_logging.WARNING or "/hpl_jax/" in record.pathname
 
 
+# A failed background save (a full disk) is reported by the run in one line. Around it, orbax logs the failure
+# with a traceback from each of its threads, and the writes it left running end after orbax stopped waiting: each
+# reports "Event loop is closed" (about 150 tracebacks on a full disk) or, when garbage-collected, "exception was
+# never retrieved". The filters below keep orbax's one-line messages and drop the rest.
+def _one_line_library_errors(record) -> bool:
+    if "/hpl_jax/" not in record.pathname:
+        record.exc_info, record.exc_text = None, None
+    return not (record.name == "asyncio" and "exception was never retrieved" in record.getMessage())
+
+
+def _no_closed_loop_noise(unraisable) -> None:
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def quiet_library_logs() -> None:
-    logging.get_absl_handler().python_handler.addFilter(_own_info_only)
+    handler = logging.get_absl_handler().python_handler
+    handler.addFilter(_own_info_only)
+    handler.addFilter(_one_line_library_errors)
+    sys.unraisablehook = _no_closed_loop_noise
+
+
+def parse_flags(argv):
+    """absl's flag parsing, but a `--config.<field>` override that names no field is one line, not tracebacks."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as error:
+        message = config_checks.unknown_field(error, argv)
+        if message is None:
+            raise
+        sys.exit(f"Config error: {message}")
 
 
 def join_processes() -> None:
@@ -57,7 +89,8 @@ def join_processes() -> None:
 
 
 def exit_on_user_error(fn: Callable[..., T], *args, **kwargs) -> T:
-    """Calls fn; an error the user can fix (config, data, a missing run or checkpoint) exits with its one line."""
+    """Calls fn; an error the user can fix (config, data, a missing run or checkpoint, an unusable workdir, a
+    non-finite step) exits with its one line."""
     try:
         return fn(*args, **kwargs)
     except config_checks.ConfigError as error:
@@ -66,3 +99,7 @@ def exit_on_user_error(fn: Callable[..., T], *args, **kwargs) -> T:
         sys.exit(f"Data error: {error}")
     except checkpointing.RunError as error:
         sys.exit(f"Run error: {error}")
+    except checkpointing.WorkdirError as error:
+        sys.exit(f"Workdir error: {error}")
+    except guards.NonFiniteError as error:
+        sys.exit(f"Training error: {error}")

@@ -4,8 +4,10 @@ A bad value stops the run with one `ConfigError` whose message names the field a
 """
 from __future__ import annotations
 
+import numbers
 import os
 import re
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -32,6 +34,65 @@ def _require(condition: bool, field: str, problem: str) -> None:
         raise ConfigError(f"config.{field}: {problem}")
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_str(value) -> bool:
+    return isinstance(value, str)
+
+
+def _is_regex_and_multiplier(value) -> bool:
+    return isinstance(value, tuple) and len(value) == 2 and _is_str(value[0]) and _is_number(value[1])
+
+
+# Tuple fields and what each element must be: ml_collections checks a scalar field's type but not the
+# elements of a tuple (`--config.hpl.weights='(1.0,abc)'` arrives as the one-string tuple ('(1.0,abc)',)).
+TUPLE_FIELDS = {
+    "dataset.crop_scale": (_is_number, "a number", "(0.08, 1.0)"),
+    "dataset.crop_ratio": (_is_number, "a number", "(0.75, 1.3333)"),
+    "dataset.mean": (_is_number, "a number", "(0.485, 0.456, 0.406)"),
+    "dataset.std": (_is_number, "a number", "(0.229, 0.224, 0.225)"),
+    "hpl.weights": (_is_number, "a number", "(1.0, 0.1)"),
+    "hpl.num_coarse": (_is_int, "an integer", "(8,)"),
+    "optim.lr_mults": (_is_regex_and_multiplier, "a (regex, multiplier) pair", "(('proxies/.*', 100.0),)"),
+    "optim.warmup_trainable": (_is_str, "a regex string", "('model/embedding/.*', 'proxies/.*')"),
+    "optim.frozen": (_is_str, "a regex string", "('model/backbone/.*',)"),
+    "eval.recall_at": (_is_int, "an integer", "(1, 2, 4, 8)"),
+}
+
+
+def _check_tuple_elements(config) -> None:
+    for field, (is_valid, what, example) in TUPLE_FIELDS.items():
+        value = config
+        for name in field.split("."):
+            value = value[name]
+        values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        bad = [v for v in values if not is_valid(v)]
+        if bad:
+            raise ConfigError(f"config.{field}: {values!r} holds {bad[0]!r}, which is not {what}; e.g. "
+                              f"--config.{field}=\"{example}\".")
+
+
+def unknown_field(error: BaseException, argv: Sequence[str]) -> Optional[str]:
+    """The one-line message for ml_collections' error on a `--config.<field>` override that names no field
+    (a KeyError or AttributeError that may suggest the right name), or None if `error` is another one."""
+    text = str(error)
+    suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+    quoted = re.search(r"'(\w+)", text)
+    name = suggestion.group(2) if suggestion else quoted.group(1) if quoted else None
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--config.") and name in flag[len("--config."):].split("."):
+            hint = f"did you mean {suggestion.group(1)!r}?" if suggestion else "see configs/default.py for the fields."
+            return f"{flag[2:]}: no such field ({name!r}); {hint}"
+    return None
+
+
 def _check_regexes(patterns, field: str) -> None:
     for pattern in patterns:
         try:
@@ -42,6 +103,7 @@ def _check_regexes(patterns, field: str) -> None:
 
 def validate_config(config, *, device_count: int, process_count: int) -> None:
     """Checks each field on its own and against the device layout; raises ConfigError."""
+    _check_tuple_elements(config)
     dataset = config.dataset
     _require(dataset.name in data.DATASETS, "dataset.name",
              f"{dataset.name!r} is unknown; use one of {', '.join(data.DATASETS)}.")

@@ -21,6 +21,7 @@ from typing import Dict, Iterator, Optional, Protocol, Sequence, Tuple
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 Batch = Dict[str, np.ndarray]
 
@@ -53,6 +54,7 @@ class DatasetInfo:
 
     With `dataset.num_val_classes` > 0, 'val' is a key of `num_eval_examples`: the held-out training classes
     (labels 0..V-1), and the training classes are the others, relabelled 0..C-1.
+      train_class_names: the name of each train class, where the source has names (image folders).
     """
 
     name: str
@@ -65,10 +67,13 @@ class DatasetInfo:
     test_super_labels: Optional[np.ndarray] = None
     val_super_labels: Optional[np.ndarray] = None
     super_parents: Optional[np.ndarray] = None
+    train_class_names: Optional[Tuple[str, ...]] = None
 
 
 class Dataset(Protocol):
     info: DatasetInfo
+    # Images this host's batches skipped because they failed to decode, counted at every read.
+    num_skipped_images: int
 
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """This host's training batches of `epoch`, in an order fixed by (seed, epoch).
@@ -83,6 +88,24 @@ class Dataset(Protocol):
         Every example of the split appears exactly once over all hosts with mask True; the last batches are
         padded (mask False) so that every host yields the same number of full local batches.
         """
+
+
+def require_every_train_class(labels: np.ndarray, info: DatasetInfo) -> None:
+    """Raises DataError naming the train classes absent from `labels` (i32[n], every train image that decoded)."""
+    missing = np.flatnonzero(np.bincount(labels, minlength=info.num_train_classes) == 0)
+    if missing.size:
+        names = info.train_class_names
+        listed = ", ".join(f"{c} ({names[c]!r})" if names else str(c) for c in missing[:5])
+        more = f" and {missing.size - 5} more" if missing.size > 5 else ""
+        raise DataError(f"{info.name}: no image of train class(es) {listed}{more} decodes; replace the broken "
+                        "files or remove the class.")
+
+
+def total_over_hosts(count: int) -> int:
+    """The sum of a per-host count over every host (a collective: every host calls it at the same point)."""
+    if jax.process_count() == 1:
+        return int(count)
+    return int(np.sum(multihost_utils.process_allgather(np.asarray(count, np.int64))))
 
 
 def steps_per_epoch(num_train_examples: int, global_batch_size: int) -> int:

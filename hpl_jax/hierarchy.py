@@ -486,8 +486,8 @@ def class_means(embeddings, labels, num_classes: int) -> jax.Array:
     if missing.size:
         shown = ", ".join(str(int(c)) for c in missing[:10]) + (", ..." if missing.size > 10 else "")
         raise ValueError(
-            f"classes {shown} ({missing.size} in all) have no example among the embeddings; compute class "
-            "means over the whole training split.")
+            f"classes {shown} ({missing.size} in all) have no example among the embeddings; each class needs at "
+            "least one (a class none of whose images decode has none: replace its broken files).")
     return jnp.asarray(_cluster_means(_l2_normalised(embeddings), labels, num_classes), jnp.float32)
 
 

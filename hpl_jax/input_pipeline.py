@@ -261,10 +261,11 @@ class TfdsExamples:
 
 @dataclasses.dataclass(frozen=True)
 class FileExamples:
-    """The examples of one split of an image folder: paths: str[n], labels: i32[n]."""
+    """The examples of one split of an image folder: paths: str[n], labels: i32[n], and each label's class folder."""
 
     paths: np.ndarray
     labels: np.ndarray
+    class_names: Tuple[str, ...] = ()
 
     @property
     def num_examples(self) -> int:
@@ -554,7 +555,7 @@ def image_folder_splits(root: str):
         labels = [label for label, name in enumerate(classes) for _ in files[name]]
         supers = None if hierarchy is None else np.array([vocabulary.index(hierarchy[c]) for c in classes],
                                                          np.int32)
-        return FileExamples(np.array(paths), np.array(labels, np.int32)), supers
+        return FileExamples(np.array(paths), np.array(labels, np.int32), tuple(classes)), supers
 
     (train, train_supers), (test, test_supers) = split(train_classes), split(test_classes)
     return train, test, train_supers, test_supers
@@ -684,7 +685,8 @@ def _only_classes(examples: Examples, classes: np.ndarray) -> Examples:
     table = np.concatenate([data.relabelling(classes, examples.num_classes), np.array([-1], np.int32)])
     if isinstance(examples, FileExamples):
         rows = np.isin(examples.labels, classes)
-        return FileExamples(examples.paths[rows], table[examples.labels[rows]])
+        names = tuple(examples.class_names[c] for c in classes) if examples.class_names else ()
+        return FileExamples(examples.paths[rows], table[examples.labels[rows]], names)
     return dataclasses.replace(
         examples, record_labels={split: table[labels] for split, labels in examples.record_labels.items()},
         label_table=table[examples.label_table])
@@ -729,6 +731,7 @@ def create_dataset(config, *, local_batch_size: int, local_eval_batch_size: int,
         train_super_labels=train_supers,
         test_super_labels=test_supers,
         val_super_labels=val_supers,
+        train_class_names=train.class_names if isinstance(train, FileExamples) else None,
     )
     if data.steps_per_epoch(info.num_train_examples, local_batch_size * process_count) < 1:
         raise ValueError(f"config.batch_size={local_batch_size * process_count} exceeds the "

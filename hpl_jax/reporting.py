@@ -3,18 +3,27 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import jax
 import numpy as np
 from absl import logging
 from etils import epath
 
+from hpl_jax import checkpointing
+
 
 class Reporter:
-    """Progress lines, TensorBoard scalars (tensorboardX: no TensorFlow) and metrics.json; process 0 only."""
+    """Progress lines, TensorBoard scalars (tensorboardX: no TensorFlow) and metrics.json; process 0 only.
 
-    def __init__(self, workdir: epath.Path, total_steps: int, selection_metric: str = "recall@1"):
+    A run resumed at `resumed_step` (in epoch `resumed_epoch`) redoes what came after it: metrics.json drops
+    the evaluations after that epoch and the refreshes after that step, and TensorBoard hides the events after
+    that step (purge_step), so the redone steps are not shown twice. A fresh start (`resumed_step` None) redoes
+    everything.
+    """
+
+    def __init__(self, workdir: epath.Path, total_steps: int, selection_metric: str = "recall@1",
+                 resumed_step: Optional[int] = None, resumed_epoch: int = 0):
         """`selection_metric`: the metrics key the best epoch is chosen on ('val/...' when there is a
         validation split; see evaluation.selection_metric)."""
         self.is_lead = jax.process_index() == 0
@@ -23,15 +32,23 @@ class Reporter:
         self.metrics_path = workdir / "metrics.json"
         self.history = {}
         self.refreshes = []
+        self.notes: Dict[str, Any] = {}
         if self.metrics_path.exists():
             saved = json.loads(self.metrics_path.read_text())
-            self.history = {int(k): v for k, v in saved["history"].items()}
-            self.refreshes = saved.get("refreshes", [])
+            self.history = {int(k): v for k, v in saved["history"].items() if int(k) <= resumed_epoch}
+            self.refreshes = [r for r in saved.get("refreshes", [])
+                              if resumed_step is not None and r["step"] <= resumed_step]
         self.writer = None
         if self.is_lead:
             from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(str(workdir / "tensorboard"))
+            # TensorBoard drops the events of steps >= purge_step written before this one.
+            self.writer = SummaryWriter(str(workdir / "tensorboard"),
+                                        purge_step=0 if resumed_step is None else resumed_step + 1)
         self._last_time, self._last_step = time.time(), None
+
+    def restart_clock(self, step: int) -> None:
+        """Measures the speed from `step` on: what came before (compiling, evaluation) is not a training step."""
+        self._last_time, self._last_step = time.time(), step
 
     def scalars(self, step: int, values: Dict[str, float], prefix: str = "") -> None:
         if self.writer:
@@ -82,13 +99,23 @@ class Reporter:
         self.scalars(step, values)
         self._write_json()
 
+    def annotate(self, notes: Dict[str, Any]) -> None:
+        """Adds top-level entries to metrics.json (e.g. skipped_images)."""
+        self.notes.update(notes)
+        self._write_json()
+
     def _write_json(self) -> None:
         if self.is_lead:
             tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
             content = {"selected_on": self.selection_metric, "history": self.history, **self.summary(),
-                       "refreshes": self.refreshes}
-            tmp.write_text(json.dumps(content, indent=2))
-            tmp.replace(self.metrics_path)
+                       "refreshes": self.refreshes, **self.notes}
+            try:
+                tmp.write_text(json.dumps(content, indent=2))
+                tmp.replace(self.metrics_path)
+            except OSError as error:
+                raise checkpointing.WorkdirError(f"cannot write {self.metrics_path} ({error.strerror or error}); "
+                                                 "free space or fix the file system, then run the same command "
+                                                 "again to resume.") from None
 
     def summary(self) -> Dict[str, Any]:
         """The last and the best epoch's metrics (METHOD.md: report both; the published ones are the best).
@@ -106,3 +133,19 @@ class Reporter:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+
+
+def format_notes(summary: Dict[str, Any], notes: Dict[str, Any]) -> List[str]:
+    """The lines under the final table: what the metrics alone do not tell."""
+    lines = []
+    if notes.get("skipped_images"):
+        lines.append(f"images that failed to decode and were skipped: {notes['skipped_images']} "
+                     "(counted at every read, in every epoch and evaluation)")
+    if notes.get("skipped_steps"):
+        lines.append(f"non-finite steps skipped (optim.skip_nonfinite_steps): {notes['skipped_steps']}")
+    best = summary["best"]["epoch"] if summary else 0
+    if "best_checkpoint_epoch" in notes and best >= 1 and notes["best_checkpoint_epoch"] != best:
+        held = notes["best_checkpoint_epoch"]
+        lines.append(f"best/ {'is empty' if held is None else f'holds epoch {held}'}, not epoch {best}: that "
+                     "epoch's checkpoint was lost when the run stopped")
+    return lines

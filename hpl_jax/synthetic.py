@@ -107,6 +107,8 @@ class SyntheticDataset:
     Another in-memory dataset (synthetic_sop.py) overrides `_generate` and keeps the batching.
     """
 
+    num_skipped_images = 0  # its images are generated: none fails to decode
+
     def __init__(self, config, *, local_batch_size: int, local_eval_batch_size: int,
                  process_index: int = 0, process_count: int = 1):
         self._config = config

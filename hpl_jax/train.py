@@ -7,15 +7,14 @@ reporting, checkpoints) live in modules of their own.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Dict, Optional, Tuple
 
-import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -25,6 +24,7 @@ from hpl_jax import convert_weights
 from hpl_jax import data
 from hpl_jax import datasets
 from hpl_jax import evaluation
+from hpl_jax import guards
 from hpl_jax import hierarchy as hierarchy_lib
 from hpl_jax import losses
 from hpl_jax import models
@@ -32,7 +32,7 @@ from hpl_jax import optim
 from hpl_jax import preemption as preemption_lib
 from hpl_jax import reporting
 from hpl_jax.train_state import TrainState
-from hpl_jax.train_state import create_train_state, host_copy, trainable, unreplicate
+from hpl_jax.train_state import create_train_state, host_copy, replicate, trainable, unreplicate
 
 AXIS = "batch"  # pmap axis over the local devices; collectives span every device of every host
 
@@ -105,7 +105,11 @@ def train_step(state: TrainState, batch, *, model, config, labels, groups, in_wa
     new_state = state.replace(
         step=state.step + 1, params=tree["model"], batch_stats=batch_stats, opt_state=new_opt_state,
         hierarchy=state.hierarchy.replace(proxies=tree["proxies"]))
-    step_metrics = {"loss": total, "lr": optim.learning_rate(config.optim, state.epoch)}
+    # The same on every device (the gradients are pmean-ed); the host reads it with the metrics (guards.py).
+    finite = guards.all_finite((total, grads, tree))
+    if config.optim.skip_nonfinite_steps:
+        new_state = guards.keep_if_finite(finite, new_state, state.replace(step=state.step + 1))
+    step_metrics = {"loss": total, "lr": optim.learning_rate(config.optim, state.epoch), "finite": finite}
     for level in range(len(per_level)):
         step_metrics[f"loss/level_{level}"] = per_level[level]
     return new_state, step_metrics
@@ -165,7 +169,7 @@ def refresh_on_host(replicated_state: TrainState, config, reporter, info, *,
     # NumPy leaves: orbax saves them from process 0 alone (it refuses the host-local jax.Arrays a refresh makes).
     state = jax.device_get(state)
     values = observe_hierarchy(reporter, state, info, previous=previous)
-    return flax.jax_utils.replicate(state), state, values
+    return replicate(state, AXIS), state, values
 
 
 def hierarchies_agree(hierarchy) -> None:
@@ -201,13 +205,23 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     """Trains and evaluates per `config`, checkpointing to and resuming from `workdir` (local or gs://).
 
     A SIGTERM makes every host save a checkpoint at the next step boundary and return; a later call on the
-    same workdir resumes there and ends in the state an uninterrupted run ends in.
+    same workdir resumes there and ends in the state an uninterrupted run ends in. A non-finite step
+    (guards.NonFiniteError) or a failed save (checkpointing.WorkdirError) stops the run with one error after
+    the saves in flight complete; nothing non-finite is saved, so the latest checkpoint is the resume point.
 
-    Returns {'last': metrics, 'best': metrics, 'history': {epoch: metrics}, 'preempted': bool}.
+    Returns {'last': metrics, 'best': metrics, 'history': {epoch: metrics}, 'preempted': bool,
+    'skipped_images': int, 'skipped_steps': int}.
     """
+    # Whatever stops the run, the saves in flight complete and SIGTERM gets its previous handler back.
+    with contextlib.ExitStack() as on_exit:
+        return _train_and_evaluate(config, workdir, on_exit)
+
+
+def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> Dict[str, Any]:
     device_count, process_count = jax.device_count(), jax.process_count()
     config_checks.validate_config(config, device_count=device_count, process_count=process_count)
     config = with_pretrained_preprocessing(config)
+    workdir = checkpointing.prepare_workdir(workdir, config, write=jax.process_index() == 0)
     local_batch = config.batch_size // process_count
     dataset = datasets.get_dataset(config, local_batch_size=local_batch,
                                local_eval_batch_size=config.eval.batch_size // process_count,
@@ -216,6 +230,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     config_checks.validate_against_dataset(config, info)
     # From here on a SIGTERM (before the first step too) ends the run at a step boundary with a checkpoint.
     preemption = preemption_lib.Preemption()
+    on_exit.callback(preemption.close)
     steps_per_epoch = data.steps_per_epoch(info.num_train_examples, config.batch_size)
     total_steps = steps_per_epoch * config.num_epochs
     logging.info("%s: %d training classes, %d training images, %d steps/epoch of %d images on %d devices "
@@ -226,22 +241,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     state = create_train_state(jax.random.PRNGKey(config.seed), config, model, info)
     labels, groups = optim.parameter_groups(trainable(state.params, state.hierarchy), config.optim)
 
-    workdir = checkpointing.workdir_path(workdir)
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True)
-    checkpoints = ocp.CheckpointManager(workdir / "checkpoints", options=options)
     selected_on = evaluation.selection_metric(config, info)
-    best_checkpoint = None
-    if config.checkpoint.best_metric:
-        best_checkpoint = ocp.CheckpointManager(
-            workdir / "best",
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, best_fn=lambda m: m[selected_on], best_mode="max", create=True,
-                # Its saves run beside those of `checkpoints`, at the same steps: the hosts' barriers need
-                # other names.
-                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="best")))
-    reporter = reporting.Reporter(workdir, total_steps, selected_on)
-    if jax.process_index() == 0 and not (workdir / checkpointing.CONFIG_FILE).exists():
-        checkpointing.save_config(workdir, config)
+    checkpoints = checkpointing.Checkpoints(workdir, config, is_lead=jax.process_index() == 0)
+    on_exit.callback(checkpoints.finish_quietly)
 
     p_embed = jax.pmap(functools.partial(evaluation.embed_step, model=model), axis_name=AXIS)
     step_fns = {
@@ -250,21 +252,33 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         for warm in (True, False)}
 
     untrained = None
-    if checkpoints.latest_step() is not None:
-        state = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.StandardRestore(jax.device_get(state)))
+    resumed = checkpoints.latest_step() is not None
+    if resumed:
+        state = checkpoints.restore(checkpoints.latest_step(), jax.device_get(state))
+    # What came after the resume point is redone: metrics.json and TensorBoard forget it.
+    reporter = reporting.Reporter(workdir, total_steps, selected_on,
+                                  resumed_step=int(state.step) if resumed else None, resumed_epoch=int(state.epoch))
+    on_exit.callback(reporter.close)
+    if resumed:
         logging.info("Resumed from %s at step %d (epoch %d).", checkpoints.directory, int(state.step),
                      int(state.epoch))
         # The step this run starts from, told before compiling: a SIGTERM from now on stops at the first step.
         preemption.reached(int(state.step))
         untrained = reporter.history.get(0)
+        if checkpoints.best is not None and reporter.history:
+            best = reporter.summary()["best"]
+            checkpoints.reconcile_best(
+                best_epoch=best["epoch"], best_metrics={k: v for k, v in best.items() if isinstance(v, float)},
+                steps_per_epoch=steps_per_epoch, resumed_step=int(state.step), template=jax.device_get(state))
     else:
-        replicated = flax.jax_utils.replicate(state)
+        replicated = replicate(state, AXIS)
         untrained = evaluation.evaluate(p_embed, replicated, dataset, config)
         # The first grouping (the ground-truth level 1 is already in place: create_train_state).
         if state.hierarchy.num_levels > 1 and not config.hpl.ground_truth_level1:
             level1_vectors = None
             if config.hpl.first_grouping == "class_means":
                 embeddings, train_labels = evaluation.embed_split(p_embed, replicated, dataset, "train")
+                data.require_every_train_class(train_labels, info)
                 level1_vectors = hierarchy_lib.class_means(embeddings, train_labels, info.num_train_classes)
             # Also for 'proxies': the grouping is recomputed once on process 0 and broadcast to every host.
             state = refresh_groupings(state, config, level1_vectors=level1_vectors, policy="reset")
@@ -275,7 +289,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
 
     start_epoch = int(state.epoch)
     start_step = int(state.step) - start_epoch * steps_per_epoch
-    state = flax.jax_utils.replicate(state)
+    state = replicate(state, AXIS)
+    # Every step's metrics, with its `finite` flag, are fetched before the host reads or saves the state.
+    step_metrics_seen = guards.StepMetrics(skip_nonfinite=config.optim.skip_nonfinite_steps)
     preempted = False
     for epoch in range(start_epoch, config.num_epochs):
         step_fn = step_fns[epoch < config.optim.warmup_epochs]
@@ -283,17 +299,24 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         for step_in_epoch in range(start_step, steps_per_epoch):
             state, step_metrics = step_fn(state, next(batches))
             step = epoch * steps_per_epoch + step_in_epoch + 1
+            if step_in_epoch == start_step:
+                # Compiling (after warm-up, after a resume) and the epoch boundary's host work are behind us:
+                # the speed and ETA count from here.
+                reporter.restart_clock(step)
+            step_metrics_seen.add(step, epoch + 1, step_metrics)
+            checkpoints.raise_if_a_save_failed()
             if step % config.log_every_steps == 0 or step_in_epoch == steps_per_epoch - 1:
-                reporter.progress(epoch, config.num_epochs, step, config.batch_size,
-                                  jax.device_get(unreplicate(step_metrics)))
+                reporter.progress(epoch, config.num_epochs, step, config.batch_size, step_metrics_seen.fetch())
             last_of_epoch = step_in_epoch == steps_per_epoch - 1
             if config.hpl.refresh_every_steps and step % config.hpl.refresh_every_steps == 0 and not last_of_epoch:
+                step_metrics_seen.fetch()
                 state, _, _ = refresh_on_host(state, config, reporter, info, end_of_epoch=False)
             # The last step of an epoch is asked after the epoch's checkpoint, so a stop there needs no save.
             preempted = not last_of_epoch and preemption.reached(step)
             if preempted or (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
                              and not last_of_epoch):
-                checkpoints.save(step, args=ocp.args.StandardSave(host_copy(state)))
+                step_metrics_seen.fetch()
+                checkpoints.save(step, host_copy(state))
             if preempted:
                 break
         if preempted:
@@ -305,23 +328,27 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
             values = {**evaluation.evaluate(p_embed, state, dataset, config), **hierarchy_values}
             reporter.evaluation(epoch + 1, int(host_state.step), values)
-        checkpoints.save(int(host_state.step), args=ocp.args.StandardSave(host_state))
-        if best_checkpoint is not None and values is not None:
-            best_checkpoint.save(int(host_state.step), args=ocp.args.StandardSave(host_state),
-                                 metrics={k: v for k, v in values.items() if isinstance(v, float)})
+        checkpoints.save(int(host_state.step), host_state)
+        if (checkpoints.best is not None and values is not None
+                and reporter.summary()["best"]["epoch"] == epoch + 1):
+            checkpoints.save_best(int(host_state.step), host_state,
+                                  metrics={k: v for k, v in values.items() if isinstance(v, float)})
         preempted = epoch + 1 < config.num_epochs and preemption.reached(int(host_state.step))
         if preempted:
             break
-    checkpoints.wait_until_finished()
-    if best_checkpoint is not None:
-        best_checkpoint.wait_until_finished()
-    preemption.close()
+    checkpoints.wait()
 
     summary = reporter.summary()
+    notes = {"skipped_images": data.total_over_hosts(dataset.num_skipped_images),
+             "skipped_steps": step_metrics_seen.num_skipped}
+    if checkpoints.best is not None and summary:
+        notes["best_checkpoint_epoch"] = checkpoints.held_best_epoch(steps_per_epoch)
+    reporter.annotate(notes)
     if preempted:
         logging.warning("Stopped for preemption at step %d with a checkpoint in %s; run again with the same "
                         "workdir to resume.", checkpoints.latest_step(), checkpoints.directory)
     elif reporter.is_lead:
-        print(evaluation.format_table(summary, untrained), flush=True)
+        print("\n".join([evaluation.format_table(summary, untrained), *reporting.format_notes(summary, notes)]),
+              flush=True)
     reporter.close()
-    return {**summary, "history": reporter.history, "preempted": preempted}
+    return {**summary, "history": reporter.history, "preempted": preempted, **notes}

@@ -599,11 +599,13 @@ def test_dataset_configs_follow_the_published_recipe(name, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # End to end: the training loop on an image folder.
 
-def test_training_runs_end_to_end_on_an_image_folder(tmp_path):
-    """One epoch of train_and_evaluate on an image folder (a small ResNet-18 keeps the compile short)."""
+def test_training_runs_end_to_end_on_an_image_folder(tmp_path, capsys):
+    """One epoch of train_and_evaluate on an image folder (a small ResNet-18 keeps the compile short); the
+    broken image's skips are counted in the result, metrics.json and under the final table."""
+    import json
     from hpl_jax import train
 
-    make_image_folder(str(tmp_path / "images"), ["a", "b", "c", "d", "e", "f"], [4, 4, 4, 4, 3, 3])
+    make_image_folder(str(tmp_path / "images"), ["a", "b", "c", "d", "e", "f"], [4, 4, 4, 4, 3, 3], corrupt_in="b")
     config = tiny(image_folder_config, **{
         "dataset.data_dir": str(tmp_path / "images"), "dataset.image_size": 32, "dataset.resize_size": 36,
         "model.backbone": "resnet18", "model.width": 0.125, "model.embedding_dim": 16, "model.dtype": "float32",
@@ -611,6 +613,36 @@ def test_training_runs_end_to_end_on_an_image_folder(tmp_path):
         "optim.warmup_epochs": 0, "batch_size": 4, "eval.batch_size": 4, "eval.nmi": False, "num_epochs": 1})
     result = train.train_and_evaluate(config, str(tmp_path / "workdir"))
     assert 0.0 <= result["last"]["recall@1"] <= 1.0
+    # Read in the epoch and when embedding the train split for the first grouping.
+    assert result["skipped_images"] >= 2
+    with open(tmp_path / "workdir" / "metrics.json") as f:
+        assert json.load(f)["skipped_images"] == result["skipped_images"]
+    assert f"images that failed to decode and were skipped: {result['skipped_images']}" in capsys.readouterr().out
+
+
+def test_a_train_class_whose_images_all_fail_to_decode_is_one_data_error(tmp_path):
+    import subprocess
+    import sys
+
+    root = tmp_path / "images"
+    owner = make_image_folder(str(root), ["a", "b", "c", "d", "e", "f"], [4, 4, 4, 4, 3, 3])
+    for example_id, name in owner.items():
+        if name == "b":
+            (root / name / f"{example_id:03d}.jpg").write_bytes(b"not a jpeg")
+    flags = [f"--config.dataset.data_dir={root}", "--config.dataset.image_size=16", "--config.dataset.resize_size=18",
+             "--config.model.backbone=resnet18", "--config.model.width=0.125", "--config.model.embedding_dim=16",
+             "--config.model.dtype=float32", "--config.hpl.num_coarse=(2,)", "--config.batch_size=4",
+             "--config.eval.batch_size=4", "--config.eval.nmi=False", "--config.num_epochs=1",
+             "--config.optim.warmup_epochs=0"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+               "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+    result = subprocess.run([sys.executable, "-m", "hpl_jax.main", "--config=configs/image_folder.py",
+                             f"--workdir={tmp_path / 'workdir'}", *flags], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Data error: image_folder: no image of train class(es) 1 ('b') decodes; replace the broken files or "
+        "remove the class.")
 
 
 E2E_OVERRIDES = {

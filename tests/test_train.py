@@ -2,6 +2,7 @@
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import optax
 import pytest
 
 from configs import default
+from hpl_jax import checkpointing
 from hpl_jax import config_checks
 from hpl_jax import data
 from hpl_jax import datasets
@@ -23,6 +25,8 @@ from hpl_jax import train
 from hpl_jax import train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Subprocess runs compile with XLA's backend optimisation off: about half the compile time (tests/test_multihost.py).
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def tiny_config(**overrides):
@@ -211,7 +215,10 @@ def test_config_errors_name_the_field():
         "checkpoint.best_metric": "recall@3", "model.pretrained": "/no/such/dir",
         "dataset.resize_size": 8,
     }
-    for field, value in cases.items():
+    # Tuple elements of the wrong type (ml_collections checks only scalar fields' types).
+    wrong_elements = {"hpl.weights": ("(1.0,abc)",), "hpl.num_coarse": (2.5,), "dataset.mean": (0.5, 0.5, "x"),
+                      "optim.lr_mults": ((1, 2.0),), "optim.frozen": (3,)}
+    for field, value in [*cases.items(), *wrong_elements.items()]:
         with pytest.raises(config_checks.ConfigError, match=f"config.{field}"):
             config_checks.validate_config(tiny_config(**{field: value}), device_count=2, process_count=1)
     with pytest.raises(config_checks.ConfigError, match="config.dataset.data_dir"):
@@ -222,15 +229,17 @@ def test_config_errors_name_the_field():
         config_checks.validate_against_dataset(tiny_config(**{"hpl.num_coarse": (6,)}), info)
 
 
-def _main(workdir, *overrides):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+def _main(workdir, *overrides, code=None):
+    """Runs `python -m hpl_jax.main` on the tiny config (or `python -c code` with the same arguments)."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}", JAX_PLATFORMS="cpu")
     tiny = ["--config.dataset.image_size=16", "--config.dataset.resize_size=18",
             "--config.dataset.synthetic.num_families=3", "--config.dataset.synthetic.classes_per_family=4",
             "--config.dataset.synthetic.images_per_class=7", "--config.model.width=0.125",
             "--config.model.embedding_dim=16", "--config.hpl.num_coarse=(3,)", "--config.batch_size=16",
             "--config.eval.batch_size=16", "--config.eval.nmi=False", "--config.dataset.num_val_classes=0"]
     overridden = {flag.split("=")[0] for flag in overrides}
-    command = [sys.executable, "-m", "hpl_jax.main", "--config=configs/default.py", f"--workdir={workdir}",
+    command = [sys.executable, *(["-c", code] if code else ["-m", "hpl_jax.main"]), "--config=configs/default.py",
+               f"--workdir={workdir}",
                *[flag for flag in tiny if flag.split("=")[0] not in overridden], *overrides]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
@@ -357,3 +366,141 @@ def test_ground_truth_level1_sizes_level1_from_the_super_classes(tmp_path):
     assert result["last"]["hierarchy/level_1_nmi"] == pytest.approx(1.0)
     state = _final_state(str(tmp_path))
     assert [np.shape(p) for p in state["hierarchy"]["proxies"]] == [(6, 16), (3, 16)]
+# --------------------------------------------------------------------------------------------- what stops a run
+def _one_error_line(result, prefix):
+    """The run failed with exactly one line starting with `prefix` and no traceback; returns that line."""
+    assert result.returncode != 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+def _all_finite(tree):
+    leaves = [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(tree)]
+    assert leaves
+    return all(np.all(np.isfinite(leaf)) for leaf in leaves if np.issubdtype(leaf.dtype, np.floating))
+
+
+def test_a_nonfinite_step_stops_the_run_and_the_latest_checkpoint_stays_good(tmp_path):
+    # lr 1e30 without clipping: step 1 leaves huge but finite parameters (saved: a checkpoint every step),
+    # step 2's forward pass overflows.
+    result = _main(str(tmp_path), "--config.optim.lr=1e30", "--config.optim.grad_clip_value=0",
+                   "--config.hpl.weights=(1.0,)", "--config.optim.warmup_epochs=0", "--config.num_epochs=2",
+                   "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=10")
+    line = _one_error_line(result, "Training error:")
+    assert re.search(r"non-finite loss or gradient at step 2 \(epoch 1\): loss nan \(levels nan\), lr 1\.00e\+30",
+                     line), line
+    import orbax.checkpoint as ocp
+    manager = ocp.CheckpointManager(os.path.join(tmp_path, "checkpoints"))
+    assert manager.all_steps() == [1]  # the save in flight when step 2 failed completed; step 2 was not saved
+    assert _all_finite(manager.restore(1))
+
+
+def test_skip_nonfinite_steps_leaves_the_state_as_it_was_but_for_the_step():
+    config = tiny_config(**{"optim.warmup_epochs": 0, "optim.skip_nonfinite_steps": True})
+    dataset, model, state, labels, groups = _setup(config)
+    step_fn = jax.pmap(functools.partial(train.train_step, model=model, config=config, labels=labels,
+                                         groups=groups, in_warmup=False), axis_name=train.AXIS)
+    batch = data.shard_for_devices(next(dataset.train_batches(0)), 2)
+    replicated = train_state.replicate(state, train.AXIS)
+    after, metrics = step_fn(replicated, batch)
+    assert np.all(np.asarray(metrics["finite"]))
+    after = jax.device_get(train_state.unreplicate(after))
+    assert not np.allclose(after.hierarchy.proxies[0], state.hierarchy.proxies[0])
+
+    batch["image"][0, 0, 0, 0, 0] = np.inf
+    skipped, metrics = step_fn(replicated, batch)
+    assert not np.any(np.asarray(metrics["finite"])) and np.isnan(np.asarray(metrics["loss"])).all()
+    skipped = jax.device_get(train_state.unreplicate(skipped))
+    assert int(skipped.step) == 1
+    for a, b in zip(jax.tree_util.tree_leaves(skipped.replace(step=state.step)), jax.tree_util.tree_leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_resume_refuses_a_config_that_changes_the_train_state(tmp_path):
+    checkpointing.save_config(checkpointing.workdir_path(str(tmp_path)), tiny_config())
+    changed = tiny_config(**{"hpl.num_coarse": (4,), "model.embedding_dim": 8, "num_epochs": 3})
+    with pytest.raises(config_checks.ConfigError) as error:
+        train.train_and_evaluate(changed, str(tmp_path))
+    message = str(error.value)
+    assert "config.hpl.num_coarse = (3,) there, (4,) now" in message
+    assert "config.model.embedding_dim = 16 there, 8 now" in message
+    assert "num_epochs" not in message and "\n" not in message
+    # Fields that steer how long a run goes and what it reports may change.
+    saved = tiny_config().to_dict()
+    allowed = tiny_config(**{"num_epochs": 30, "log_every_steps": 5, "eval.every_epochs": 2,
+                             "checkpoint.keep": 5, "dataset.data_dir": "/elsewhere"})
+    checkpointing.check_resumed_config(saved, allowed, "config.json")
+    for field, value in {"seed": 1, "batch_size": 32, "optim.lr": 1.0, "loss.base": "proxy_nca",
+                         "dataset.image_size": 24, "checkpoint.best_metric": "map@r"}.items():
+        with pytest.raises(config_checks.ConfigError, match=f"config.{field} = "):
+            checkpointing.check_resumed_config(saved, tiny_config(**{field: value}), "config.json")
+
+
+def test_a_workdir_that_is_a_file_or_read_only_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(checkpointing.WorkdirError, match="is a file"):
+        train.train_and_evaluate(tiny_config(), str(tmp_path / "file"))
+    with pytest.raises(checkpointing.WorkdirError, match="is a file"):
+        train.train_and_evaluate(tiny_config(), str(tmp_path / "file" / "run"))
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(type(checkpointing.workdir_path(str(tmp_path))), "write_text", read_only)
+    with pytest.raises(checkpointing.WorkdirError, match=r"cannot be written \(Read-only file system\)"):
+        train.train_and_evaluate(tiny_config(), str(tmp_path / "run"))
+
+
+def test_main_reports_a_typo_a_bad_tuple_and_a_file_workdir_in_one_line(tmp_path):
+    line = _one_error_line(_main(str(tmp_path / "w"), "--config.optim.lrr=1"), "Config error:")
+    assert line == "Config error: config.optim.lrr: no such field ('lrr'); did you mean 'lr'?"
+    line = _one_error_line(_main(str(tmp_path / "w"), "--config.hpl.weights=(1.0,abc)"), "Config error:")
+    assert line.startswith("Config error: config.hpl.weights: ('(1.0,abc)',) holds '(1.0,abc)', which is not a number")
+    (tmp_path / "file").write_text("")
+    line = _one_error_line(_main(str(tmp_path / "file")), "Workdir error:")
+    assert line == f"Workdir error: --workdir {tmp_path / 'file'} is a file (or lies under one); pass a directory."
+
+
+# Fails the background save of best/<BEST_STEP> as a full disk does (orbax's NumPy leaves are written by
+# NumpyHandler._open_and_write in its save thread), then runs main with the command line's flags.
+FULL_DISK = """
+import errno, orbax.checkpoint as ocp
+from absl import app
+from hpl_jax import cli, main
+write = ocp.type_handlers.NumpyHandler._open_and_write
+async def full_disk(self, value, tspec, context):
+    if "/best/{step}.orbax-checkpoint-tmp" in str(tspec):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return await write(self, value, tspec, context)
+ocp.type_handlers.NumpyHandler._open_and_write = full_disk
+app.run(main.main, flags_parser=cli.parse_flags)
+"""
+
+
+def test_a_failed_save_stops_the_run_and_a_rerun_resumes_with_best_consistent(tmp_path):
+    import orbax.checkpoint as ocp
+    flags = ["--config.batch_size=8", "--config.num_epochs=3", "--config.optim.warmup_epochs=0",
+             "--config.checkpoint.keep=3"]  # 5 steps per epoch
+    # The save of best/ at the end of epoch 1 fails in the background: the run stops in epoch 2 or 3 (a step
+    # after the failure, or at the next save), leaving best/5 half-written, as a kill during that save does.
+    first = _main(str(tmp_path), *flags, code=FULL_DISK.format(step=5))
+    line = _one_error_line(first, "Workdir error:")
+    checkpoints = ocp.CheckpointManager(os.path.join(tmp_path, "checkpoints"))
+    assert 5 <= checkpoints.latest_step() < 15
+    assert line == (f"Workdir error: saving a checkpoint in {tmp_path / 'best'} failed (No space left on device); "
+                    f"{tmp_path / 'checkpoints'}/{checkpoints.latest_step()} is the resume point: free space or fix "
+                    "the file system, then run the same command again.")
+    assert os.path.isdir(tmp_path / "best" / "5.orbax-checkpoint-tmp")
+
+    # Space freed: the rerun resumes, removes the leftover, re-saves best/ from checkpoints/ and finishes.
+    second = _main(str(tmp_path), *flags)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "best/ re-saved from checkpoints/" in second.stderr
+    assert not [name for name in os.listdir(tmp_path / "best") if "tmp" in name]
+    with open(tmp_path / "metrics.json") as f:
+        summary = json.load(f)
+    best = ocp.CheckpointManager(os.path.join(tmp_path, "best"))
+    assert best.all_steps() == [5 * summary["best"]["epoch"]] and summary["best_checkpoint_epoch"] == summary["best"]["epoch"]
+    assert sorted(summary["history"], key=int) == ["0", "1", "2", "3"]

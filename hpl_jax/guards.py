@@ -1,0 +1,76 @@
+"""The non-finite guard: a step whose loss, gradients or updated parameters are not finite is caught on the device
+(one reduction inside the step) and seen on the host with the metrics it fetches anyway, before anything reads
+or saves the state.
+
+By default such a step stops the run with one line naming the step, the level losses and the learning rate;
+nothing non-finite is ever saved, so the latest checkpoint stays the resume point. With
+`optim.skip_nonfinite_steps` the step is dropped instead (the state stays as it was, but for the step counter).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from hpl_jax.train_state import unreplicate
+
+
+class NonFiniteError(RuntimeError):
+    """A training step gave a non-finite loss or gradient; the message names the step and what to change."""
+
+
+def all_finite(tree) -> jax.Array:
+    """bool[]: True iff every element of every leaf of `tree` is finite (one fused pass, no host sync)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+
+
+def keep_if_finite(finite: jax.Array, new_state, old_state):
+    """`new_state` where `finite`, else `old_state` (the same pytree structure): the skipped step's outcome."""
+    return jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
+
+
+def describe(step: int, epoch: int, values: Dict[str, Any]) -> str:
+    levels = ", ".join(f"{float(values[k]):.4g}" for k in sorted(values) if k.startswith("loss/level_"))
+    return (f"non-finite loss or gradient at step {step} (epoch {epoch}): loss {float(values['loss']):.4g} "
+            f"(levels {levels}), lr {float(values['lr']):.2e}")
+
+
+class StepMetrics:
+    """The device-side metrics of the steps the host has not looked at yet.
+
+    `add` keeps a step's metrics without waiting for the device; `fetch` transfers all of them at once (the
+    transfer the progress line makes anyway) and checks each step's `finite` flag in order, so the step named
+    is the first bad one even when the host looks only every `log_every_steps`.
+    """
+
+    def __init__(self, *, skip_nonfinite: bool):
+        self._skip_nonfinite = skip_nonfinite
+        self._pending: List[Tuple[int, int, Any]] = []
+        self.num_skipped = 0
+
+    def add(self, step: int, epoch: int, replicated_metrics) -> None:
+        self._pending.append((step, epoch, replicated_metrics))
+
+    def fetch(self) -> Optional[Dict[str, float]]:
+        """The latest step's metrics on the host (None if none is pending); raises NonFiniteError on a bad step
+        unless skipping."""
+        if not self._pending:
+            return None
+        fetched = jax.device_get([unreplicate(metrics) for _, _, metrics in self._pending])
+        steps, self._pending = self._pending, []
+        for (step, epoch, _), values in zip(steps, fetched):
+            if bool(values["finite"]):
+                continue
+            if not self._skip_nonfinite:
+                raise NonFiniteError(
+                    f"{describe(step, epoch, values)}. Nothing non-finite was saved: running the same command "
+                    "again resumes from the latest checkpoint. Lower optim.lr, keep optim.grad_clip_value > 0, or "
+                    "set optim.skip_nonfinite_steps=True to skip such steps.")
+            self.num_skipped += 1
+            logging.warning("Skipped the step: %s (optim.skip_nonfinite_steps).", describe(step, epoch, values))
+        values = dict(fetched[-1])
+        del values["finite"]
+        return values
