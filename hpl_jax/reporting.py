@@ -11,6 +11,21 @@ from absl import logging
 from etils import epath
 
 
+def best_epoch(history: Dict[int, Dict[str, float]], metric: str) -> int:
+    """The evaluated epoch with the highest `metric` (the earliest on a tie). Epoch 0 is the untrained model:
+    not a candidate unless it is the only epoch evaluated."""
+    trained = sorted(epoch for epoch in history if epoch > 0) or [max(history)]
+    return max(trained, key=lambda epoch: history[epoch].get(metric, -1.0))
+
+
+def stops_early(history: Dict[int, Dict[str, float]], metric: str, patience: int) -> bool:
+    """Whether training stops: the last evaluated epoch is more than `patience` epochs after the best epoch by
+    `metric` (the rule of "A Metric Learning Reality Check", pytorch-metric-learning's `patience_remaining`:
+    stop when epoch - best_epoch > patience). patience 0 = never; the untrained epoch 0 starts no count."""
+    trained = [epoch for epoch in history if epoch > 0]
+    return bool(patience and trained) and max(trained) - best_epoch(history, metric) > patience
+
+
 class Reporter:
     """Progress lines, TensorBoard scalars (tensorboardX: no TensorFlow) and metrics.json; process 0 only."""
 
@@ -97,10 +112,7 @@ class Reporter:
         """
         if not self.history:
             return {}
-        last = max(self.history)
-        # Epoch 0 is the untrained model: not a candidate for the best epoch.
-        trained = [epoch for epoch in self.history if epoch > 0] or [last]
-        best = max(trained, key=lambda e: self.history[e].get(self.selection_metric, -1.0))
+        last, best = max(self.history), best_epoch(self.history, self.selection_metric)
         return {"last": {"epoch": last, **self.history[last]}, "best": {"epoch": best, **self.history[best]}}
 
     def close(self) -> None:

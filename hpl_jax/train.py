@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Dict, Optional, Tuple
 
-import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +31,7 @@ from hpl_jax import optim
 from hpl_jax import preemption as preemption_lib
 from hpl_jax import reporting
 from hpl_jax.train_state import TrainState
-from hpl_jax.train_state import create_train_state, host_copy, trainable, unreplicate
+from hpl_jax.train_state import create_train_state, host_copy, replicate, trainable, unreplicate
 
 AXIS = "batch"  # pmap axis over the local devices; collectives span every device of every host
 
@@ -163,7 +162,7 @@ def refresh_on_host(replicated_state: TrainState, config, reporter, info, *,
         state = state.replace(epoch=state.epoch + 1)
     hierarchies_agree(state.hierarchy)
     values = observe_hierarchy(reporter, state, info, previous=previous)
-    return flax.jax_utils.replicate(state), state, values
+    return replicate(state, AXIS), state, values
 
 
 def hierarchies_agree(hierarchy) -> None:
@@ -199,7 +198,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     """Trains and evaluates per `config`, checkpointing to and resuming from `workdir` (local or gs://).
 
     A SIGTERM makes every host save a checkpoint at the next step boundary and return; a later call on the
-    same workdir resumes there and ends in the state an uninterrupted run ends in.
+    same workdir resumes there and ends in the state an uninterrupted run ends in. With
+    `eval.early_stopping_patience`, the run ends before `num_epochs` once the validation metric stops improving.
 
     Returns {'last': metrics, 'best': metrics, 'history': {epoch: metrics}, 'preempted': bool}.
     """
@@ -214,7 +214,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     config_checks.validate_against_dataset(config, info)
     # From here on a SIGTERM (before the first step too) ends the run at a step boundary with a checkpoint.
     preemption = preemption_lib.Preemption()
-    steps_per_epoch = data.steps_per_epoch(info.num_train_examples, config.batch_size)
+    steps_per_epoch = data.steps_per_epoch(info.num_train_examples, config.batch_size, config.steps_per_epoch)
     total_steps = steps_per_epoch * config.num_epochs
     logging.info("%s: %d training classes, %d training images, %d steps/epoch of %d images on %d devices "
                  "(%d processes)", info.name, info.num_train_classes, info.num_train_examples, steps_per_epoch,
@@ -256,7 +256,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         preemption.reached(int(state.step))
         untrained = reporter.history.get(0)
     else:
-        replicated = flax.jax_utils.replicate(state)
+        replicated = replicate(state, AXIS)
         untrained = evaluation.evaluate(p_embed, replicated, dataset, config)
         # The first grouping (the ground-truth level 1 is already in place: create_train_state).
         if state.hierarchy.num_levels > 1 and not config.hpl.ground_truth_level1:
@@ -273,9 +273,15 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
 
     start_epoch = int(state.epoch)
     start_step = int(state.step) - start_epoch * steps_per_epoch
-    state = flax.jax_utils.replicate(state)
+    state = replicate(state, AXIS)
     preempted = False
     for epoch in range(start_epoch, config.num_epochs):
+        # Asked before each epoch, so a run that stopped early and is started again stays stopped.
+        if reporting.stops_early(reporter.history, selected_on, config.eval.early_stopping_patience):
+            logging.info("Early stopping before epoch %d: %s was best at epoch %d, more than %d epochs ago.",
+                         epoch + 1, selected_on, reporting.best_epoch(reporter.history, selected_on),
+                         config.eval.early_stopping_patience)
+            break
         step_fn = step_fns[epoch < config.optim.warmup_epochs]
         batches = data.prefetch_to_devices(dataset.train_batches(epoch, start_step))
         for step_in_epoch in range(start_step, steps_per_epoch):
@@ -304,7 +310,10 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
             values = {**evaluation.evaluate(p_embed, state, dataset, config), **hierarchy_values}
             reporter.evaluation(epoch + 1, int(host_state.step), values)
         checkpoints.save(int(host_state.step), args=ocp.args.StandardSave(host_state))
-        if best_checkpoint is not None and values is not None:
+        # Saved only when this epoch becomes metrics.json's best, so best/ holds that epoch also on a tie (orbax's
+        # best_fn would keep the later of two equal checkpoints, metrics.json names the earlier).
+        if (best_checkpoint is not None and values is not None
+                and reporting.best_epoch(reporter.history, selected_on) == epoch + 1):
             best_checkpoint.save(int(host_state.step), args=ocp.args.StandardSave(host_state),
                                  metrics={k: v for k, v in values.items() if isinstance(v, float)})
         preempted = epoch + 1 < config.num_epochs and preemption.reached(int(host_state.step))

@@ -8,6 +8,7 @@ from typing import Any, Dict
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 
@@ -38,6 +39,17 @@ class TrainState:
     hierarchy: hierarchy_lib.ProxyHierarchy
     opt_state: optax.OptState
     rng: jax.Array
+
+
+def replicate(tree, axis_name: str):
+    """A copy of `tree` on every local device, [devices, ...], laid out as pmap(..., axis_name) lays out its
+    outputs: a state replicated otherwise (flax.jax_utils.replicate names the mesh axis differently) makes pmap
+    compile its function once more for the state its first call returns."""
+    devices = jax.local_devices()
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (axis_name,)),
+                                          jax.sharding.PartitionSpec(axis_name))
+    return jax.tree_util.tree_map(
+        lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), sharding), tree)
 
 
 def unreplicate(tree):
