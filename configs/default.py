@@ -18,7 +18,8 @@ def get_config():
     config.seed = 0
 
     config.dataset = dataset = ml_collections.ConfigDict()
-    # Which data: 'synthetic' (embedded, no files), 'cub', 'cars', 'sop', 'inshop', 'cifar100', 'image_folder'.
+    # Which data: 'synthetic' (embedded, no files), 'synthetic_sop' (embedded, SOP-like), 'cub', 'cars', 'sop',
+    # 'inshop', 'cifar100', 'image_folder'.
     dataset.name = "synthetic"
     # Seed of the data: the embedded dataset's images and which training classes are held out for validation.
     dataset.seed = 0
@@ -62,6 +63,19 @@ def get_config():
     synthetic.num_families = 8
     synthetic.classes_per_family = 10  # half of each family trains, the other half is the unseen test set
     synthetic.images_per_class = 30
+    # The embedded SOP-like benchmark (dataset.name='synthetic_sop', configs/synthetic_sop.py): super-classes of
+    # sub-families of classes (products), few images per class; the design is in hpl_jax/synthetic_sop.py.
+    dataset.synthetic_sop = synthetic_sop = ml_collections.ConfigDict()
+    synthetic_sop.num_super_classes = 12
+    synthetic_sop.sub_families_per_super_class = 4
+    synthetic_sop.classes_per_sub_family = 40  # the first half of each sub-family trains, the rest is the test set
+    # Images per class: (min, max), with P(n + 1) / P(n) = image_count_decay (SOP-like skew; 0.8: mean 5.0).
+    synthetic_sop.images_per_class = (2, 12)
+    synthetic_sop.image_count_decay = 0.8
+    # Which ground-truth level the dataset gives as each class's super-class (super/ metrics, hierarchy metrics,
+    # hpl.ground_truth_level1): 'sub_family' (the level above the classes; DatasetInfo.super_parents then maps
+    # the sub-families to their super-classes) or 'super_class' (only the top level, as real SOP).
+    synthetic_sop.super_level = "sub_family"
 
     config.model = model = ml_collections.ConfigDict()
     # 'resnet18', 'resnet34', 'resnet50' (torchvision v1.5 layout).

@@ -19,6 +19,7 @@ DTYPES = tuple(models.DTYPES)
 FIRST_GROUPINGS = ("class_means", "proxies")
 COARSE_POLICIES = hierarchy.REFRESH_POLICIES
 SAMPLERS = ("random", "class_balanced")
+SUPER_LEVELS = ("sub_family", "super_class")  # of the synthetic_sop dataset
 OPTIMIZERS = ("adamw", "rmsprop")
 POOLINGS = models.POOLINGS
 METRIC_NAMES = ("precision@1", "r_precision", "map@r", "nmi")
@@ -88,6 +89,19 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
     _require(synthetic.classes_per_family >= 2, "dataset.synthetic.classes_per_family",
              "must be >= 2 (half train, half test).")
     _require(synthetic.images_per_class >= 2, "dataset.synthetic.images_per_class", "must be >= 2.")
+    sop = dataset.synthetic_sop
+    _require(sop.num_super_classes >= 2, "dataset.synthetic_sop.num_super_classes", "must be >= 2.")
+    _require(sop.sub_families_per_super_class >= 1, "dataset.synthetic_sop.sub_families_per_super_class",
+             "must be >= 1.")
+    _require(sop.classes_per_sub_family >= 2, "dataset.synthetic_sop.classes_per_sub_family",
+             "must be >= 2 (half train, half test).")
+    _require(len(sop.images_per_class) == 2 and 2 <= sop.images_per_class[0] <= sop.images_per_class[1],
+             "dataset.synthetic_sop.images_per_class",
+             f"{tuple(sop.images_per_class)} must be (min, max) with 2 <= min <= max (a query needs a match).")
+    _require(sop.image_count_decay > 0, "dataset.synthetic_sop.image_count_decay",
+             "must be > 0 (< 1: fewer large classes, 1: uniform).")
+    _require(sop.super_level in SUPER_LEVELS, "dataset.synthetic_sop.super_level",
+             f"{sop.super_level!r}; use one of {SUPER_LEVELS}.")
 
     model = config.model
     _require(model.backbone in BACKBONES, "model.backbone", f"{model.backbone!r}; use one of {BACKBONES}.")

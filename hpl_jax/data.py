@@ -2,8 +2,9 @@
 
 A dataset is class-disjoint (METHOD.md, "Benchmarks and class splits"): train labels are 0..C-1, test labels
 are 0..C_test-1 and name other classes. Every host reads only its own shard. Two sources implement it:
-`synthetic.py` (NumPy, the embedded default) and `input_pipeline.py` (tf.data + TFDS, the only module that
-imports TensorFlow); `datasets.get_dataset` picks one. This module imports neither, so both can import it.
+`synthetic.py` and `synthetic_sop.py` (NumPy, the embedded datasets) and `input_pipeline.py` (tf.data + TFDS,
+the only module that imports TensorFlow); `datasets.get_dataset` picks one. This module imports neither, so
+both can import it.
 
 Batches are dicts of host-local NumPy arrays:
   train:  {'image': f32[local_batch, H, W, 3], 'label': i32[local_batch]}
@@ -23,8 +24,9 @@ import numpy as np
 Batch = Dict[str, np.ndarray]
 
 SYNTHETIC = "synthetic"
+SYNTHETIC_SOP = "synthetic_sop"
 TFDS_DATASETS = ("cub", "cars", "sop", "inshop", "cifar100", "image_folder")
-DATASETS = (SYNTHETIC,) + TFDS_DATASETS
+DATASETS = (SYNTHETIC, SYNTHETIC_SOP) + TFDS_DATASETS
 
 
 class DataError(ValueError):
@@ -45,6 +47,8 @@ class DatasetInfo:
       train_super_labels: i32[num_train_classes], the ground-truth super-class of each train class, if any.
       test_super_labels: i32[num_test_classes], the same for the test classes, if any.
       val_super_labels: i32[num_val_classes], the same for the validation classes, if any.
+      super_parents: i32[num_super_ids], where the ground truth has a second level above the classes: the
+        parent of each super-class id of the `*_super_labels` (synthetic_sop: sub-family -> super-class).
 
     With validation classes (`dataset.num_val_classes` > 0 or `dataset.num_folds` > 0, see `held_out_classes`),
     'val' is a key of `num_eval_examples`: the held-out training classes (labels 0..V-1), and the training classes
@@ -60,6 +64,7 @@ class DatasetInfo:
     train_super_labels: Optional[np.ndarray] = None
     test_super_labels: Optional[np.ndarray] = None
     val_super_labels: Optional[np.ndarray] = None
+    super_parents: Optional[np.ndarray] = None
 
 
 class Dataset(Protocol):

@@ -113,11 +113,13 @@ def epoch_order(seed: int, epoch: int, num_examples: int, length: int) -> np.nda
 
 
 class SyntheticDataset:
-    """The embedded default behind the `data.Dataset` protocol (see data.py for the batch format)."""
+    """The embedded default behind the `data.Dataset` protocol (see data.py for the batch format).
+
+    Another in-memory dataset (synthetic_sop.py) overrides `_generate` and keeps the batching.
+    """
 
     def __init__(self, config, *, local_batch_size: int, local_eval_batch_size: int,
                  process_index: int = 0, process_count: int = 1):
-        synthetic = config.dataset.synthetic
         self._config = config
         self._local_batch_size = local_batch_size
         self._local_eval_batch_size = local_eval_batch_size
@@ -126,6 +128,32 @@ class SyntheticDataset:
         self._mean = np.asarray(config.dataset.mean, np.float32)
         self._std = np.asarray(config.dataset.std, np.float32)
 
+        self._images, self._labels, super_labels, super_parents = self._generate()
+        if data.holds_out_classes(config.dataset):
+            self._hold_out_validation_classes(super_labels)
+
+        size = config.dataset.image_size
+        self.info = data.DatasetInfo(
+            name=config.dataset.name,
+            num_train_classes=len(super_labels["train"]),
+            num_train_examples=len(self._labels["train"]),
+            image_shape=(size, size, 3),
+            eval_splits=("test",),
+            num_eval_examples={name: len(labels) for name, labels in self._labels.items()},
+            train_super_labels=super_labels["train"],
+            test_super_labels=super_labels["test"],
+            val_super_labels=super_labels.get("val"),
+            super_parents=super_parents,
+        )
+        self._global_batch_size = local_batch_size * process_count
+        self._steps_per_epoch = data.steps_per_epoch(self.info.num_train_examples, self._global_batch_size,
+                                                     config.steps_per_epoch)
+
+    def _generate(self):
+        """The images, as 8-bit pixels, and labels of 'train' and 'test', each class's family, and no level
+        above the families: ({split: u8[n, S, S, 3]}, {split: i32[n]}, {split: i32[classes]}, None)."""
+        config = self._config
+        synthetic = config.dataset.synthetic
         rng = np.random.default_rng(config.dataset.seed)
         patterns = _class_patterns(rng, synthetic.num_families, synthetic.classes_per_family)
         num_train_per_family = synthetic.classes_per_family // 2
@@ -138,33 +166,15 @@ class SyntheticDataset:
             images.append(np.round(rendered * 255.0).astype(np.uint8))
             labels.append(np.full(synthetic.images_per_class, len(families), np.int32))
             families.append(pattern["family"])
-        self._images = {name: np.concatenate(s[0]) for name, s in splits.items()}
-        self._labels = {name: np.concatenate(s[1]) for name, s in splits.items()}
-        super_labels = {name: np.asarray(s[2], np.int32) for name, s in splits.items()}
-        if data.holds_out_classes(config.dataset):
-            self._hold_out_validation_classes(super_labels)
-
-        size = config.dataset.image_size
-        self.info = data.DatasetInfo(
-            name=data.SYNTHETIC,
-            num_train_classes=len(super_labels["train"]),
-            num_train_examples=len(self._labels["train"]),
-            image_shape=(size, size, 3),
-            eval_splits=("test",),
-            num_eval_examples={name: len(labels) for name, labels in self._labels.items()},
-            train_super_labels=super_labels["train"],
-            test_super_labels=super_labels["test"],
-            val_super_labels=super_labels.get("val"),
-        )
-        self._global_batch_size = local_batch_size * process_count
-        self._steps_per_epoch = data.steps_per_epoch(self.info.num_train_examples, self._global_batch_size,
-                                                     config.steps_per_epoch)
+        return ({name: np.concatenate(s[0]) for name, s in splits.items()},
+                {name: np.concatenate(s[1]) for name, s in splits.items()},
+                {name: np.asarray(s[2], np.int32) for name, s in splits.items()}, None)
 
     def _hold_out_validation_classes(self, super_labels) -> None:
         """Moves the training classes `config.dataset` holds out (data.held_out_classes) to a 'val' split."""
         dataset = self._config.dataset
         num_classes = len(super_labels["train"])
-        config_checks.check_held_out_classes(dataset, num_classes, data.SYNTHETIC)
+        config_checks.check_held_out_classes(dataset, num_classes, dataset.name)
         images, labels, supers = self._images["train"], self._labels["train"], super_labels["train"]
         split = data.held_out_classes(dataset, num_classes)
         for name, classes in zip(("train", "val"), split):
