@@ -56,6 +56,20 @@ def test_the_fold_split_is_what_the_datasets_hold_out():
     np.testing.assert_array_equal(held.info.train_super_labels, whole.info.train_super_labels[[0, 1, 2, 3, 6, 7]])
 
 
+def test_an_image_folder_holds_out_a_fold_and_takes_steps_per_epoch(tmp_path):
+    from configs import image_folder as image_folder_config
+    from hpl_jax import input_pipeline
+    from tests.test_input_pipeline import eval_ids, make_image_folder, tiny
+    names = [f"c{i:02d}" for i in range(16)]  # c00-c07 train, c08-c15 test
+    owner = make_image_folder(str(tmp_path), names, [2] * 16)
+    config = tiny(image_folder_config, **{"dataset.data_dir": str(tmp_path), "dataset.num_folds": 4,
+                                          "dataset.val_fold": 1, "steps_per_epoch": 9})
+    held = input_pipeline.create_dataset(config, local_batch_size=2, local_eval_batch_size=2)
+    assert {owner[i] for i in eval_ids(held, "val")[0]} == {"c02", "c03"}
+    assert {owner[i] for i in eval_ids(held, "train")[0]} == {"c00", "c01", "c04", "c05", "c06", "c07"}
+    assert len(list(held.train_batches(0))) == 9  # 12 training images, batches of 2: 1.5 passes
+
+
 def test_fold_config_errors_name_the_field():
     cases = [({"dataset.num_folds": 4, "dataset.num_val_classes": 2}, "config.dataset.num_folds: 4 folds and"),
              ({"dataset.num_folds": 4, "dataset.val_fold": 4}, "config.dataset.val_fold"),
