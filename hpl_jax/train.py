@@ -157,7 +157,9 @@ def refresh_on_host(replicated_state: TrainState, config, reporter, info, *,
     """
     state = jax.device_get(unreplicate(replicated_state))
     previous = state.hierarchy
-    state = refresh_groupings(state, config)
+    # NumPy again: the broadcast groupings and reset optimiser states come back as jax.Arrays on one device,
+    # which orbax refuses to save in a multi-process run.
+    state = jax.device_get(refresh_groupings(state, config))
     if end_of_epoch:
         state = state.replace(epoch=state.epoch + 1)
     hierarchies_agree(state.hierarchy)
