@@ -27,6 +27,11 @@ def get_config():
     # each epoch by the test protocol (keys 'val/...'); the best epoch and best/ checkpoint are then chosen on
     # val/<checkpoint.best_metric>, never on test. 0 = no validation (the published recipe selects on test).
     dataset.num_val_classes = 8
+    # The class-disjoint folds of "A Metric Learning Reality Check" (configs/mlrc/): the sorted training classes cut
+    # into num_folds contiguous blocks, block val_fold (0..num_folds-1) is the validation split and the others
+    # train (data.fold_split). 0 = off; with folds, num_val_classes must be 0.
+    dataset.num_folds = 0
+    dataset.val_fold = 0
     # TFDS data_dir (where prepared TFDS datasets live), or the root of an image folder. '' = TFDS default.
     dataset.data_dir = ""
     # TFDS manual_dir for datasets whose files must be placed by hand (In-Shop, Cars196). '' = TFDS default.
@@ -79,6 +84,9 @@ def get_config():
     model.width = 0.25
     # d, the embedding dimension (512 in the benchmarks).
     model.embedding_dim = 64
+    # Pooling of the backbone's feature map: 'avg_max' (average + max, summed: the official Proxy-Anchor code) or
+    # 'avg' (global average pooling: the BN-Inception trunk of "A Metric Learning Reality Check").
+    model.pooling = "avg_max"
     # True: BatchNorm uses fixed running statistics (CUB, Cars); False: train mode, synchronised over devices.
     model.bn_frozen = False
     # Compute dtype of the backbone ('float32' or 'bfloat16'); parameters stay float32.
@@ -118,9 +126,14 @@ def get_config():
     hpl.ground_truth_level1 = False
 
     config.optim = optim = ml_collections.ConfigDict()
-    # Base learning rate of AdamW (the backbone's).
+    # 'adamw' (decoupled weight decay: the Proxy-Anchor recipe) or 'rmsprop' (PyTorch's RMSprop: alpha 0.99,
+    # eps 1e-8 outside the root, weight decay added to the gradient, heavy-ball momentum: the MLRC recipe).
+    optim.name = "adamw"
+    # RMSprop's momentum (unused by AdamW).
+    optim.momentum = 0.9
+    # Base learning rate (the backbone's).
     optim.lr = 1e-3
-    # Decoupled weight decay, applied to every trainable group.
+    # Weight decay, applied to every trainable group.
     optim.weight_decay = 1e-4
     # Learning-rate multipliers by parameter path, first match wins. Paths look like
     # 'model/backbone/...', 'model/embedding/kernel', 'proxies/0' (level 0), 'proxies/1', ...
@@ -142,10 +155,16 @@ def get_config():
     # Global batch size over all devices of all hosts (must divide by the device count).
     config.batch_size = 64
     config.num_epochs = 12
+    # Optimiser steps per epoch; 0 = one pass over the training images (last partial batch dropped). MLRC counts
+    # 100 iterations as an epoch. (TFDS datasets and image folders repeat the epoch's order for more than a pass.)
+    config.steps_per_epoch = 0
 
     config.eval = eval_config = ml_collections.ConfigDict()
     # Evaluate on the test split every this many epochs (and always at the end, and at epoch 0).
     eval_config.every_epochs = 1
+    # Stop once the last evaluation is more than this many epochs after the best one on the validation classes
+    # (MLRC's patience; needs dataset.num_folds or dataset.num_val_classes). 0 = train all num_epochs.
+    eval_config.early_stopping_patience = 0
     # Global batch size of evaluation (a multiple of the device count; the last batch is padded).
     eval_config.batch_size = 128
     # K of the Recall@K table.

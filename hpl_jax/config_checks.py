@@ -22,6 +22,8 @@ FIRST_GROUPINGS = ("class_means", "proxies")
 COARSE_POLICIES = hierarchy.REFRESH_POLICIES
 SAMPLERS = ("random", "class_balanced")
 SUPER_LEVELS = ("sub_family", "super_class")  # of the synthetic_sop dataset
+OPTIMIZERS = ("adamw", "rmsprop")
+POOLINGS = models.POOLINGS
 METRIC_NAMES = ("precision@1", "r_precision", "map@r", "nmi")
 
 
@@ -136,6 +138,14 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
     _require(dataset.shuffle_buffer >= 1, "dataset.shuffle_buffer", "must be >= 1.")
     _require(isinstance(dataset.num_val_classes, int) and dataset.num_val_classes >= 0, "dataset.num_val_classes",
              f"{dataset.num_val_classes!r} must be an integer >= 0 (0 = no validation classes).")
+    _require(isinstance(dataset.num_folds, int) and dataset.num_folds != 1 and dataset.num_folds >= 0,
+             "dataset.num_folds", f"{dataset.num_folds!r} must be 0 (off) or an integer >= 2 (MLRC: 4).")
+    if dataset.num_folds:
+        _require(isinstance(dataset.val_fold, int) and 0 <= dataset.val_fold < dataset.num_folds, "dataset.val_fold",
+                 f"{dataset.val_fold!r} must be one of 0..{dataset.num_folds - 1} (the fold that validates).")
+        _require(dataset.num_val_classes == 0, "dataset.num_folds",
+                 f"{dataset.num_folds} folds and dataset.num_val_classes = {dataset.num_val_classes} both choose the "
+                 "validation classes; set --config.dataset.num_val_classes=0 to validate on a fold (or num_folds=0).")
     synthetic = dataset.synthetic
     _require(synthetic.num_families >= 2, "dataset.synthetic.num_families", "must be >= 2.")
     _require(synthetic.classes_per_family >= 2, "dataset.synthetic.classes_per_family",
@@ -160,6 +170,7 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
     _require(model.width > 0, "model.width", f"{model.width} must be > 0.")
     _require(model.embedding_dim >= 2, "model.embedding_dim", f"{model.embedding_dim} must be >= 2.")
     _require(model.dtype in DTYPES, "model.dtype", f"{model.dtype!r}; use one of {DTYPES}.")
+    _require(model.pooling in POOLINGS, "model.pooling", f"{model.pooling!r}; use one of {POOLINGS}.")
     if model.pretrained and not model.pretrained.startswith("gs://"):
         _require(os.path.isdir(model.pretrained), "model.pretrained",
                  f"{model.pretrained!r} does not exist; convert weights with `python -m hpl_jax.convert_weights` "
@@ -199,6 +210,8 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
                  "the ground-truth hierarchy has one level above the classes; set hpl.weights to two entries.")
 
     optim = config.optim
+    _require(optim.name in OPTIMIZERS, "optim.name", f"{optim.name!r}; use one of {OPTIMIZERS}.")
+    _require(0 <= optim.momentum < 1, "optim.momentum", f"{optim.momentum} must be in [0, 1).")
     _require(optim.lr > 0, "optim.lr", "must be > 0.")
     _require(optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0.")
     for entry in optim.lr_mults:
@@ -214,6 +227,8 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
     _require(0 < optim.decay_gamma <= 1, "optim.decay_gamma", "must be in (0, 1].")
 
     _require(config.num_epochs >= 1, "num_epochs", "must be >= 1.")
+    _require(isinstance(config.steps_per_epoch, int) and config.steps_per_epoch >= 0, "steps_per_epoch",
+             f"{config.steps_per_epoch!r} must be an integer >= 0 (0 = one pass over the training images).")
     _require(config.batch_size >= device_count and config.batch_size % device_count == 0, "batch_size",
              f"{config.batch_size} is not divisible by the {device_count} devices; use a multiple of "
              f"{device_count}.")
@@ -228,6 +243,11 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
     _require(len(recall_at) >= 1 and all(isinstance(k, int) and k >= 1 for k in recall_at), "eval.recall_at",
              f"{recall_at}: give positive integers.")
     _require(evaluation.chunk_size >= 1, "eval.chunk_size", "must be >= 1.")
+    _require(evaluation.early_stopping_patience >= 0, "eval.early_stopping_patience", "must be >= 0 (0 = off).")
+    if evaluation.early_stopping_patience:
+        _require(data.holds_out_classes(dataset), "eval.early_stopping_patience",
+                 f"{evaluation.early_stopping_patience} epochs: early stopping watches the validation classes, and "
+                 "there are none; set dataset.num_folds (with dataset.val_fold) or dataset.num_val_classes, or 0.")
 
     checkpoint = config.checkpoint
     _require(checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1.")
@@ -257,6 +277,18 @@ def validate_against_dataset(config, info: data.DatasetInfo) -> None:
                  "super-class(es); a level above the classes needs at least 2 and fewer than the classes.")
     _require(config.batch_size <= info.num_train_examples, "batch_size",
              f"{config.batch_size} exceeds the {info.num_train_examples} training images; lower it.")
+
+
+def check_held_out_classes(dataset_config, num_classes: int, name: str) -> None:
+    """Checks the validation classes `config.dataset` asks for against the C training classes a dataset has
+    before the hold-out (see data.held_out_classes)."""
+    if dataset_config.num_folds:
+        num_folds = dataset_config.num_folds
+        _require(num_classes // num_folds >= 2, "dataset.num_folds",
+                 f"{num_folds} folds of the {num_classes} training classes of {name} leave folds of fewer than 2 "
+                 f"classes (validation retrieval needs 2); use at most {num_classes // 2} folds.")
+    else:
+        check_num_val_classes(dataset_config.num_val_classes, num_classes, name)
 
 
 def check_num_val_classes(num_val_classes: int, num_classes: int, name: str) -> None:

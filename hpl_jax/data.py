@@ -51,10 +51,11 @@ class DatasetInfo:
       val_super_labels: i32[num_val_classes], the same for the validation classes, if any.
       super_parents: i32[num_super_ids], where the ground truth has a second level above the classes: the
         parent of each super-class id of the `*_super_labels` (synthetic_sop: sub-family -> super-class).
-
-    With `dataset.num_val_classes` > 0, 'val' is a key of `num_eval_examples`: the held-out training classes
-    (labels 0..V-1), and the training classes are the others, relabelled 0..C-1.
       train_class_names: the name of each train class, where the source has names (image folders).
+
+    With validation classes (`dataset.num_val_classes` > 0 or `dataset.num_folds` > 0, see `held_out_classes`),
+    'val' is a key of `num_eval_examples`: the held-out training classes (labels 0..V-1), and the training classes
+    are the others, relabelled 0..C-1.
     """
 
     name: str
@@ -108,8 +109,10 @@ def total_over_hosts(count: int) -> int:
     return int(np.sum(multihost_utils.process_allgather(np.asarray(count, np.int64))))
 
 
-def steps_per_epoch(num_train_examples: int, global_batch_size: int) -> int:
-    return num_train_examples // global_batch_size
+def steps_per_epoch(num_train_examples: int, global_batch_size: int, override: int = 0) -> int:
+    """Optimiser steps of an epoch: `override` when set (`config.steps_per_epoch`, e.g. MLRC's 100 iterations),
+    else one pass over the training images with the last partial global batch dropped."""
+    return override or num_train_examples // global_batch_size
 
 
 def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
@@ -132,6 +135,36 @@ def validation_split(num_classes: int, num_val_classes: int, seed: int) -> Tuple
     """
     val = np.sort(np.random.default_rng([seed, 2718]).choice(num_classes, num_val_classes, replace=False))
     return np.setdiff1d(np.arange(num_classes), val), val
+
+
+def fold_split(num_classes: int, num_folds: int, val_fold: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The class-disjoint folds of "A Metric Learning Reality Check" (METHOD.md): the sorted training classes cut
+    into `num_folds` contiguous blocks; block `val_fold` validates, the others train.
+
+    Block p starts at floor(p * num_classes / num_folds), where powerful-benchmarker's MLRCSplitManager starts
+    its partition p, and every class validates in exactly one fold. MLRCSplitManager's validation blocks differ
+    slightly: they have a fixed length (an eighth of all the dataset's classes, rounded down) and end where its
+    partition p starts, so its partition p validates about our block p - 1, and with Cars196's 98 training
+    classes (blocks of 24) two classes never validate there.
+
+    Returns:
+      (train_classes, val_classes): sorted i64 arrays of class ids that partition range(num_classes).
+    """
+    val = np.arange(val_fold * num_classes // num_folds, (val_fold + 1) * num_classes // num_folds)
+    return np.setdiff1d(np.arange(num_classes), val), val
+
+
+def holds_out_classes(dataset_config) -> bool:
+    """Whether `config.dataset` asks for validation classes: a fold (num_folds) or a random draw (num_val_classes)."""
+    return dataset_config.num_folds > 0 or dataset_config.num_val_classes > 0
+
+
+def held_out_classes(dataset_config, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(train_classes, val_classes) of the C = `num_classes` training classes, as `config.dataset` asks:
+    fold `val_fold` of `num_folds` (`fold_split`), else `num_val_classes` drawn with `seed` (`validation_split`)."""
+    if dataset_config.num_folds:
+        return fold_split(num_classes, dataset_config.num_folds, dataset_config.val_fold)
+    return validation_split(num_classes, dataset_config.num_val_classes, dataset_config.seed)
 
 
 def relabelling(kept_classes: np.ndarray, num_classes: int) -> np.ndarray:

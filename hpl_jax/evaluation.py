@@ -101,7 +101,7 @@ VAL = "val"
 
 
 def has_validation(info: data.DatasetInfo) -> bool:
-    """Whether the dataset holds out validation classes (`dataset.num_val_classes` > 0)."""
+    """Whether the dataset holds out validation classes (`dataset.num_val_classes` or `dataset.num_folds`)."""
     return VAL in info.num_eval_examples
 
 

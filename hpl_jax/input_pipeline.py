@@ -622,7 +622,8 @@ class TfDataset:
         self._local_eval_batch_size = local_eval_batch_size
         self._process_index = process_index
         self._process_count = process_count
-        self._steps_per_epoch = data.steps_per_epoch(info.num_train_examples, local_batch_size * process_count)
+        self._steps_per_epoch = data.steps_per_epoch(info.num_train_examples, local_batch_size * process_count,
+                                                     config.steps_per_epoch)
         pixels = dict(mean=tuple(dataset.mean), std=tuple(dataset.std), color_order=dataset.color_order,
                       pixel_scale=dataset.pixel_scale)
         self._train_transform = lambda image_bytes, seed: normalize(train_image(
@@ -714,9 +715,9 @@ def create_dataset(config, *, local_batch_size: int, local_eval_batch_size: int,
         raise ValueError(f"config.dataset.name={name!r} has no input pipeline; use one of "
                          f"{tuple(BENCHMARKS) + ('image_folder',)}.")
     val_supers = None
-    if dataset.num_val_classes:
-        config_checks.check_num_val_classes(dataset.num_val_classes, train.num_classes, name)
-        train_classes, val_classes = data.validation_split(train.num_classes, dataset.num_val_classes, dataset.seed)
+    if data.holds_out_classes(dataset):
+        config_checks.check_held_out_classes(dataset, train.num_classes, name)
+        train_classes, val_classes = data.held_out_classes(dataset, train.num_classes)
         if train_supers is not None:
             train_supers, val_supers = train_supers[train_classes], train_supers[val_classes]
         train, evals["val"] = (_only_classes(train, classes) for classes in (train_classes, val_classes))

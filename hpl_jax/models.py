@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "bn_inception")
+POOLINGS = ("avg_max", "avg")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -253,8 +254,9 @@ class BNInception(nn.Module):
         return x
 
 
-def pooled_features(feature_map: jax.Array) -> jax.Array:
-    """Global average pooling + global max pooling, summed (the official Proxy-Anchor head).
+def pooled_features(feature_map: jax.Array, pooling: str = "avg_max") -> jax.Array:
+    """'avg_max': global average pooling + global max pooling, summed (the official Proxy-Anchor head);
+    'avg': global average pooling alone (the BN-Inception trunk of "A Metric Learning Reality Check").
 
     Args:
       feature_map: dtype[batch, h, w, channels].
@@ -263,7 +265,8 @@ def pooled_features(feature_map: jax.Array) -> jax.Array:
       f32[batch, channels].
     """
     feature_map = feature_map.astype(jnp.float32)
-    return jnp.mean(feature_map, axis=(1, 2)) + jnp.max(feature_map, axis=(1, 2))
+    pooled = jnp.mean(feature_map, axis=(1, 2))
+    return pooled + jnp.max(feature_map, axis=(1, 2)) if pooling == "avg_max" else pooled
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
@@ -272,7 +275,7 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 
 
 class Embedder(nn.Module):
-    """Image -> L2-normalised embedding: backbone, avg+max pooling, linear layer (METHOD.md, Model).
+    """Image -> L2-normalised embedding: backbone, avg+max (or avg) pooling, linear layer (METHOD.md, Model).
 
     Params tree: {'backbone': {...}, 'embedding': {'kernel', 'bias'}}; batch_stats: {'backbone': {...}}.
     BatchNorm uses running statistics when `not train or bn_frozen` (frozen BN still has trainable
@@ -286,6 +289,7 @@ class Embedder(nn.Module):
     dtype: Any = jnp.float32
     bn_frozen: bool = False
     bn_axis_name: Optional[str] = None
+    pooling: str = "avg_max"
 
     def setup(self):
         if self.backbone == "bn_inception":
@@ -305,7 +309,8 @@ class Embedder(nn.Module):
 
     def features(self, images: jax.Array, train: bool) -> jax.Array:
         """Pooled backbone features: f32[batch, H, W, 3] -> f32[batch, channels]."""
-        return pooled_features(self.backbone_net(images, use_running_average=not train or self.bn_frozen))
+        return pooled_features(self.backbone_net(images, use_running_average=not train or self.bn_frozen),
+                               self.pooling)
 
     def __call__(self, images: jax.Array, train: bool) -> jax.Array:
         """Embeddings: f32[batch, H, W, 3] -> f32[batch, embedding_dim], unit norm."""
@@ -313,7 +318,7 @@ class Embedder(nn.Module):
 
 
 def create_model(config_model: ml_collections.ConfigDict, bn_axis_name: Optional[str] = None) -> Embedder:
-    """The Embedder of `config.model` (fields: backbone, width, embedding_dim, bn_frozen, dtype).
+    """The Embedder of `config.model` (fields: backbone, width, embedding_dim, bn_frozen, dtype, pooling).
 
     `bn_axis_name` is the pmap axis to synchronise training-mode BatchNorm over (None outside pmap).
     """
@@ -323,6 +328,8 @@ def create_model(config_model: ml_collections.ConfigDict, bn_axis_name: Optional
         raise ValueError(f"config.model.dtype is {config_model.dtype!r}; use one of {tuple(DTYPES)}.")
     if not config_model.width > 0:
         raise ValueError(f"config.model.width is {config_model.width}; use a positive multiplier (1.0 = published).")
+    if config_model.pooling not in POOLINGS:
+        raise ValueError(f"config.model.pooling is {config_model.pooling!r}; use one of {POOLINGS}.")
     if not config_model.embedding_dim > 0:
         raise ValueError(f"config.model.embedding_dim is {config_model.embedding_dim}; use a positive size.")
     return Embedder(
@@ -332,4 +339,5 @@ def create_model(config_model: ml_collections.ConfigDict, bn_axis_name: Optional
         dtype=DTYPES[config_model.dtype],
         bn_frozen=config_model.bn_frozen,
         bn_axis_name=bn_axis_name,
+        pooling=config_model.pooling,
     )

@@ -1,4 +1,5 @@
-"""The optimiser (METHOD.md, "Training recipe"): AdamW per parameter group, element-wise clipping, step decay.
+"""The optimiser (METHOD.md, "Training recipe"): AdamW (or MLRC's RMSprop) per parameter group, element-wise
+clipping, step decay.
 
 Parameter groups are data, not code paths (big_vision style): config regexes on parameter paths
 ('model/backbone/...', 'model/embedding/kernel', 'proxies/<level>') give each parameter its learning-rate
@@ -61,20 +62,35 @@ def parameter_groups(tree, optim_config) -> Tuple[Any, Dict[str, Tuple[float, bo
     return labels, groups
 
 
+def torch_rmsprop(learning_rate, weight_decay, momentum) -> optax.GradientTransformation:
+    """PyTorch's RMSprop, which "A Metric Learning Reality Check" trains with: the weight decay is added to the
+    gradient, then g / (sqrt(v) + eps) with v the moving average of g^2 (alpha 0.99, eps 1e-8; no bias
+    correction), heavy-ball momentum on that, and the learning rate applied last."""
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.scale_by_rms(decay=0.99, eps=1e-8, eps_in_sqrt=False),
+                       optax.trace(decay=momentum),
+                       optax.scale_by_learning_rate(learning_rate))
+
+
 def create_optimizer(labels, groups, optim_config) -> optax.GradientTransformation:
-    """AdamW per group (decoupled weight decay), after element-wise clipping, as the Proxy-Anchor code.
+    """`optim.name` per group, after element-wise clipping: AdamW (decoupled weight decay) as the Proxy-Anchor
+    code, or PyTorch's RMSprop as MLRC (`torch_rmsprop`).
 
     The learning rates are hyperparameters in the state, set every step by `set_learning_rates`.
     """
-    def adamw():
+    def group_optimizer():
+        if optim_config.name == "rmsprop":
+            return optax.inject_hyperparams(torch_rmsprop)(learning_rate=optim_config.lr,
+                                                           weight_decay=optim_config.weight_decay,
+                                                           momentum=optim_config.momentum)
         return optax.inject_hyperparams(optax.adamw)(learning_rate=optim_config.lr,
                                                      weight_decay=optim_config.weight_decay)
 
-    transforms = {group: adamw() for group in groups}
+    transforms = {group: group_optimizer() for group in groups}
     transforms[FROZEN] = optax.set_to_zero()
     steps = [optax.multi_transform(transforms, labels)]
     if optim_config.grad_clip_value > 0:
-        # torch.nn.utils.clip_grad_value_: each gradient entry clipped to [-c, c] before AdamW.
+        # torch.nn.utils.clip_grad_value_: each gradient entry clipped to [-c, c] before the optimiser.
         steps.insert(0, optax.clip(optim_config.grad_clip_value))
     return optax.chain(*steps)
 
@@ -115,10 +131,10 @@ def proxy_group(labels, level: int) -> str:
 
 
 def reset_group_states(opt_state, group_names):
-    """The optimiser state with the AdamW state of the named groups as a fresh init leaves it.
+    """The optimiser state with the state of the named groups as a fresh init leaves it.
 
-    Moments and step counts go to zero (the bias correction of the next step is a first step's); the
-    hyperparameters (learning rate, weight decay) stay.
+    Moments (AdamW's, or RMSprop's average and momentum) and step counts go to zero (the bias correction of
+    AdamW's next step is a first step's); the hyperparameters (learning rate, weight decay) stay.
     """
     partition = _partition_state(opt_state)
     inner = dict(partition.inner_states)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any, Dict, List, Optional
 
@@ -11,6 +12,37 @@ from absl import logging
 from etils import epath
 
 from hpl_jax import checkpointing
+
+
+def best_epoch(history: Dict[int, Dict[str, float]], metric: str) -> int:
+    """The evaluated epoch with the highest `metric` (the earliest on a tie). Epoch 0 is the untrained model:
+    not a candidate unless it is the only epoch evaluated."""
+    trained = sorted(epoch for epoch in history if epoch > 0) or [max(history)]
+    return max(trained, key=lambda epoch: history[epoch].get(metric, -1.0))
+
+
+def stops_early(history: Dict[int, Dict[str, float]], metric: str, patience: int) -> bool:
+    """Whether training stops: the last evaluated epoch is more than `patience` epochs after the best epoch by
+    `metric` (the rule of "A Metric Learning Reality Check", pytorch-metric-learning's `patience_remaining`:
+    stop when epoch - best_epoch > patience). patience 0 = never; the untrained epoch 0 starts no count."""
+    trained = [epoch for epoch in history if epoch > 0]
+    return bool(patience and trained) and max(trained) - best_epoch(history, metric) > patience
+
+
+def run_has_ended(workdir: str) -> bool:
+    """Whether the run in `workdir` has ended: it evaluated its last epoch, or early stopping ended it (a run
+    started again would stop at once). False for a run without metrics.json or config.json."""
+    metrics_path = os.path.join(workdir, "metrics.json")
+    if not os.path.exists(metrics_path) or not os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE)):
+        return False
+    config = checkpointing.load_config(workdir)
+    with open(metrics_path) as f:
+        saved = json.load(f)
+    history = {int(epoch): values for epoch, values in saved.get("history", {}).items()}
+    if not history:
+        return False
+    return max(history) >= config.num_epochs or stops_early(
+        history, saved.get("selected_on", "recall@1"), config.eval.get("early_stopping_patience", 0))
 
 
 class Reporter:
@@ -124,10 +156,7 @@ class Reporter:
         """
         if not self.history:
             return {}
-        last = max(self.history)
-        # Epoch 0 is the untrained model: not a candidate for the best epoch.
-        trained = [epoch for epoch in self.history if epoch > 0] or [last]
-        best = max(trained, key=lambda e: self.history[e].get(self.selection_metric, -1.0))
+        last, best = max(self.history), best_epoch(self.history, self.selection_metric)
         return {"last": {"epoch": last, **self.history[last]}, "best": {"epoch": best, **self.history[best]}}
 
     def close(self) -> None:

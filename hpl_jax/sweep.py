@@ -37,6 +37,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from hpl_jax import reporting
+
 FLAGS = flags.FLAGS
 SWEEP_FILE = "sweep.json"
 LOG_FILE = "log.txt"
@@ -183,12 +185,15 @@ def command(run: Run, config_path: str, root: str, python: str) -> List[str]:
 
 
 def is_finished(workdir: str, num_epochs: int) -> bool:
-    """True when the run's metrics.json has evaluated epoch `num_epochs` (its last)."""
+    """True when the run's metrics.json has evaluated epoch `num_epochs` (its last), or early stopping
+    (`eval.early_stopping_patience`) ended it before."""
     try:
         with open(os.path.join(workdir, "metrics.json")) as f:
-            return int(json.load(f)["last"]["epoch"]) >= num_epochs
+            if int(json.load(f)["last"]["epoch"]) >= num_epochs:
+                return True
     except (FileNotFoundError, KeyError, ValueError):
         return False
+    return reporting.run_has_ended(workdir)
 
 
 def write_sweep_file(root: str, config_path: str, grids, seeds, data_seeds, fixed, runs: Sequence[Run]) -> None:

@@ -5,8 +5,8 @@ seeds (`config.seed`) vary on the same data. Each coarse *family* fixes a palett
 shift and a blob at its own place. Every image is its class's pattern under a random phase, shift, contrast
 and noise. As in the real benchmarks, the classes are split disjointly: the first half of each family's classes
 trains, the other half is the unseen test set, so the test measures what the embedding learned about the
-families' shared structure. With `dataset.num_val_classes`, that many training classes (`data.validation_split`)
-form a 'val' split instead.
+families' shared structure. With `dataset.num_val_classes` or `dataset.num_folds`, some training classes
+(`data.held_out_classes`) form a 'val' split instead.
 """
 from __future__ import annotations
 
@@ -101,6 +101,17 @@ def center_crop(images: np.ndarray, out_size: int) -> np.ndarray:
     return images[:, top:top + out_size, left:left + out_size]
 
 
+def epoch_order(seed: int, epoch: int, num_examples: int, length: int) -> np.ndarray:
+    """The first `length` training indices of `epoch`: one permutation per pass over the examples, as many
+    passes as `length` needs (`config.steps_per_epoch` may ask for more or fewer steps than one pass).
+
+    The first pass is drawn from (seed, epoch) alone, so a one-pass epoch keeps the order it always had.
+    """
+    passes = [np.random.default_rng([seed, epoch] if p == 0 else [seed, epoch, p, 0]).permutation(num_examples)
+              for p in range(-(-length // num_examples))]
+    return np.concatenate(passes)[:length]
+
+
 class SyntheticDataset:
     """The embedded default behind the `data.Dataset` protocol (see data.py for the batch format).
 
@@ -120,7 +131,7 @@ class SyntheticDataset:
         self._std = np.asarray(config.dataset.std, np.float32)
 
         self._images, self._labels, super_labels, super_parents = self._generate()
-        if config.dataset.num_val_classes:
+        if data.holds_out_classes(config.dataset):
             self._hold_out_validation_classes(super_labels)
 
         size = config.dataset.image_size
@@ -137,7 +148,8 @@ class SyntheticDataset:
             super_parents=super_parents,
         )
         self._global_batch_size = local_batch_size * process_count
-        self._steps_per_epoch = data.steps_per_epoch(self.info.num_train_examples, self._global_batch_size)
+        self._steps_per_epoch = data.steps_per_epoch(self.info.num_train_examples, self._global_batch_size,
+                                                     config.steps_per_epoch)
 
     def _generate(self):
         """The images, as 8-bit pixels, and labels of 'train' and 'test', each class's family, and no level
@@ -161,12 +173,12 @@ class SyntheticDataset:
                 {name: np.asarray(s[2], np.int32) for name, s in splits.items()}, None)
 
     def _hold_out_validation_classes(self, super_labels) -> None:
-        """Moves `dataset.num_val_classes` training classes (data.validation_split) to a 'val' split."""
+        """Moves the training classes `config.dataset` holds out (data.held_out_classes) to a 'val' split."""
         dataset = self._config.dataset
         num_classes = len(super_labels["train"])
-        config_checks.check_num_val_classes(dataset.num_val_classes, num_classes, dataset.name)
+        config_checks.check_held_out_classes(dataset, num_classes, dataset.name)
         images, labels, supers = self._images["train"], self._labels["train"], super_labels["train"]
-        split = data.validation_split(num_classes, dataset.num_val_classes, dataset.seed)
+        split = data.held_out_classes(dataset, num_classes)
         for name, classes in zip(("train", "val"), split):
             rows = np.isin(labels, classes)
             self._images[name] = images[rows]
@@ -181,10 +193,10 @@ class SyntheticDataset:
         return (images - self._mean) / self._std
 
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[data.Batch]:
-        """Global batches drawn from one permutation per (seed, epoch); this host yields its slice of each."""
+        """Global batches in the order `epoch_order` gives (seed, epoch); this host yields its slice of each."""
         dataset = self._config.dataset
-        order = np.random.default_rng([self._config.seed, epoch]).permutation(self.info.num_train_examples)
-        order = order[:self._steps_per_epoch * self._global_batch_size].reshape(self._steps_per_epoch, -1)
+        order = epoch_order(self._config.seed, epoch, self.info.num_train_examples,
+                            self._steps_per_epoch * self._global_batch_size).reshape(self._steps_per_epoch, -1)
         mine = slice(self._process_index * self._local_batch_size,
                      (self._process_index + 1) * self._local_batch_size)
         for step in range(start_step, self._steps_per_epoch):

@@ -37,8 +37,8 @@ The numbers of images per class follow SOP's skew: from `images_per_class` = (mi
 `image_count_decay` (the defaults 2..12 and 0.8 give a mean of 5.0, the mode at 2). The split is
 class-disjoint and runs *inside* every sub-family: the first half of its classes train, the others are the
 unseen test classes, so every test class has its sub-family and super-class among the training classes. With
-`dataset.num_val_classes`, that many training classes form a 'val' split (`data.validation_split`), as for
-the default dataset.
+`dataset.num_val_classes` or `dataset.num_folds`, training classes form a 'val' split (`data.held_out_classes`),
+as for the default dataset.
 
 The ground truth has two levels above the classes: class -> sub-family -> super-class. `DatasetInfo` carries one
 of them per class (`*_super_labels`), the one `dataset.synthetic_sop.super_level` names: 'sub_family' (the

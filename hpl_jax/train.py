@@ -162,7 +162,9 @@ def refresh_on_host(replicated_state: TrainState, config, reporter, info, *,
     """
     state = jax.device_get(unreplicate(replicated_state))
     previous = state.hierarchy
-    state = refresh_groupings(state, config)
+    # NumPy again: the broadcast groupings and reset optimiser states come back as jax.Arrays on one device,
+    # which orbax refuses to save in a multi-process run.
+    state = jax.device_get(refresh_groupings(state, config))
     if end_of_epoch:
         state = state.replace(epoch=state.epoch + 1)
     hierarchies_agree(state.hierarchy)
@@ -208,6 +210,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     same workdir resumes there and ends in the state an uninterrupted run ends in. A non-finite step
     (guards.NonFiniteError) or a failed save (checkpointing.WorkdirError) stops the run with one error after
     the saves in flight complete; nothing non-finite is saved, so the latest checkpoint is the resume point.
+    With `eval.early_stopping_patience`, the run ends before `num_epochs` once the validation metric stops
+    improving.
 
     Returns {'last': metrics, 'best': metrics, 'history': {epoch: metrics}, 'preempted': bool,
     'skipped_images': int, 'skipped_steps': int}.
@@ -231,7 +235,7 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
     # From here on a SIGTERM (before the first step too) ends the run at a step boundary with a checkpoint.
     preemption = preemption_lib.Preemption()
     on_exit.callback(preemption.close)
-    steps_per_epoch = data.steps_per_epoch(info.num_train_examples, config.batch_size)
+    steps_per_epoch = data.steps_per_epoch(info.num_train_examples, config.batch_size, config.steps_per_epoch)
     total_steps = steps_per_epoch * config.num_epochs
     logging.info("%s: %d training classes, %d training images, %d steps/epoch of %d images on %d devices "
                  "(%d processes)", info.name, info.num_train_classes, info.num_train_examples, steps_per_epoch,
@@ -294,6 +298,12 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
     step_metrics_seen = guards.StepMetrics(skip_nonfinite=config.optim.skip_nonfinite_steps)
     preempted = False
     for epoch in range(start_epoch, config.num_epochs):
+        # Asked before each epoch, so a run that stopped early and is started again stays stopped.
+        if reporting.stops_early(reporter.history, selected_on, config.eval.early_stopping_patience):
+            logging.info("Early stopping before epoch %d: %s was best at epoch %d, more than %d epochs ago.",
+                         epoch + 1, selected_on, reporting.best_epoch(reporter.history, selected_on),
+                         config.eval.early_stopping_patience)
+            break
         step_fn = step_fns[epoch < config.optim.warmup_epochs]
         batches = data.prefetch_to_devices(dataset.train_batches(epoch, start_step))
         for step_in_epoch in range(start_step, steps_per_epoch):
@@ -329,8 +339,9 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
             values = {**evaluation.evaluate(p_embed, state, dataset, config), **hierarchy_values}
             reporter.evaluation(epoch + 1, int(host_state.step), values)
         checkpoints.save(int(host_state.step), host_state)
+        # Saved only when this epoch becomes metrics.json's best, so best/ holds that epoch also on a tie.
         if (checkpoints.best is not None and values is not None
-                and reporter.summary()["best"]["epoch"] == epoch + 1):
+                and reporting.best_epoch(reporter.history, selected_on) == epoch + 1):
             checkpoints.save_best(int(host_state.step), host_state,
                                   metrics={k: v for k, v in values.items() if isinstance(v, float)})
         preempted = epoch + 1 < config.num_epochs and preemption.reached(int(host_state.step))

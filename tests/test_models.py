@@ -201,12 +201,12 @@ def test_ceil_mode_max_pool_matches_written_out_reference(size):
 
 def test_create_model_reads_config_and_rejects_bad_fields():
     config = ml_collections.ConfigDict(
-        dict(backbone="resnet50", width=0.5, embedding_dim=32, bn_frozen=True, dtype="bfloat16")
+        dict(backbone="resnet50", width=0.5, embedding_dim=32, bn_frozen=True, dtype="bfloat16", pooling="avg")
     )
     model = models.create_model(config, bn_axis_name="batch")
-    assert (model.backbone, model.width, model.embedding_dim, model.bn_frozen, model.dtype, model.bn_axis_name) == (
-        "resnet50", 0.5, 32, True, jnp.bfloat16, "batch"
-    )
-    for field, bad in [("backbone", "resnet101"), ("dtype", "float16"), ("width", 0.0), ("embedding_dim", 0)]:
+    assert (model.backbone, model.width, model.embedding_dim, model.bn_frozen, model.dtype, model.bn_axis_name,
+            model.pooling) == ("resnet50", 0.5, 32, True, jnp.bfloat16, "batch", "avg")
+    for field, bad in [("backbone", "resnet101"), ("dtype", "float16"), ("width", 0.0), ("embedding_dim", 0),
+                       ("pooling", "gem")]:
         with pytest.raises(ValueError, match=field):
             models.create_model(ml_collections.ConfigDict({**config.to_dict(), field: bad}))
