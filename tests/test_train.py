@@ -433,7 +433,7 @@ def test_a_resume_refuses_a_config_that_changes_the_train_state(tmp_path):
                              "checkpoint.keep": 5, "dataset.data_dir": "/elsewhere"})
     checkpointing.check_resumed_config(saved, allowed, "config.json")
     for field, value in {"seed": 1, "batch_size": 32, "optim.lr": 1.0, "loss.base": "proxy_nca",
-                         "dataset.image_size": 24, "checkpoint.best_metric": "map@r"}.items():
+                         "dataset.image_size": 24, "checkpoint.best_metric": "recall@1"}.items():
         with pytest.raises(config_checks.ConfigError, match=f"config.{field} = "):
             checkpointing.check_resumed_config(saved, tiny_config(**{field: value}), "config.json")
 
