@@ -88,12 +88,33 @@ def save_config(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
     tmp.replace(path)
 
 
+def _with_defaults(saved: Dict[str, Any], defaults: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """`saved` with every field it lacks taken from `defaults` (fields added to the project after the run
+    started; their defaults keep the earlier behaviour), logged."""
+    merged = dict(saved)
+    for key, value in defaults.items():
+        if key not in saved:
+            logging.info("%s has no config.%s%s (added since the run started): using its default %r.",
+                         CONFIG_FILE, prefix, key, value)
+            merged[key] = value
+        elif isinstance(value, dict) and isinstance(saved[key], dict):
+            merged[key] = _with_defaults(saved[key], value, f"{prefix}{key}.")
+    return merged
+
+
+def read_saved_config(path: epath.Path) -> Dict[str, Any]:
+    """The dict of a config.json, completed with the defaults of configs/default.py for fields it lacks."""
+    from configs import default  # the repository's configs/ (imported here: hpl_jax does not need it otherwise)
+    return _with_defaults(_tuples(json.loads(path.read_text())), _tuples(default.get_config().to_dict()))
+
+
 def load_config(workdir) -> ml_collections.ConfigDict:
-    """The config a run was started with, read from WORKDIR/config.json."""
+    """The config a run was started with, read from WORKDIR/config.json (fields added to the project since,
+    at their defaults)."""
     path = workdir_path(str(workdir)) / CONFIG_FILE
     if not path.exists():
         raise RunError(f"{path} does not exist; is {workdir} the workdir of a run?")
-    return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+    return ml_collections.ConfigDict(read_saved_config(path))
 
 
 def load_metrics(workdir) -> dict:
@@ -254,7 +275,7 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *, write: b
         raise WorkdirError(f"--workdir {workdir} cannot be created ({error.strerror or error}); pass a "
                            "writable directory.") from None
     if (path / CONFIG_FILE).exists():
-        check_resumed_config(json.loads((path / CONFIG_FILE).read_text()), config, path / CONFIG_FILE)
+        check_resumed_config(read_saved_config(path / CONFIG_FILE), config, path / CONFIG_FILE)
     if write:
         try:
             save_config(path, config)

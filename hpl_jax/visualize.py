@@ -226,10 +226,14 @@ def hierarchy_history(history: Dict[str, Dict[str, float]]) -> Dict[str, Tuple[n
 def plot_hierarchy(path: str, groups: np.ndarray, super_labels: Optional[np.ndarray],
                    history: Dict[str, Tuple[np.ndarray, np.ndarray]], title: str) -> None:
     """Panels: contingency heat map (or the group sizes without super-classes); the level-1 group sizes over
-    the refreshes; the other `hierarchy/` scalars. The history panels appear only when metrics.json has them."""
+    the refreshes; the agreement scalars (with the true super-classes and with the previous grouping, in
+    [0, 1]); the geometry scalars (proxy norms, cosines). The history panels appear only when metrics.json has
+    them."""
     sizes = {k: v for k, v in history.items() if "_group_size_" in k}
-    others = {k: v for k, v in history.items() if k not in sizes}
-    panels = 1 + bool(sizes) + bool(others)
+    agreement = {k: v for k, v in history.items() if k not in sizes and any(
+        name in k for name in ("_nmi", "_ari", "_purity"))}
+    geometry = {k: v for k, v in history.items() if k not in sizes and k not in agreement}
+    panels = 1 + bool(sizes) + bool(agreement) + bool(geometry)
     fig = Figure(figsize=(4.5 * panels, 4.0), dpi=DPI)
     axes = fig.subplots(1, panels, squeeze=False)
     axes = list(axes[0])
@@ -263,13 +267,16 @@ def plot_hierarchy(path: str, groups: np.ndarray, super_labels: Optional[np.ndar
         ax.set_ylabel("classes per group")
         ax.set_title("group sizes over the refreshes", fontsize=9)
         ax.legend(fontsize=7)
-    if others:
+    for series, panel_title in ((agreement, "agreement: with the true super-classes, with the last grouping"),
+                                (geometry, "geometry: proxy norms, cos(coarse proxy, children's mean)")):
+        if not series:
+            continue
         ax = axes.pop(0)
-        for key, (epochs, values) in sorted(others.items()):
+        for key, (epochs, values) in sorted(series.items()):
             ax.plot(epochs, values, marker="o", ms=3, label=key[len("hierarchy/"):])
         ax.set_xlabel("epoch")
-        ax.set_title("other hierarchy scalars", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.set_title(panel_title, fontsize=8)
+        ax.legend(fontsize=6)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
