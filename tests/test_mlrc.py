@@ -238,5 +238,5 @@ def test_restore_state_finds_the_latest_the_best_and_a_step(four_folds):
     by_step = checkpointing.restore_state(workdir, template, int(best.step))
     for a, b in zip(jax.tree_util.tree_leaves(best), jax.tree_util.tree_leaves(by_step)):
         np.testing.assert_array_equal(a, b)
-    with pytest.raises(FileNotFoundError, match="no checkpoint 12345"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint of step 12345"):
         checkpointing.restore_state(workdir, template, 12345)
