@@ -122,6 +122,11 @@ def get_config():
     hpl.coarse_norm = "children_mean"
     # k-means restarts (sklearn n_init) per grouping; each costs a full k-means on the level below.
     hpl.kmeans_restarts = 10
+    # Where the groupings' k-means runs: 'sklearn' (scikit-learn on the host, float64; the design's default) or
+    # 'jax' (hpl_jax.kmeans, jit-compiled, on the default device in float32: k-means++ seeding in rounds, Lloyd,
+    # the same empty-cluster repair; its own seeding, so other groupings than 'sklearn' for the same seed).
+    # Times of both at SOP scale: README, "Benchmarks".
+    hpl.kmeans_backend = "sklearn"
     # Use the dataset's ground-truth super-classes for level 1 instead of k-means (ablation).
     hpl.ground_truth_level1 = False
 
@@ -169,12 +174,15 @@ def get_config():
     eval_config.batch_size = 128
     # K of the Recall@K table.
     eval_config.recall_at = (1, 2, 4, 8)
-    # Also compute NMI (k-means on the test embeddings; slow for SOP-scale test sets).
+    # Also compute NMI: hpl_jax.kmeans (on the default device) of the test embeddings into as many clusters as
+    # classes, against the labels. Its cost per evaluation per dataset: README, "Benchmarks".
     eval_config.nmi = True
     # Also the retrieval metrics at the ground-truth super-class level ('super/...'), where the dataset has
-    # super-classes. Costly when super-classes are huge (SOP: about 4 minutes per evaluation on a CPU).
+    # super-classes. They rank each query's first R items on the host, R in the thousands for SOP: about 53 s more
+    # per SOP evaluation on a loaded 2-core CPU (README, "Benchmarks").
     eval_config.super_metrics = True
-    # Queries per chunk of the blocked similarity search.
+    # Side of the similarity blocks of self-retrieval, or queries searched at once against the whole gallery
+    # (hpl_jax.metrics.retrieval_metrics); memory is a few chunk_size x chunk_size (or x gallery) blocks.
     eval_config.chunk_size = 1024
 
     config.checkpoint = ckpt = ml_collections.ConfigDict()

@@ -203,6 +203,8 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
     _require(hpl.kmeans_restarts >= 1, "hpl.kmeans_restarts", "must be >= 1.")
     _require(hpl.coarse_norm in hierarchy.COARSE_NORMS, "hpl.coarse_norm",
              f"{hpl.coarse_norm!r}; use one of {hierarchy.COARSE_NORMS}.")
+    _require(hpl.kmeans_backend in hierarchy.KMEANS_BACKENDS, "hpl.kmeans_backend",
+             f"{hpl.kmeans_backend!r}; use one of {hierarchy.KMEANS_BACKENDS}.")
     _require(hpl.coarse_policy in COARSE_POLICIES, "hpl.coarse_policy",
              f"{hpl.coarse_policy!r}; use one of {COARSE_POLICIES}.")
     if hpl.ground_truth_level1:

@@ -6,7 +6,8 @@ y^l = a^l(y^{l-1}).
 
 The hierarchy is a pytree of arrays that lives in the train state. Its groupings are found and refreshed on
 the host, with NumPy and scikit-learn, between epochs (METHOD.md, "How the groupings are found and
-refreshed"): k-means over the L2-normalised vectors of the level below, with no empty cluster allowed.
+refreshed"): k-means over the L2-normalised vectors of the level below, with no empty cluster allowed. With
+backend='jax' (config.hpl.kmeans_backend) the k-means itself runs on the default device (hpl_jax.kmeans).
 Host functions accept jax or NumPy arrays and return jnp arrays, so their results are train-state leaves.
 Pass them the unreplicated hierarchy (one copy, not the per-device stack that pmap holds).
 """
@@ -25,10 +26,15 @@ import sklearn.cluster
 import sklearn.exceptions
 import sklearn.metrics
 
+from hpl_jax import kmeans as kmeans_lib
+
 REFRESH_POLICIES = ("reset", "rematch")
 # The norm a coarse proxy takes when it is (re)set to a cluster centre: 'children_mean' (the mean norm of the
 # proxies it groups, so it moves at their pace under the same Adam step size) or 'unit'.
 COARSE_NORMS = ("children_mean", "unit")
+# Where a grouping's k-means runs: scikit-learn on the host (float64), or hpl_jax.kmeans (jit-compiled,
+# float32) on the default JAX device.
+KMEANS_BACKENDS = ("sklearn", "jax")
 
 # A fixed number of k-means restarts (not sklearn's 'auto') keeps a grouping a function of the seed alone.
 KMEANS_N_INIT = 10
@@ -154,8 +160,8 @@ def _fill_empty_clusters(vectors: np.ndarray, assignment: np.ndarray, num_cluste
     return assignment
 
 
-def kmeans_grouping(vectors, num_clusters: int, *, seed: int,
-                    n_init: int = KMEANS_N_INIT) -> Tuple[jax.Array, jax.Array]:
+def kmeans_grouping(vectors, num_clusters: int, *, seed: int, n_init: int = KMEANS_N_INIT,
+                    backend: str = "sklearn") -> Tuple[jax.Array, jax.Array]:
     """k-means over L2-normalised vectors with no empty cluster (METHOD.md, "How the groupings are found").
 
     scikit-learn's KMeans (k-means++ initialisation, `n_init` seeded restarts) runs on the normalised rows.
@@ -166,6 +172,8 @@ def kmeans_grouping(vectors, num_clusters: int, *, seed: int,
 
     The result depends only on the inputs and `seed`, up to the summation order of sklearn's multithreaded
     centre updates, which can in rare near-ties flip a point between processes with different threads.
+    backend='jax' runs hpl_jax.kmeans instead (the same steps on the default device in float32, with its own
+    seeding and the same empty-cluster rule); its result depends only on the inputs, `seed` and the backend.
 
     Args:
       vectors: f32[n, d] (jax or NumPy), any norm.
@@ -173,6 +181,7 @@ def kmeans_grouping(vectors, num_clusters: int, *, seed: int,
       seed: random state of the k-means initialisation.
       n_init: number of k-means restarts; the one of lowest inertia is kept. Each took about 6 s for
         11,318 x 512 random Gaussian vectors (SOP's class count) and k = 100 on two shared CPU cores.
+      backend: one of KMEANS_BACKENDS.
 
     Returns:
       (assignment i32[n] with values in [0, k), every value used; centres f32[k, d], unit norm).
@@ -183,11 +192,17 @@ def kmeans_grouping(vectors, num_clusters: int, *, seed: int,
         raise ValueError(
             f"num_clusters = {num_clusters} must be between 1 and the {num_vectors} vectors to cluster; "
             "ask for fewer clusters.")
-    kmeans = sklearn.cluster.KMeans(n_clusters=num_clusters, n_init=n_init, random_state=seed)
-    with warnings.catch_warnings():
-        # Fewer distinct clusters than asked (duplicate points) is repaired just below.
-        warnings.simplefilter("ignore", sklearn.exceptions.ConvergenceWarning)
-        assignment = kmeans.fit_predict(normalised).astype(np.int64)
+    if backend == "jax":
+        assignment = np.asarray(kmeans_lib.kmeans(normalised, num_clusters, seed=seed,
+                                                  num_restarts=n_init).assignment, np.int64)
+    elif backend == "sklearn":
+        kmeans = sklearn.cluster.KMeans(n_clusters=num_clusters, n_init=n_init, random_state=seed)
+        with warnings.catch_warnings():
+            # Fewer distinct clusters than asked (duplicate points) is repaired just below.
+            warnings.simplefilter("ignore", sklearn.exceptions.ConvergenceWarning)
+            assignment = kmeans.fit_predict(normalised).astype(np.int64)
+    else:
+        raise ValueError(f"backend = {backend!r} is not a k-means backend; use one of {KMEANS_BACKENDS}.")
     assignment = _fill_empty_clusters(normalised, assignment, num_clusters)
     centres = _l2_normalised(_cluster_means(normalised, assignment, num_clusters))
     return jnp.asarray(assignment, jnp.int32), jnp.asarray(centres, jnp.float32)
@@ -280,7 +295,7 @@ def _scaled(centres, norms: np.ndarray) -> jax.Array:
 
 
 def _kmeans_levels(vectors, children, sizes: Sequence[int], seed: int, n_init: int,
-                   coarse_norm: str) -> Tuple[list, list]:
+                   coarse_norm: str, backend: str) -> Tuple[list, list]:
     """Coarse levels by k-means, each over the normalised proxies of the level below.
 
     Args:
@@ -289,13 +304,14 @@ def _kmeans_levels(vectors, children, sizes: Sequence[int], seed: int, n_init: i
         the new proxies' norms).
       sizes: (K_l, K_{l+1}, ...).
       coarse_norm: see `coarse_proxy_norms`.
+      backend: where k-means runs (see `kmeans_grouping`).
 
     Returns:
       (proxies: list of f32[K, d] scaled centres, parents: list of i32[K_below]).
     """
     proxies, parents = [], []
     for size in sizes:
-        assignment, centres = kmeans_grouping(vectors, size, seed=seed, n_init=n_init)
+        assignment, centres = kmeans_grouping(vectors, size, seed=seed, n_init=n_init, backend=backend)
         centres = _scaled(centres, coarse_proxy_norms(children, assignment, size, coarse_norm))
         proxies.append(centres)
         parents.append(assignment)
@@ -314,7 +330,7 @@ def _check_level1_vectors(level1_vectors, num_classes: int, dim: int) -> None:
 
 def init_hierarchy(rng: jax.Array, num_classes: int, num_coarse: Sequence[int], dim: int, *,
                    level1_vectors=None, seed: int = 0, n_init: int = KMEANS_N_INIT,
-                   coarse_norm: str = "children_mean") -> ProxyHierarchy:
+                   coarse_norm: str = "children_mean", backend: str = "sklearn") -> ProxyHierarchy:
     """The initial hierarchy (METHOD.md, "The hierarchy" and "How the groupings are found and refreshed").
 
     Fine proxies come from `init_proxies`. Level 1 groups `level1_vectors` (METHOD.md's default first
@@ -331,6 +347,7 @@ def init_hierarchy(rng: jax.Array, num_classes: int, num_coarse: Sequence[int], 
       seed: random state of the k-means.
       n_init: k-means restarts per level (see `kmeans_grouping`).
       coarse_norm: 'children_mean' or 'unit' (see `coarse_proxy_norms`).
+      backend: where k-means runs (see `kmeans_grouping`).
 
     Returns:
       A ProxyHierarchy with proxies (f32[C, d], f32[K_1, d], ...) and parents (i32[C], i32[K_1], ...).
@@ -340,7 +357,7 @@ def init_hierarchy(rng: jax.Array, num_classes: int, num_coarse: Sequence[int], 
     if level1_vectors is None:
         level1_vectors = fine
     _check_level1_vectors(level1_vectors, num_classes, dim)
-    coarse, parents = _kmeans_levels(level1_vectors, fine, num_coarse, seed, n_init, coarse_norm)
+    coarse, parents = _kmeans_levels(level1_vectors, fine, num_coarse, seed, n_init, coarse_norm, backend)
     validate_parents(parents, (num_classes, *num_coarse))
     return ProxyHierarchy(proxies=(fine, *coarse), parents=tuple(parents))
 
@@ -360,7 +377,8 @@ def _matched_labels(centres: jax.Array, proxies: jax.Array) -> np.ndarray:
 
 def refresh_hierarchy(hierarchy: ProxyHierarchy, *, seed: int, policy: str = "reset",
                       level1_vectors=None, n_init: int = KMEANS_N_INIT,
-                      coarse_norm: str = "children_mean") -> Tuple[ProxyHierarchy, Tuple[jax.Array, ...]]:
+                      coarse_norm: str = "children_mean",
+                      backend: str = "sklearn") -> Tuple[ProxyHierarchy, Tuple[jax.Array, ...]]:
     """Re-groups every coarse level (METHOD.md, "How the groupings are found and refreshed"), on the host.
 
     Level 1 clusters the normalised fine proxies, or `level1_vectors` if given; level l >= 2 clusters the
@@ -379,6 +397,7 @@ def refresh_hierarchy(hierarchy: ProxyHierarchy, *, seed: int, policy: str = "re
       level1_vectors: f32[K_0, d] or None.
       n_init: k-means restarts per level (see `kmeans_grouping`).
       coarse_norm: 'children_mean' or 'unit' (see `coarse_proxy_norms`); 'reset' only.
+      backend: where k-means runs (see `kmeans_grouping`).
 
     Returns:
       (the new ProxyHierarchy, reset: per level l >= 1, bool[K_l], True where the proxy was replaced).
@@ -398,12 +417,12 @@ def refresh_hierarchy(hierarchy: ProxyHierarchy, *, seed: int, policy: str = "re
 
     if policy == "reset":
         coarse, parents = _kmeans_levels(level1_vectors, hierarchy.proxies[0], sizes[1:], seed, n_init,
-                                         coarse_norm)
+                                         coarse_norm, backend)
     else:
         coarse, parents = [], []
         vectors = level1_vectors
         for proxies, size in zip(hierarchy.proxies[1:], sizes[1:]):
-            assignment, centres = kmeans_grouping(vectors, size, seed=seed, n_init=n_init)
+            assignment, centres = kmeans_grouping(vectors, size, seed=seed, n_init=n_init, backend=backend)
             labels = _matched_labels(centres, proxies)
             coarse.append(proxies)
             parents.append(jnp.asarray(labels[np.asarray(assignment)], jnp.int32))
@@ -415,7 +434,8 @@ def refresh_hierarchy(hierarchy: ProxyHierarchy, *, seed: int, policy: str = "re
 
 def hierarchy_from_super_labels(fine_proxies, super_labels, *, num_coarse_above: Sequence[int] = (),
                                 seed: int = 0, n_init: int = KMEANS_N_INIT,
-                                coarse_norm: str = "children_mean") -> ProxyHierarchy:
+                                coarse_norm: str = "children_mean",
+                                backend: str = "sklearn") -> ProxyHierarchy:
     """A hierarchy whose level 1 is a dataset's ground-truth super-classes (METHOD.md's ablation).
 
     The super-classes present among the classes are renumbered 0..S-1 in increasing order of their ids (a
@@ -431,6 +451,7 @@ def hierarchy_from_super_labels(fine_proxies, super_labels, *, num_coarse_above:
       seed: random state of the k-means of levels 2...
       n_init: k-means restarts per level (see `kmeans_grouping`).
       coarse_norm: 'children_mean' or 'unit'.
+      backend: where k-means runs (see `kmeans_grouping`).
 
     Returns:
       A ProxyHierarchy with proxies (f32[C, d], f32[S, d], f32[K_2, d], ...).
@@ -453,7 +474,7 @@ def hierarchy_from_super_labels(fine_proxies, super_labels, *, num_coarse_above:
                            num_super, first_level=2)
     directions = _l2_normalised(_cluster_means(_l2_normalised(_host_matrix(fine)), super_labels, num_super))
     level1 = _scaled(directions, coarse_proxy_norms(fine, super_labels, num_super, coarse_norm))
-    coarse, parents = _kmeans_levels(level1, level1, num_coarse_above, seed, n_init, coarse_norm)
+    coarse, parents = _kmeans_levels(level1, level1, num_coarse_above, seed, n_init, coarse_norm, backend)
     parents = [jnp.asarray(super_labels, jnp.int32), *parents]
     validate_parents(parents, (num_classes, num_super, *num_coarse_above))
     return ProxyHierarchy(proxies=(fine, level1, *coarse), parents=tuple(parents))

@@ -5,14 +5,29 @@ Precision@1, R-Precision and MAP@R, where R is the number of other items of the 
 set. Similarities are cosine. Ties never help a query: an item whose similarity equals a positive's is ranked
 above it (pessimistic ranking), so a negative tied with the only positive is a miss.
 
-The search runs in chunks of queries on the default JAX device; memory is bounded by chunk_size x gallery
-size, never gallery x gallery. Nothing is sorted along the gallery. For a query with positives sorted by
-similarity s_1 >= ... >= s_R and c_k = number of negatives with similarity >= s_k, the k-th positive sits at
-rank c_k + k of the pessimistic ranking. So:
-- Recall@K for every K follows from c_1 alone, one count over the gallery: a hit iff c_1 < K.
-- R-Precision and MAP@R only look at ranks <= R, where c_k < R <= max_R: the top max_R + (largest class size)
-  items of each query (top_k on the device) hold its top max_R negatives, which give every c_k exactly below
-  max_R, and a count capped at max_R is outside the top R.
+Every metric is a count, not a ranking. For a query with positives sorted by similarity s_1 >= ... >= s_R and
+c_k = number of negatives with similarity >= s_k, the k-th positive sits at rank c_k + k of the pessimistic
+ranking: Recall@K is a hit iff c_1 < K, and R-Precision and MAP@R follow from the c_k. A level whose queries
+have at most 16 positives (SOP's and In-Shop's classes) is counted on the default JAX device in two steps,
+with no sort and no top-k:
+- thresholds: each query's positive similarities, read from the similarity block that holds them;
+- counts: block by block, for each query and threshold, the items with similarity >= it. Counting every item
+  (no class mask) and subtracting the query's positives, itself and the padding afterwards is exact: the
+  thresholds are those very matrix entries, and padding items are zero vectors, of similarity exactly 0.
+Self-retrieval lays the items out in blocks that hold whole classes, so a query's positives all lie in its
+diagonal block, and computes each off-diagonal block once, counting it for its rows and (transposed) for its
+columns: half the matrix products of a plain search. Memory is a few blocks of chunk_size^2 similarities.
+
+A level with larger R (super-classes: thousands for SOP; CUB's or Cars' classes) is ranked on the host from
+full similarity rows instead: its metrics depend only on each query's first max(R, largest K) ranks, and the
+items at or above the similarity that many items down (np.partition, linear in the gallery), sorted with
+negatives first among equals, are exactly those ranks. Such a level makes self-retrieval search chunks of
+queries against the whole gallery (chunk_size x gallery similarities), as query mode always does.
+
+Equal embeddings give bitwise-equal similarities within one run (one block shape, and a block product that
+does not depend on the operands' order), so exact ties stay exact. Against another implementation, results
+can differ where two similarities lie within float32 rounding of each other: matrix-product rounding depends
+on the block shapes.
 """
 from __future__ import annotations
 
@@ -22,12 +37,20 @@ from typing import Dict, NamedTuple, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import sklearn.cluster
 import sklearn.metrics
 
+from hpl_jax import kmeans as kmeans_lib
 
-# Counts of gallery items are summed in float32 on the device, exact up to 2^24.
-_MAX_GALLERY = 2**24
+# A count packs four 8-bit counters in a uint32 word and sums each word over groups of 128 items, so no counter
+# passes 128 < 2^8 before the words are unpacked: one reduction counts four thresholds.
+_FIELDS_PER_WORD = 4
+_FIELD_BITS = 8
+_GROUP = 128
+# Levels whose queries have at most this many positives are counted on the device (at most 4 words of
+# counters); larger ones, e.g. super-classes, are ranked on the host.
+_MAX_COUNTED_POSITIVES = 16
+# Rows of similarities whose top items the host sorts at once; bounds the host copies.
+_HOST_ROWS = 128
 
 
 class _Level(NamedTuple):
@@ -35,14 +58,13 @@ class _Level(NamedTuple):
 
     Attributes:
       prefix: prefix of the metric names of this level ("" or "super/").
-      query_classes: i32[num_queries].
-      gallery_classes: i32[gallery].
-      members: i64[gallery], gallery indices sorted by class, so a class's members are contiguous.
+      query_classes: i64[num_queries].
+      gallery_classes: i64[gallery].
+      members: i64[gallery], gallery indices sorted by class (stable), so a class's members are contiguous.
       class_starts: i64[num_classes], where each class starts in `members`.
       class_sizes: i64[num_classes], gallery items of each class.
-      width: positive slots per query, the largest class a query belongs to (it includes the query itself
-        in self-retrieval, where that slot is always masked).
-      max_r: the largest R over the queries.
+      num_positives: i64[num_queries], R of each query (its class's gallery items, less itself in
+        self-retrieval).
     """
 
     prefix: str
@@ -51,8 +73,7 @@ class _Level(NamedTuple):
     members: np.ndarray
     class_starts: np.ndarray
     class_sizes: np.ndarray
-    width: int
-    max_r: int
+    num_positives: np.ndarray
 
 
 def retrieval_metrics(
@@ -81,12 +102,13 @@ def retrieval_metrics(
       recall_at: the K of the `recall@K` keys.
       super_labels: int[num_classes] or None: super_labels[c] is the super-class of class c, for every class
         value c in `labels` (and `query_labels`). Adds the retrieval metrics at the super-class level under
-        keys prefixed `super/`, from the same similarities. Costlier: each query keeps its top
-        max_R + (largest class size) items, both now at the super-class level (SOP: about 5,000 each; about
-        4 s per chunk of 1,024 queries against 60,502 items on 2 CPU cores, against about 0.5 s without).
-      nmi: also cluster the (gallery) embeddings with k-means, k = number of classes, and report the NMI of
-        the clusters against the labels. Slow for many classes (SOP).
-      chunk_size: queries searched at once; the device holds chunk_size x gallery similarities.
+        keys prefixed `super/`, from the same similarities. Self-retrieval then searches query chunks against
+        the whole gallery instead of symmetric blocks: at SOP test scale on 2 loaded CPU cores 70.7 s against
+        17.3 s without (README, Benchmarks).
+      nmi: also cluster the (gallery) embeddings with k-means (hpl_jax.kmeans, on the device), k = number of
+        classes, and report the NMI of the clusters against the labels.
+      chunk_size: side of the similarity blocks (rounded up to a multiple of 128); with super_labels, classes
+        of more than 17 items or query_embeddings, queries searched at once against the whole gallery.
       seed: k-means seed.
 
     Returns:
@@ -97,9 +119,6 @@ def retrieval_metrics(
     """
     gallery, gallery_labels, queries, queries_labels = _checked_inputs(
         embeddings, labels, query_embeddings, query_labels)
-    if len(gallery) > _MAX_GALLERY:
-        raise ValueError(f"embeddings has {len(gallery)} items; counts are exact up to {_MAX_GALLERY}, so "
-                         f"evaluate a smaller gallery.")
     self_retrieval = query_embeddings is None
     recall_at = _checked_recall_at(recall_at)
     if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
@@ -108,14 +127,18 @@ def retrieval_metrics(
     gallery = _l2_normalised(gallery, "embeddings")
     queries = gallery if self_retrieval else _l2_normalised(queries, "query_embeddings")
     levels = [_level("", queries_labels, gallery_labels, self_retrieval)]
-    if levels[0].max_r == 0:
+    if levels[0].num_positives.max() == 0:
         raise ValueError("labels: no query has another item of its class to retrieve; every class needs at "
                          "least two items (self-retrieval) or one gallery item (query mode).")
     if super_labels is not None:
         query_super, gallery_super = _super_classes(super_labels, queries_labels, gallery_labels)
         levels.append(_level("super/", query_super, gallery_super, self_retrieval))
 
-    per_level = _per_query_scores(queries, gallery, levels, self_retrieval, int(chunk_size))
+    if self_retrieval and len(levels) == 1 and levels[0].num_positives.max() <= _MAX_COUNTED_POSITIVES:
+        per_level = [_symmetric_block_scores(gallery, levels[0], int(chunk_size))]
+    else:
+        per_level = _query_chunk_scores(queries, gallery, levels, self_retrieval, int(chunk_size),
+                                        max(recall_at))
     metrics: Dict[str, float] = {}
     for level, scores in zip(levels, per_level):
         metrics.update(_mean_scores(*scores, recall_at, level.prefix))
@@ -187,10 +210,9 @@ def _super_classes(super_labels, queries_labels: np.ndarray, gallery_labels: np.
 def _level(prefix: str, queries_labels: np.ndarray, gallery_labels: np.ndarray, self_retrieval: bool) -> _Level:
     """Contiguous class ids and the gallery's class membership, for building each query's positive list."""
     classes = np.unique(np.concatenate([queries_labels, gallery_labels]), return_inverse=True)[1]
-    query_classes = classes[:len(queries_labels)].astype(np.int32)
-    gallery_classes = classes[len(queries_labels):].astype(np.int32)
+    query_classes = classes[:len(queries_labels)].astype(np.int64)
+    gallery_classes = classes[len(queries_labels):].astype(np.int64)
     class_sizes = np.bincount(gallery_classes, minlength=int(classes.max()) + 1)
-    width = int(class_sizes[query_classes].max())
     return _Level(
         prefix=prefix,
         query_classes=query_classes,
@@ -198,119 +220,300 @@ def _level(prefix: str, queries_labels: np.ndarray, gallery_labels: np.ndarray, 
         members=np.argsort(gallery_classes, kind="stable"),
         class_starts=np.cumsum(class_sizes) - class_sizes,
         class_sizes=class_sizes,
-        width=width,
-        max_r=width - 1 if self_retrieval else width,
+        num_positives=class_sizes[query_classes] - int(self_retrieval),
     )
 
 
-def _positives(level: _Level, query_ids: np.ndarray, exclude: np.ndarray):
-    """Gallery indices of each query's positives (i32[chunk, width]) and which slots hold one (bool).
+def _num_slots(max_positives: int) -> int:
+    """Threshold slots for queries with up to max_positives positives: whole words of counters."""
+    return _FIELDS_PER_WORD * -(-int(max_positives) // _FIELDS_PER_WORD)
 
-    exclude: i64[chunk], the gallery index of the query itself (self-retrieval), or -1.
+
+def _positives(level: _Level, query_ids: np.ndarray, self_retrieval: bool, num_slots: int):
+    """Gallery indices of each query's positives (i64[rows, num_slots]) and which slots hold one (bool).
+
+    The first R slots of a row hold its positives (in self-retrieval, not the query itself); the rest are
+    empty. num_slots >= the largest R of the rows.
     """
     classes = level.query_classes[query_ids]
-    slots = np.arange(level.width)
-    offsets = level.class_starts[classes][:, None] + slots
+    width = num_slots + int(self_retrieval)
+    offsets = level.class_starts[classes][:, None] + np.arange(width)
     indices = level.members[np.minimum(offsets, len(level.members) - 1)]
-    valid = (slots < level.class_sizes[classes][:, None]) & (indices != exclude[:, None])
-    return np.where(valid, indices, 0).astype(np.int32), valid
+    valid = np.arange(width) < level.class_sizes[classes][:, None]
+    if self_retrieval:
+        valid &= indices != query_ids[:, None]
+        first_valid = np.argsort(~valid, axis=1, kind="stable")
+        indices = np.take_along_axis(indices, first_valid, axis=1)
+        valid = np.take_along_axis(valid, first_valid, axis=1)
+    return np.where(valid, indices, 0)[:, :num_slots], valid[:, :num_slots]
 
 
-@functools.partial(jax.jit, static_argnames=("max_rs", "num_top"))
-def _negative_counts(queries, gallery, query_classes, gallery_classes, positive_indices, positive_valid,
-                     max_rs, num_top):
-    """Per query and level: negatives ranked above the best positive, and above each positive.
+def _similarities(rows: jax.Array, columns: jax.Array) -> jax.Array:
+    """f32[rows, columns] dot products in full float32 (no TF32 or bfloat16 passes on accelerators)."""
+    return jnp.dot(rows, columns.T, precision=jax.lax.Precision.HIGHEST)
 
-    A negative is ranked above a positive when its similarity is >= the positive's (pessimistic ties).
-    All comparisons use entries of one similarity matrix, so exact ties stay exact.
+
+def _counts_at_least(similarities: jax.Array, thresholds: jax.Array, axis: int) -> jax.Array:
+    """i32[items, slots]: per item of one side, the items of the other side with similarity >= each threshold.
 
     Args:
-      queries: f32[chunk, dim], unit rows.
-      gallery: f32[gallery, dim], unit rows.
-      query_classes, gallery_classes, positive_indices, positive_valid: one per level, i32[chunk],
-        i32[gallery], i32[chunk, width], bool[chunk, width] (see `_positives`).
-      max_rs: static, one per level: the largest R.
-      num_top: static, min(gallery, largest max_r + width over the levels): the most similar items kept.
-
-    Returns:
-      One pair per level: i32[chunk], negatives with similarity >= the query's best positive (exact; every
-      negative when the query has no positive); and i32[chunk, width], for each positive slot the
-      negatives with similarity >= that positive's, exact below max_r, else max_r (also for empty slots).
+      similarities: f32[rows, columns], both multiples of 128.
+      thresholds: f32[slots, rows] (axis=1: count along each row) or f32[slots, columns] (axis=0: along each
+        column); slots a multiple of 4; +inf in an empty slot counts nothing. Slot-major, so that counting
+        along columns reads one slot's thresholds contiguously (items-major took a quarter longer on CPU).
     """
-    similarities = queries @ gallery.T
-    # The top max_r + width items of a row hold at least max_r negatives (at most width items share the
-    # query's class), so a positive with fewer than max_r negatives above it has them all among these.
-    top_sims, top_items = jax.lax.top_k(similarities, num_top)
-    counts = []
-    for q_classes, g_classes, indices, valid, max_r in zip(
-            query_classes, gallery_classes, positive_indices, positive_valid, max_rs):
-        negative = q_classes[:, None] != g_classes[None, :]
-        positive_sims = jnp.take_along_axis(similarities, indices, axis=1)
-        # top_k, not max: XLA:CPU fuses a reduction with the broadcast below into a materialised
-        # chunk x gallery array, which costs as much as the count itself.
-        best = jax.lax.top_k(jnp.where(valid, positive_sims, -jnp.inf), 1)[0][:, 0]
-        # Summed in float32, which XLA:CPU reduces several times faster than int32; exact below 2^24 items.
-        above_best = jnp.sum((negative & (similarities >= best[:, None])).astype(jnp.float32), axis=1)
-        # top_sims is descending, so the top items with similarity >= s are a prefix: its length is a search
-        # in the negated, ascending copy, and its same-class items a lookup in their running count.
-        num_at_least = jax.vmap(functools.partial(jnp.searchsorted, side="right"))(-top_sims, -positive_sims)
-        same_class_so_far = jnp.cumsum(g_classes[top_items] == q_classes[:, None], axis=1, dtype=jnp.int32)
-        same_class_so_far = jnp.pad(same_class_so_far, ((0, 0), (1, 0)))
-        above_each = num_at_least - jnp.take_along_axis(same_class_so_far, num_at_least, axis=1)
-        counts.append((above_best.astype(jnp.int32),
-                       jnp.where(valid, jnp.minimum(above_each, max_r), max_r).astype(jnp.int32)))
-    return tuple(counts)
+    rows, columns = similarities.shape
+    if axis == 1:
+        grouped = similarities.reshape(rows, columns // _GROUP, _GROUP)
+        threshold = lambda slot: thresholds[slot, :, None, None]  # noqa: E731
+    else:
+        grouped = similarities.reshape(rows // _GROUP, _GROUP, columns)
+        threshold = lambda slot: thresholds[slot, None, None, :]  # noqa: E731
+    fields = range(_FIELDS_PER_WORD)
+    words = tuple(sum(jnp.where(grouped >= threshold(first + f), jnp.uint32(1 << (_FIELD_BITS * f)), jnp.uint32(0))
+                      for f in fields)
+                  for first in range(0, thresholds.shape[0], _FIELDS_PER_WORD))
+    if not words:
+        return jnp.zeros((similarities.shape[1 - axis], 0), jnp.int32)
+    # One variadic reduction sums every word in a single pass over the similarities (a reduction per word
+    # re-reads them, which costs as much as the matrix product once they outgrow the cache).
+    group_sums = jax.lax.reduce(words, (jnp.uint32(0),) * len(words),
+                                lambda x, y: tuple(a + b for a, b in zip(x, y)), (axis + 1,))
+    counts = [jnp.sum((word >> (_FIELD_BITS * f)) & (2**_FIELD_BITS - 1), axis=axis, dtype=jnp.int32)
+              for word in group_sums for f in fields]
+    return jnp.stack(counts, axis=1)
 
 
-def _per_query_scores(queries: np.ndarray, gallery: np.ndarray, levels: Sequence[_Level],
-                      self_retrieval: bool, chunk_size: int):
-    """Per level: (R, negatives above the best positive, R-Precision, AP@R), each f64/i64[num_queries].
+def _gathered_thresholds(similarities: jax.Array, positive_columns: jax.Array, positive_valid: jax.Array):
+    """f32[slots, rows]: each row's similarity to each of its positives, +inf in empty slots (slot-major)."""
+    return jnp.where(positive_valid, jnp.take_along_axis(similarities, positive_columns, axis=1), jnp.inf).T
 
-    The last chunk is padded to the chunk size, so the device step compiles once.
+
+@jax.jit
+def _diagonal_block(block, positive_columns, positive_valid):
+    """Thresholds (f32[slots, block]), self-similarities (f32[block]) and row counts of a diagonal block,
+    which holds every positive of its rows (positive_columns: i32[block, slots] indices within the block)."""
+    similarities = _similarities(block, block)
+    thresholds = _gathered_thresholds(similarities, positive_columns, positive_valid)
+    return thresholds, jnp.diagonal(similarities), _counts_at_least(similarities, thresholds, axis=1)
+
+
+@functools.partial(jax.jit, donate_argnums=(4, 5))
+def _off_diagonal_block(row_block, column_block, row_thresholds, column_thresholds, row_counts, column_counts):
+    """Adds one off-diagonal block's counts to its rows' and (transposed) its columns' running counts."""
+    similarities = _similarities(row_block, column_block)
+    return (row_counts + _counts_at_least(similarities, row_thresholds, axis=1),
+            column_counts + _counts_at_least(similarities, column_thresholds, axis=0))
+
+
+@jax.jit
+def _query_chunk(queries, gallery, positive_indices, positive_valid, self_indices, ranked_query_classes,
+                 ranked_gallery_classes):
+    """One chunk of queries against the whole gallery.
+
+    Returns thresholds (f32[slots, chunk]), self-similarities (f32[chunk], -inf in query mode) and row counts
+    of the counted class level (no slots: none), and for each ranked level (ranked_query_classes: i32[chunk],
+    ranked_gallery_classes: i32[gallery], -1 on padding) u32[chunk, gallery] pessimistic keys, the query
+    itself and the padding given the largest key.
     """
-    num_queries = len(queries)
-    chunk_size = min(chunk_size, num_queries)
-    gallery_device = jax.device_put(gallery)
-    gallery_classes = tuple(jax.device_put(level.gallery_classes) for level in levels)
-    max_rs = tuple(level.max_r for level in levels)
-    num_top = min(len(gallery), max(level.max_r + level.width for level in levels))
-    chunks = [[] for _ in levels]
-    for start in range(0, num_queries, chunk_size):
-        query_ids = np.arange(start, min(start + chunk_size, num_queries))
-        padding = chunk_size - len(query_ids)
-        exclude = query_ids if self_retrieval else np.full(len(query_ids), -1)
-        positives = [_positives(level, query_ids, exclude) for level in levels]
-        device_counts = _negative_counts(
-            np.pad(queries[query_ids], ((0, padding), (0, 0))),
-            gallery_device,
-            tuple(np.pad(level.query_classes[query_ids], (0, padding), constant_values=-1) for level in levels),
-            gallery_classes,
-            tuple(np.pad(indices, ((0, padding), (0, 0))) for indices, _ in positives),
-            tuple(np.pad(valid, ((0, padding), (0, 0))) for _, valid in positives),
-            max_rs=max_rs,
-            num_top=num_top,
-        )
-        for chunk, (above_best, above_each), (_, valid) in zip(chunks, device_counts, positives):
-            chunk.append(_scores_from_counts(
-                np.asarray(above_best)[:len(query_ids)], np.asarray(above_each)[:len(query_ids)], valid))
-    return [tuple(np.concatenate(parts) for parts in zip(*chunk)) for chunk in chunks]
+    similarities = _similarities(queries, gallery)
+    thresholds = _gathered_thresholds(similarities, positive_indices, positive_valid)
+    itself = jnp.take_along_axis(similarities, jnp.maximum(self_indices, 0)[:, None], axis=1)[:, 0]
+    self_similarities = jnp.where(self_indices >= 0, itself, -jnp.inf)
+    counts = _counts_at_least(similarities, thresholds, axis=1)
+    is_self = jnp.arange(gallery.shape[0])[None, :] == self_indices[:, None]
+    keys = tuple(
+        jnp.where(is_self | (gallery_classes[None, :] < 0), jnp.uint32(2**32 - 1),
+                  _pessimistic_keys(similarities, query_classes[:, None] == gallery_classes[None, :]))
+        for query_classes, gallery_classes in zip(ranked_query_classes, ranked_gallery_classes))
+    return thresholds, self_similarities, counts, keys
 
 
-def _scores_from_counts(above_best: np.ndarray, above_each: np.ndarray, valid: np.ndarray):
-    """(R, above_best, R-Precision, AP@R) per query from the negative counts of `_negative_counts`.
+def _pessimistic_keys(similarities: jax.Array, positive: jax.Array) -> jax.Array:
+    """u32 keys whose ascending order is the pessimistic ranking: similarity descending, negatives first among
+    equal similarities (equal keys: same similarity and same kind, interchangeable).
+
+    The label takes the place of bit 30 of the float32, the top exponent bit, which is 0 for every |x| < 2, so
+    cosine similarities keep their exact order: the sign-magnitude bits with bit 30 dropped are flipped so
+    that larger similarities get smaller keys.
+    """
+    bits = jax.lax.bitcast_convert_type(similarities, jnp.uint32)
+    bits = jnp.where(similarities == 0, jnp.uint32(0), bits)  # -0.0 and 0.0 are equal similarities
+    order = (bits & jnp.uint32(2**30 - 1)) ^ (jnp.uint32(2**30 - 1) + (bits >> 31))
+    return (order << 1) | positive.astype(jnp.uint32)
+
+
+def _negatives_at_least(counts: np.ndarray, thresholds: np.ndarray, valid: np.ndarray,
+                        self_similarities: np.ndarray, num_padding: int) -> np.ndarray:
+    """i64[rows, slots]: negatives with similarity >= each threshold, from counts over every searched column.
+
+    The counts also hold the row's positives at or above each threshold (known exactly: the thresholds are
+    those positives' matrix entries), the query itself in self-retrieval, and the padding items (zero
+    vectors, similarity exactly 0). Empty slots get a count no query reaches.
+    """
+    positives = np.sum(valid[:, None, :] & (thresholds[:, None, :] >= thresholds[:, :, None]), axis=2)
+    itself = self_similarities[:, None] >= thresholds
+    padding = num_padding * (thresholds <= 0)
+    negatives = counts.astype(np.int64) - positives - itself - padding
+    return np.where(valid, negatives, np.iinfo(np.int32).max)
+
+
+def _scores_from_counts(negatives_above: np.ndarray, valid: np.ndarray):
+    """(R, negatives above the best positive, R-Precision, AP@R) per query, each i64/f64[rows].
 
     Sorting a query's counts orders its positives by similarity (ties among positives do not matter: they
     have equal counts), and the k-th positive is at rank count_k + k. Ranks that are not within R contribute
-    nothing; a capped count (max_r >= R) always lands outside R.
+    nothing.
     """
     r = valid.sum(axis=1)
-    k = np.arange(1, above_each.shape[1] + 1)
-    ranks = np.sort(above_each, axis=1) + k
+    k = np.arange(1, negatives_above.shape[1] + 1)
+    sorted_counts = np.sort(negatives_above, axis=1)  # at least one slot: a counted level has R >= 1 somewhere
+    ranks = sorted_counts + k
     within_r = ranks <= r[:, None]
     safe_r = np.maximum(r, 1)
     r_precision = within_r.sum(axis=1) / safe_r
     # MAP@R: (1/R) * sum over ranks i <= R holding a positive of precision@i = k / rank_k.
     average_precision = np.sum(np.where(within_r, k / ranks, 0.0), axis=1) / safe_r
+    return r, sorted_counts[:, 0], r_precision, average_precision
+
+
+def _class_layout(class_sizes: np.ndarray, block: int) -> Tuple[np.ndarray, int]:
+    """Where each class starts in a layout of blocks of `block` slots that never splits a class (first fit
+    in class order, so a block ends in padding when the next class does not fit), and the block count."""
+    starts = np.empty(len(class_sizes), np.int64)
+    end = 0
+    for c, size in enumerate(class_sizes):
+        if end % block + size > block:
+            end += block - end % block
+        starts[c] = end
+        end += size
+    return starts, -(-end // block)
+
+
+def _symmetric_block_scores(unit: np.ndarray, level: _Level, chunk_size: int):
+    """Self-retrieval class-level scores (R, negatives above the best positive, R-Precision, AP@R), each per
+    item, from the symmetric block sweep (module docstring). Needs R <= _MAX_COUNTED_POSITIVES."""
+    num_items, dim = unit.shape
+    block = _GROUP * -(-chunk_size // _GROUP)
+    starts, num_blocks = _class_layout(level.class_sizes, block)
+    rank_in_class = np.empty(num_items, np.int64)
+    rank_in_class[level.members] = np.arange(num_items) - np.repeat(level.class_starts, level.class_sizes)
+    position = starts[level.gallery_classes] + rank_in_class
+    layout = np.zeros((num_blocks * block, dim), np.float32)
+    layout[position] = unit
+    num_slots = _num_slots(level.num_positives.max())
+    indices, valid = _positives(level, np.arange(num_items), True, num_slots)
+    # A class lies in one block, so a positive's column within its block is its position modulo the block.
+    columns = np.zeros((num_blocks * block, num_slots), np.int32)
+    columns[position] = np.where(valid, position[indices] % block, 0)
+    slot_valid = np.zeros((num_blocks * block, num_slots), bool)
+    slot_valid[position] = valid
+
+    blocks, thresholds, self_similarities, counts = [], [], [], []
+    for b in range(num_blocks):
+        rows = slice(b * block, (b + 1) * block)
+        blocks.append(jax.device_put(layout[rows]))
+        block_thresholds, block_self, block_counts = _diagonal_block(blocks[b], columns[rows], slot_valid[rows])
+        thresholds.append(block_thresholds)
+        self_similarities.append(block_self)
+        counts.append(block_counts)
+    for i in range(num_blocks):
+        for j in range(i + 1, num_blocks):
+            counts[i], counts[j] = _off_diagonal_block(blocks[i], blocks[j], thresholds[i], thresholds[j],
+                                                       counts[i], counts[j])
+    negatives_above = _negatives_at_least(
+        np.concatenate([np.asarray(c) for c in counts]), np.concatenate([np.asarray(t).T for t in thresholds]),
+        slot_valid, np.concatenate([np.asarray(s) for s in self_similarities]), num_blocks * block - num_items)
+    return _scores_from_counts(negatives_above[position], valid)
+
+
+def _query_chunk_scores(queries: np.ndarray, gallery: np.ndarray, levels: Sequence[_Level],
+                        self_retrieval: bool, chunk_size: int, max_recall_at: int):
+    """Per level: (R, negatives above the best positive, R-Precision, AP@R), each per query, from chunks of
+    queries searched against the whole gallery (query mode, or self-retrieval with a level ranked on the host).
+
+    The class level is counted on the device when its R allows, every other level ranked on the host from the
+    chunk's similarities. Chunks are padded to chunk_size and the gallery to a multiple of 128 with zero
+    vectors, so the device step compiles once.
+    """
+    num_queries, num_gallery = len(queries), len(gallery)
+    chunk_size = min(chunk_size, num_queries)
+    num_padding = -num_gallery % _GROUP
+    gallery_device = jax.device_put(np.pad(gallery, ((0, num_padding), (0, 0))))
+    counted = levels[0].num_positives.max() <= _MAX_COUNTED_POSITIVES
+    ranked = levels[1:] if counted else levels
+    num_slots = _num_slots(levels[0].num_positives.max()) if counted else 0
+    ranked_gallery_classes = tuple(jax.device_put(np.pad(level.gallery_classes, (0, num_padding),
+                                                         constant_values=-1).astype(np.int32)) for level in ranked)
+
+    def dispatch(query_ids):
+        """Starts the device step of a chunk (asynchronously) and returns what scoring it needs."""
+        padding = chunk_size - len(query_ids)
+        indices, valid = _positives(levels[0], query_ids, self_retrieval, num_slots)
+        self_indices = query_ids if self_retrieval else np.full(len(query_ids), -1)
+        outputs = _query_chunk(
+            np.pad(queries[query_ids], ((0, padding), (0, 0))),
+            gallery_device,
+            np.pad(indices, ((0, padding), (0, 0))).astype(np.int32),
+            np.pad(valid, ((0, padding), (0, 0))),
+            np.pad(self_indices, (0, padding), constant_values=-1).astype(np.int32),
+            tuple(np.pad(level.query_classes[query_ids], (0, padding)).astype(np.int32) for level in ranked),
+            ranked_gallery_classes,
+        )
+        return query_ids, valid, outputs
+
+    def scores_of(query_ids, valid, outputs):
+        thresholds, self_similarities, counts, keys = outputs
+        rows = len(query_ids)
+        scores = []
+        if counted:
+            negatives_above = _negatives_at_least(np.asarray(counts)[:rows], np.asarray(thresholds).T[:rows], valid,
+                                                  np.asarray(self_similarities)[:rows], num_padding)
+            scores.append(_scores_from_counts(negatives_above, valid))
+        scores += [_ranked_scores(np.asarray(level_keys)[:rows], level.num_positives[query_ids], max_recall_at,
+                                  num_gallery - int(self_retrieval)) for level, level_keys in zip(ranked, keys)]
+        return scores
+
+    chunks = [[] for _ in levels]
+    pending = None
+    # The host scores one chunk while the device computes the next.
+    for start in list(range(0, num_queries, chunk_size)) + [None]:
+        started = None if start is None else dispatch(np.arange(start, min(start + chunk_size, num_queries)))
+        if pending is not None:
+            for chunk, level_scores in zip(chunks, scores_of(*pending)):
+                chunk.append(level_scores)
+        pending = started
+    return [tuple(np.concatenate(parts) for parts in zip(*chunk)) for chunk in chunks]
+
+
+def _ranked_scores(keys: np.ndarray, r: np.ndarray, max_recall_at: int, num_searched: int):
+    """(R, negatives above the best positive, R-Precision, AP@R) per row, from pessimistic keys of full rows.
+
+    A row's metrics depend only on its first max(R, largest K) ranks: its smallest keys, which np.partition
+    finds in time linear in the gallery, sorted. The count above the best positive is exact when it is below
+    that many ranks, and that many otherwise, which decides every Recall@K alike.
+
+    Args:
+      keys: u32[rows, columns] from `_pessimistic_keys`, the query itself and padding largest.
+      r: i64[rows], R of each row.
+      num_searched: the items each row ranks (the gallery, less the query itself in self-retrieval).
+    """
+    num_rows = len(keys)
+    above_best = np.zeros(num_rows, np.int64)
+    r_precision, average_precision = np.zeros(num_rows), np.zeros(num_rows)
+    for start in range(0, num_rows, _HOST_ROWS):
+        part = slice(start, min(start + _HOST_ROWS, num_rows))
+        num_ranked = min(max(int(r[part].max()), max_recall_at), num_searched)
+        top = np.sort(np.partition(keys[part], num_ranked - 1, axis=1)[:, :num_ranked], axis=1)
+        positive = (top & np.uint32(1)).astype(bool)
+        rank = np.arange(1, num_ranked + 1)
+        counted = positive & (rank <= r[part][:, None])
+        safe_r = np.maximum(r[part], 1)
+        r_precision[part] = counted.sum(axis=1) / safe_r
+        # MAP@R: (1/R) * sum over ranks i <= R holding a positive of precision@i.
+        precision = np.cumsum(positive, axis=1) / rank
+        average_precision[part] = np.sum(np.where(counted, precision, 0.0), axis=1) / safe_r
+        above_best[part] = np.where(positive.any(axis=1), np.argmax(positive, axis=1), num_ranked)
     return r, above_best, r_precision, average_precision
 
 
@@ -331,6 +534,5 @@ def _mean_scores(r, above_best, r_precision, average_precision, recall_at: Tuple
 def _kmeans_nmi(unit_embeddings: np.ndarray, labels: np.ndarray, seed: int) -> float:
     """NMI between the labels and k-means clusters (k = number of classes) of the unit embeddings."""
     num_classes = len(np.unique(labels))
-    clusters = sklearn.cluster.KMeans(n_clusters=num_classes, n_init=1, random_state=seed).fit_predict(
-        unit_embeddings)
-    return float(sklearn.metrics.normalized_mutual_info_score(labels, clusters))
+    clusters = kmeans_lib.kmeans(unit_embeddings, num_classes, seed=seed).assignment
+    return float(sklearn.metrics.normalized_mutual_info_score(labels, np.asarray(clusters)))

@@ -132,7 +132,8 @@ def refresh_groupings(state: TrainState, config, *, level1_vectors=None,
     hierarchy, reset = hierarchy_lib.refresh_hierarchy(
         jax.device_get(state.hierarchy), seed=kmeans_seed(state, int(state.step)),
         policy=policy or config.hpl.coarse_policy, level1_vectors=level1_vectors,
-        n_init=config.hpl.kmeans_restarts, coarse_norm=config.hpl.coarse_norm)
+        n_init=config.hpl.kmeans_restarts, coarse_norm=config.hpl.coarse_norm,
+        backend=config.hpl.kmeans_backend)
     if jax.process_count() > 1:
         hierarchy, reset = multihost_utils.broadcast_one_to_all((hierarchy, reset))
         hierarchy = jax.tree_util.tree_map(jnp.asarray, hierarchy)

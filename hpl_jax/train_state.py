@@ -83,14 +83,14 @@ def initial_hierarchy(rng, config, info: data.DatasetInfo) -> hierarchy_lib.Prox
         fine = hierarchy_lib.init_proxies(rng, info.num_train_classes, config.model.embedding_dim)
         hierarchy = hierarchy_lib.hierarchy_from_super_labels(
             fine, info.train_super_labels, num_coarse_above=num_coarse[1:], seed=config.seed,
-            n_init=hpl.kmeans_restarts, coarse_norm=hpl.coarse_norm)
+            n_init=hpl.kmeans_restarts, coarse_norm=hpl.coarse_norm, backend=hpl.kmeans_backend)
         if hierarchy.level_sizes[1] != num_coarse[0]:
             logging.info("hpl.ground_truth_level1: level 1 has the %d super-classes of the training classes "
                          "(hpl.num_coarse[0] = %d is not used).", hierarchy.level_sizes[1], num_coarse[0])
         return hierarchy
     return hierarchy_lib.init_hierarchy(rng, info.num_train_classes, num_coarse, config.model.embedding_dim,
                                         seed=config.seed, n_init=hpl.kmeans_restarts,
-                                        coarse_norm=hpl.coarse_norm)
+                                        coarse_norm=hpl.coarse_norm, backend=hpl.kmeans_backend)
 
 
 def create_train_state(rng, config, model, info: data.DatasetInfo) -> TrainState:

@@ -177,9 +177,10 @@ def _separated_clusters(seed, num_clusters, per_cluster, dim):
     return vectors.astype(np.float32), truth
 
 
-def test_kmeans_recovers_well_separated_clusters_exactly():
+@pytest.mark.parametrize("backend", hier.KMEANS_BACKENDS)
+def test_kmeans_recovers_well_separated_clusters_exactly(backend):
     vectors, truth = _separated_clusters(seed=0, num_clusters=5, per_cluster=12, dim=16)
-    assignment, centres = hier.kmeans_grouping(vectors, 5, seed=0)
+    assignment, centres = hier.kmeans_grouping(vectors, 5, seed=0, backend=backend)
     assert assignment.dtype == jnp.int32 and centres.dtype == jnp.float32
     assert _same_partition(assignment, truth)
     np.testing.assert_allclose(centres, _normalised_group_means(vectors, assignment, 5), atol=1e-6)
@@ -221,10 +222,11 @@ def test_kmeans_fills_clusters_sklearn_leaves_empty():
 
 # --- refresh --------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", hier.KMEANS_BACKENDS)
 @pytest.mark.parametrize("policy", ["reset", "rematch"])
-def test_refresh_invariants(policy):
+def test_refresh_invariants(policy, backend):
     h = _random_hierarchy(4, (50, 9, 3), 12)
-    refreshed, reset = hier.refresh_hierarchy(h, seed=0, policy=policy)
+    refreshed, reset = hier.refresh_hierarchy(h, seed=0, policy=policy, backend=backend)
     _check_tree(refreshed, (50, 9, 3))
     assert refreshed.proxies[0] is h.proxies[0]
     assert [r.shape for r in reset] == [(9,), (3,)]
@@ -280,9 +282,10 @@ def test_refresh_reset_groups_level1_vectors_when_given():
     np.testing.assert_array_equal(refreshed.proxies[0], h.proxies[0])
 
 
-def test_refresh_survives_duplicate_level1_vectors():
+@pytest.mark.parametrize("backend", hier.KMEANS_BACKENDS)
+def test_refresh_survives_duplicate_level1_vectors(backend):
     h = _random_hierarchy(8, (20, 5), 3)
-    refreshed, _ = hier.refresh_hierarchy(h, seed=0, level1_vectors=_duplicate_points())
+    refreshed, _ = hier.refresh_hierarchy(h, seed=0, level1_vectors=_duplicate_points(), backend=backend)
     _check_tree(refreshed, (20, 5))
 
 
@@ -322,11 +325,12 @@ def test_refresh_rematch_relabels_to_the_closest_existing_proxies():
 
 # --- ground-truth super-classes and class means ---------------------------------------------------------
 
-def test_hierarchy_from_super_labels():
+@pytest.mark.parametrize("backend", hier.KMEANS_BACKENDS)
+def test_hierarchy_from_super_labels(backend):
     rng = np.random.default_rng(10)
     fine = rng.normal(size=(30, 8)).astype(np.float32)
     super_labels = rng.permutation(np.arange(30) % 6).astype(np.int32)
-    h = hier.hierarchy_from_super_labels(fine, super_labels, num_coarse_above=(3, 2), seed=1)
+    h = hier.hierarchy_from_super_labels(fine, super_labels, num_coarse_above=(3, 2), seed=1, backend=backend)
     _check_tree(h, (30, 6, 3, 2))
     np.testing.assert_array_equal(h.proxies[0], fine)
     np.testing.assert_array_equal(h.parents[0], super_labels)

@@ -1,4 +1,8 @@
-"""Tests of hpl_jax.metrics against hand-worked cases and a brute-force NumPy ranking."""
+"""Tests of hpl_jax.metrics against hand-worked cases and a brute-force NumPy ranking.
+
+The brute force (a full sort of every query's similarities, ties broken against the query) is the oracle: it
+is the behaviour of the earlier top-k implementation, which matched it exactly on these cases.
+"""
 
 import numpy as np
 import pytest
@@ -164,6 +168,36 @@ def test_ties_stay_exact_across_a_larger_gallery():
     embeddings, labels = random_signs(rng, 3000, 64), random_labels(rng, 3000, 600)
     recall_at = (1, 10, 100, 1000)
     metrics = retrieval_metrics(embeddings, labels, recall_at=recall_at, nmi=False, chunk_size=512)
+    expected = brute_force_metrics(embeddings, labels, embeddings, labels, recall_at, self_retrieval=True)
+    assert_metrics_equal(metrics, expected, expected.keys())
+
+
+@pytest.mark.parametrize("self_retrieval", [True, False])
+def test_large_classes_ranked_on_the_host_match_brute_force(self_retrieval):
+    # About 37 items per class: R > 16, so the class level is ranked on the host, not counted on the device.
+    rng = np.random.default_rng(8)
+    gallery, gallery_labels = random_signs(rng, 300, 16), random_labels(rng, 300, 8)
+    queries, query_labels = random_signs(rng, 60, 16), random_labels(rng, 60, 9)
+    if self_retrieval:
+        queries, query_labels = gallery, gallery_labels
+    query_args = {} if self_retrieval else {"query_embeddings": queries, "query_labels": query_labels}
+    recall_at = (1, 2, 8, 100, 1000)
+    metrics = retrieval_metrics(gallery, gallery_labels, **query_args, recall_at=recall_at, nmi=False,
+                                chunk_size=64)
+    expected = brute_force_metrics(queries, query_labels, gallery, gallery_labels, recall_at, self_retrieval)
+    assert np.bincount(gallery_labels).max() > 17
+    assert_metrics_equal(metrics, expected, expected.keys())
+
+
+def test_duplicates_in_different_blocks_are_exact_ties():
+    # Gaussian embeddings (no accidental ties) where 60 items repeat others, some with another label, spread
+    # over several 128-item blocks: a duplicate must tie exactly with its original whichever block, and
+    # whichever side of a block pair (row or transposed column), computed its similarity.
+    rng = np.random.default_rng(9)
+    embeddings, labels = rng.normal(size=(500, 16)), random_labels(rng, 500, 120)
+    embeddings[rng.choice(500, 60, replace=False)] = embeddings[rng.choice(500, 60, replace=False)]
+    recall_at = (1, 4, 16)
+    metrics = retrieval_metrics(embeddings, labels, recall_at=recall_at, nmi=False, chunk_size=128)
     expected = brute_force_metrics(embeddings, labels, embeddings, labels, recall_at, self_retrieval=True)
     assert_metrics_equal(metrics, expected, expected.keys())
 

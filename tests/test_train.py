@@ -19,6 +19,7 @@ from hpl_jax import config_checks
 from hpl_jax import data
 from hpl_jax import datasets
 from hpl_jax import evaluation
+from hpl_jax import hierarchy as hierarchy_lib
 from hpl_jax import models
 from hpl_jax import optim
 from hpl_jax import train
@@ -157,6 +158,20 @@ def test_refresh_regroups_without_empty_groups_and_resets_moments():
     assert int(fine.count) == 3 and np.any(np.asarray(fine.mu["proxies"][0]))
 
 
+def test_the_jax_kmeans_backend_makes_the_first_and_the_refreshed_groupings():
+    config = tiny_config(**{"hpl.kmeans_backend": "jax"})
+    _, _, state, _, _ = _setup(config)
+    fine = state.hierarchy.proxies[0]
+    initial, _ = hierarchy_lib.kmeans_grouping(fine, 3, seed=config.seed, n_init=config.hpl.kmeans_restarts,
+                                               backend="jax")
+    np.testing.assert_array_equal(state.hierarchy.parents[0], initial)
+    moved = state.replace(hierarchy=state.hierarchy.replace(proxies=(fine[::-1],) + state.hierarchy.proxies[1:]))
+    refreshed = train.refresh_groupings(moved, config)
+    expected, _ = hierarchy_lib.kmeans_grouping(fine[::-1], 3, seed=train.kmeans_seed(moved, int(moved.step)),
+                                                n_init=config.hpl.kmeans_restarts, backend="jax")
+    np.testing.assert_array_equal(refreshed.hierarchy.parents[0], expected)
+
+
 def test_a_reset_coarse_proxy_takes_the_step_of_a_fresh_adamw():
     """After a refresh resets level 1, its first update is a fresh AdamW step (step count 1, zero moments), not
     one bias-corrected with the steps the fine proxies took."""
@@ -213,7 +228,7 @@ def test_config_errors_name_the_field():
         "dataset.name": "imagenet", "model.backbone": "vgg", "loss.base": "triplet", "hpl.coarse_policy": "x",
         "batch_size": 15, "eval.batch_size": 7, "optim.decay_gamma": 0.0, "hpl.num_coarse": (1,),
         "checkpoint.best_metric": "recall@3", "model.pretrained": "/no/such/dir",
-        "dataset.resize_size": 8,
+        "dataset.resize_size": 8, "hpl.kmeans_backend": "faiss",
     }
     # Tuple elements of the wrong type (ml_collections checks only scalar fields' types).
     wrong_elements = {"hpl.weights": ("(1.0,abc)",), "hpl.num_coarse": (2.5,), "dataset.mean": (0.5, 0.5, "x"),

@@ -2,15 +2,18 @@
 
     python -m hpl_jax.benchmarks.retrieval [--num_items 60502 --num_classes 11316 --dim 512 --repeats 3]
 
-Defaults are the SOP test split (METHOD.md: 60,502 images of 11,316 classes, d = 512): random unit vectors
-with a planted class structure (each class a random centre, each item its centre plus Gaussian noise of
-norm about --noise), class sizes 2-12, fixed seed. Timed, in turn within each repeat so that a load shared
-with other processes hits all alike, and reported as medians of wall time and of this process's CPU time
-(the CPU time moves less with other processes' load on a shared machine):
+Defaults are the SOP test split (METHOD.md: 60,502 images of 11,316 classes in 12 super-classes, d = 512):
+random unit vectors with a planted structure (each super-class a random centre, each class its super-class's
+centre plus noise, each item its class's centre plus Gaussian noise of norm about --noise), class sizes 2-12,
+fixed seed. Timed, in turn within each repeat so that a load shared with other processes hits all alike, and
+reported as medians of wall time and of this process's CPU time (the CPU time moves less with other
+processes' load on a shared machine):
 - `retrieval_metrics` with recall_at (1, 10, 100, 1000), nmi=False: Recall@K, P@1, R-Precision, MAP@R;
-- the similarity matrix alone, in the same chunks on the same device (the floor of any exact search);
+- the same with super_labels (the `super/` metrics too), unless --no_super;
+- the similarity products `retrieval_metrics` computes without super_labels, alone: each pair of blocks once;
 - when faiss-cpu is importable (not a dependency of hpl-jax): IndexFlatIP add + search at k = 1001, the
-  neighbours Recall@1000 needs with the query itself among them.
+  neighbours Recall@1000 needs with the query itself among them;
+then the ratio of `retrieval_metrics` (without super_labels) to the faiss search, of the medians.
 Peak memory is the process's resident high-water mark during the first `retrieval_metrics` call (Linux,
 reset just before it), and the device's peak where the backend reports one (GPU/TPU).
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import statistics
 import time
 from typing import Callable, Dict, Optional
@@ -29,25 +33,29 @@ import numpy as np
 from hpl_jax.metrics import retrieval_metrics
 
 RECALL_AT = (1, 10, 100, 1000)
+FAISS_NAME = "faiss IndexFlatIP"
 
 
 def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_items", type=int, default=60502)
     parser.add_argument("--num_classes", type=int, default=11316)
+    parser.add_argument("--num_super_classes", type=int, default=12)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--min_class_size", type=int, default=2)
     parser.add_argument("--max_class_size", type=int, default=12)
     parser.add_argument("--noise", type=float, default=2.3, help="norm of an item's offset from its centre")
     parser.add_argument("--chunk_size", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no_super", action="store_true", help="skip the run with super_labels")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
 
-def planted_embeddings(num_items: int, num_classes: int, dim: int, min_size: int, max_size: int,
-                       noise: float, seed: int):
-    """f32[num_items, dim] unit vectors and i32[num_items] labels; every class holds min..max_size items."""
+def planted_embeddings(num_items: int, num_classes: int, num_super_classes: int, dim: int, min_size: int,
+                       max_size: int, noise: float, seed: int):
+    """f32[num_items, dim] unit vectors, i32[num_items] labels and i32[num_classes] super-labels; every class
+    holds min..max_size items."""
     if not num_classes * min_size <= num_items <= num_classes * max_size:
         raise ValueError(f"--num_items {num_items} cannot be split into {num_classes} classes of "
                          f"{min_size}-{max_size} items; change one of them.")
@@ -57,26 +65,30 @@ def planted_embeddings(num_items: int, num_classes: int, dim: int, min_size: int
     extra = rng.choice(free_slots, size=num_items - num_classes * min_size, replace=False)
     sizes = min_size + np.bincount(extra, minlength=num_classes)
     labels = rng.permutation(np.repeat(np.arange(num_classes), sizes)).astype(np.int32)
-    centres = rng.normal(size=(num_classes, dim))
+    super_labels = rng.integers(0, num_super_classes, size=num_classes).astype(np.int32)
+    super_centres = rng.normal(size=(num_super_classes, dim))
+    super_centres /= np.linalg.norm(super_centres, axis=1, keepdims=True)
+    centres = super_centres[super_labels] + rng.normal(size=(num_classes, dim)) / np.sqrt(dim)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     embeddings = centres[labels] + noise / np.sqrt(dim) * rng.normal(size=(num_items, dim))
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return embeddings.astype(np.float32), labels
+    return embeddings.astype(np.float32), labels, super_labels
 
 
 @jax.jit
-def _similarity_row_max(queries: jax.Array, gallery: jax.Array) -> jax.Array:
-    """f32[chunk]: the largest similarity of each query; forces the chunk's full similarity matrix."""
-    return jnp.max(queries @ gallery.T, axis=1)
+def _block_product_max(rows: jax.Array, columns: jax.Array) -> jax.Array:
+    """f32[block]: the largest similarity of each row; forces the block's full similarity matrix."""
+    return jnp.max(jnp.dot(rows, columns.T, precision=jax.lax.Precision.HIGHEST), axis=1)
 
 
-def _similarities_only(embeddings: np.ndarray, chunk_size: int) -> None:
-    """The similarity matrix of every chunk of queries, as retrieval_metrics computes it, and nothing else."""
-    gallery = jax.device_put(embeddings)
-    for start in range(0, len(embeddings), chunk_size):
-        chunk = embeddings[start:start + chunk_size]
-        chunk = np.pad(chunk, ((0, chunk_size - len(chunk)), (0, 0)))
-        np.asarray(_similarity_row_max(chunk, gallery))
+def _symmetric_products_only(embeddings: np.ndarray, chunk_size: int) -> None:
+    """The similarity blocks `retrieval_metrics` computes in self-retrieval (each pair of blocks once, blocks
+    of chunk_size rounded up to 128), and nothing else."""
+    block = 128 * -(-chunk_size // 128)
+    padded = np.pad(embeddings, ((0, -len(embeddings) % block), (0, 0)))
+    blocks = [jax.device_put(padded[start:start + block]) for start in range(0, len(padded), block)]
+    results = [_block_product_max(blocks[i], blocks[j]) for i in range(len(blocks)) for j in range(i, len(blocks))]
+    jax.block_until_ready(results)
 
 
 def _faiss_search(embeddings: np.ndarray, k: int) -> None:
@@ -115,32 +127,35 @@ def _peak_device_gib() -> Optional[float]:
 
 def main() -> None:
     args = _parse_args()
-    embeddings, labels = planted_embeddings(args.num_items, args.num_classes, args.dim, args.min_class_size,
-                                            args.max_class_size, args.noise, args.seed)
+    embeddings, labels, super_labels = planted_embeddings(
+        args.num_items, args.num_classes, args.num_super_classes, args.dim, args.min_class_size,
+        args.max_class_size, args.noise, args.seed)
     sizes = np.bincount(labels)
     print(f"data: {args.num_items} x {args.dim} f32 ({embeddings.nbytes / 2**20:.0f} MiB), {args.num_classes} "
-          f"classes of {sizes.min()}-{sizes.max()} items, noise {args.noise}, seed {args.seed}; "
-          f"chunk_size {args.chunk_size}; {jax.devices()[0].platform} device")
+          f"classes of {sizes.min()}-{sizes.max()} items in {args.num_super_classes} super-classes, noise "
+          f"{args.noise}, seed {args.seed}; chunk_size {args.chunk_size}; {jax.devices()[0].platform} device; "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     try:
         import faiss
         print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads")
     except ImportError:
         faiss = None
-        print("faiss-cpu is not importable: timing retrieval_metrics and the similarities only")
+        print("faiss-cpu is not importable: no faiss time and no ratio")
 
-    metrics = {}
+    metrics, super_metrics = {}, {}
 
-    def run_metrics():
-        metrics.update(retrieval_metrics(embeddings, labels, recall_at=RECALL_AT, nmi=False,
-                                         chunk_size=args.chunk_size))
+    def run_metrics(output, **options):
+        output.update(retrieval_metrics(embeddings, labels, recall_at=RECALL_AT, nmi=False,
+                                        chunk_size=args.chunk_size, **options))
 
-    runs: Dict[str, Callable[[], None]] = {
-        "retrieval_metrics": run_metrics,
-        "similarities only": functools.partial(_similarities_only, embeddings, args.chunk_size),
-    }
+    runs: Dict[str, Callable[[], None]] = {"retrieval_metrics": functools.partial(run_metrics, metrics)}
+    if not args.no_super:
+        runs["retrieval_metrics + super"] = functools.partial(run_metrics, super_metrics,
+                                                              super_labels=super_labels)
+    runs["similarity blocks only"] = functools.partial(_symmetric_products_only, embeddings, args.chunk_size)
     k = min(max(RECALL_AT) + 1, args.num_items)
     if faiss is not None:
-        runs[f"faiss IndexFlatIP k={k}"] = functools.partial(_faiss_search, embeddings, k)
+        runs[FAISS_NAME] = functools.partial(_faiss_search, embeddings, k)
 
     wall = {name: [] for name in runs}
     cpu = {name: [] for name in runs}
@@ -160,14 +175,21 @@ def main() -> None:
                                if peak_reset else f"peak resident memory of the process so far: {peak:.2f} GiB")
                 if _peak_device_gib() is not None:
                     memory_line += f"; device peak {_peak_device_gib():.2f} GiB"
-    print("metrics: " + ", ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
-                                  for key, value in metrics.items()))
+    for name, values in (("metrics", metrics), ("super metrics", super_metrics)):
+        if values:
+            print(f"{name}: " + ", ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+                                          for key, value in values.items() if not key.startswith("num_")))
     print(memory_line)
-    print(f"seconds over {args.repeats} repeats (the first retrieval_metrics and similarities runs compile): "
-          f"median wall, median CPU (all threads of this process), then each run's wall:")
+    print(f"seconds over {args.repeats} repeats (the first run of each compiles): median wall, median CPU "
+          f"(all threads of this process), then each run's wall:")
     for name in runs:
         print(f"  {name:28s} {statistics.median(wall[name]):7.1f} {statistics.median(cpu[name]):7.1f}   "
               + " ".join(f"{s:.1f}" for s in wall[name]))
+    if faiss is not None:
+        ratios = [ours / theirs for ours, theirs in zip(wall["retrieval_metrics"], wall[FAISS_NAME])]
+        print(f"retrieval_metrics / faiss: {statistics.median(wall['retrieval_metrics']) / statistics.median(wall[FAISS_NAME]):.2f} "
+              f"of the median walls, {statistics.median(cpu['retrieval_metrics']) / statistics.median(cpu[FAISS_NAME]):.2f} "
+              f"of the median CPU times; per repeat (wall): " + " ".join(f"{r:.2f}" for r in ratios))
 
 
 if __name__ == "__main__":
