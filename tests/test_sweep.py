@@ -122,3 +122,22 @@ def test_print_writes_one_main_command_per_unfinished_run_and_sweep_json(tmp_pat
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
         "Sweep error: hpl.wieghts is not a field of configs/default.py; did you mean hpl.weights?"]
+
+
+def test_a_run_that_early_stopping_ended_is_finished(tmp_path):
+    from configs import default
+    from hpl_jax import checkpointing
+    config = default.get_config()
+    config.num_epochs, config.eval.early_stopping_patience = 10, 2
+    checkpointing.save_config(checkpointing.workdir_path(str(tmp_path)), config)
+
+    def write_history(val_map_at_r):
+        history = {str(e): {"val/map@r": v} for e, v in enumerate(val_map_at_r)}
+        last = len(val_map_at_r) - 1
+        with open(tmp_path / "metrics.json", "w") as f:
+            json.dump({"selected_on": "val/map@r", "history": history, "last": {"epoch": last}}, f)
+
+    write_history([0.1, 0.5, 0.4, 0.4])  # best at epoch 1, 2 epochs after it: may still improve
+    assert not sweep.is_finished(str(tmp_path), 10)
+    write_history([0.1, 0.5, 0.4, 0.4, 0.3])  # 3 epochs after the best > patience 2: the run has ended
+    assert sweep.is_finished(str(tmp_path), 10)

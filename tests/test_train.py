@@ -453,6 +453,20 @@ def test_a_resume_refuses_a_config_that_changes_the_train_state(tmp_path):
             checkpointing.check_resumed_config(saved, tiny_config(**{field: value}), "config.json")
 
 
+def test_a_config_json_from_before_a_field_existed_loads_with_its_default(tmp_path):
+    """Workdirs saved before fields were added (e.g. optim.skip_nonfinite_steps) restore and resume: the missing
+    fields take configs/default.py's values, which keep the earlier behaviour."""
+    path = checkpointing.workdir_path(str(tmp_path))
+    checkpointing.save_config(path, tiny_config())
+    saved = json.loads((path / checkpointing.CONFIG_FILE).read_text())
+    del saved["optim"]["skip_nonfinite_steps"], saved["steps_per_epoch"]
+    (path / checkpointing.CONFIG_FILE).write_text(json.dumps(saved))
+    loaded = checkpointing.load_config(path)
+    assert loaded.optim.skip_nonfinite_steps is False and loaded.steps_per_epoch == 0
+    assert loaded.model.embedding_dim == 16  # saved values win over the defaults
+    checkpointing.prepare_workdir(str(tmp_path), tiny_config(), write=False)  # the resume check passes
+
+
 def test_a_workdir_that_is_a_file_or_read_only_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(checkpointing.WorkdirError, match="is a file"):
