@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The study behind README's "Does HPL help? The embedded study": HPL against its base loss, Figure 5's two sweeps
+# and the refresh choices, on the two embedded datasets, every setting with the same training seeds.
+#
+# Needs:   the project's environment (pip install -r requirements.txt), run from the repository root; a CPU is
+#          enough (on this project's 2-core machine a synthetic_sop run takes 2-3 min quiet, a default run ~1 min).
+# Usage:   launch/embedded_study.sh ROOT [STAGE ...]       (default: every stage, in the order below)
+# Example: nohup nice launch/embedded_study.sh /tmp/hpl_study > /tmp/hpl_study.log 2>&1 &
+#          python -m hpl_jax.report /tmp/hpl_study/synthetic_sop_pa --metrics=map@r,recall@1,val/map@r \
+#            --baseline='hpl.weights=(1.0,)'
+# Each stage is one or more `python -m hpl_jax.sweep` calls into ROOT/<dataset>_<question>; running the script
+# again resumes (finished runs are skipped, an interrupted one resumes from its checkpoint). A run that a later
+# sweep would repeat with the same config and seed (HPL-PA at the config's own w and K_1) is copied into that
+# sweep's root under the name the sweep gives it, not trained again.
+# Environment:
+#   SEEDS        training seeds of every setting (default 0,1,2,3,4)
+#   DATA_SEEDS   the other data seeds the `data_seeds` stage repeats a comparison on (default 1,2)
+#   WINNER_SOP   the HPL weights the `data_seeds` stage compares with flat Proxy-Anchor on synthetic_sop
+#                (default '(1.0,0.1)'; set it to the setting validation chose)
+set -euo pipefail
+
+ROOT="${1:?usage: launch/embedded_study.sh ROOT [STAGE ...]}"
+shift
+SEEDS="${SEEDS:-0,1,2,3,4}"
+DATA_SEEDS="${DATA_SEEDS:-1,2}"
+WINNER_SOP="${WINNER_SOP:-(1.0,0.1)}"
+PYTHON="${PYTHON:-python}"
+NCA=(--set=loss.base=proxy_nca '--set=optim.lr_mults=(("proxies/.*",1.0),)')   # METHOD.md: NCA proxies at 1 x lr
+
+sweep() {  # sweep DATASET QUESTION SWEEP-FLAGS...
+  local dataset="$1" question="$2"
+  shift 2
+  echo "== $(date '+%F %T') ${dataset}_${question}"
+  "$PYTHON" -m hpl_jax.sweep --config="configs/${dataset}.py" --workdir="$ROOT/${dataset}_${question}" \
+    --seeds="$SEEDS" "$@"
+}
+
+reuse() {  # reuse FROM_SWEEP FROM_NAME TO_SWEEP TO_NAME: a finished run of one sweep as a run of another
+  local seed
+  for seed in ${SEEDS//,/ }; do
+    local from="$ROOT/$1/$2__seed=$seed" to="$ROOT/$3/$4__seed=$seed"
+    if [[ -f "$from/metrics.json" && ! -e "$to" ]] && "$PYTHON" -c \
+        "import sys; from hpl_jax import reporting; sys.exit(not reporting.run_has_ended(sys.argv[1]))" "$from"; then
+      mkdir -p "$ROOT/$3"
+      cp -r "$from" "$to"
+    fi
+  done
+}
+
+# HPL against its flat base loss (w = (1.0,)); the config's own K_1.
+stage_sop_pa() { sweep synthetic_sop pa --grid='hpl.weights=(1.0,),(1.0,0.1)'; }
+stage_sop_nca() { sweep synthetic_sop nca --grid='hpl.weights=(1.0,),(1.0,0.1)' "${NCA[@]}"; }
+stage_default_pa() { sweep default pa --grid='hpl.weights=(1.0,),(1.0,0.1)'; }
+stage_default_nca() { sweep default nca --grid='hpl.weights=(1.0,),(1.0,0.1)' "${NCA[@]}"; }
+
+# Figure 5: w_1 (w_1 = 0: the coarse level is there but has no weight) and K_1.
+stage_sop_w1() {
+  reuse synthetic_sop_pa 'hpl.weights=1.0,0.1' synthetic_sop_w1 'hpl.weights=1.0,0.1'
+  sweep synthetic_sop w1 --grid='hpl.weights=(1.0,0.0),(1.0,0.01),(1.0,0.03),(1.0,0.1),(1.0,0.3),(1.0,1.0)'
+}
+stage_sop_k1() {
+  reuse synthetic_sop_pa 'hpl.weights=1.0,0.1' synthetic_sop_k1 'hpl.num_coarse=48'
+  sweep synthetic_sop k1 --grid='hpl.num_coarse=(12,),(24,),(48,),(96,),(192,)'
+}
+stage_default_w1() {
+  reuse default_pa 'hpl.weights=1.0,0.1' default_w1 'hpl.weights=1.0,0.1'
+  sweep default w1 --grid='hpl.weights=(1.0,0.0),(1.0,0.01),(1.0,0.03),(1.0,0.1),(1.0,0.3),(1.0,1.0)'
+}
+stage_default_k1() {
+  reuse default_pa 'hpl.weights=1.0,0.1' default_k1 'hpl.num_coarse=8'
+  sweep default k1 --grid='hpl.num_coarse=(2,),(4,),(8,),(16,)'
+}
+
+# The refresh choices, each against the config's own (reset, once per epoch, first grouping from class means,
+# k-means levels); refreshes every 17 / 5 steps = about 4 per epoch (67 / 15 steps per epoch).
+refresh_choices() {  # refresh_choices DATASET EVERY_STEPS
+  local dataset="$1"
+  reuse "${dataset}_pa" 'hpl.weights=1.0,0.1' "${dataset}_policy" 'hpl.coarse_policy=reset'
+  sweep "$dataset" policy --grid='hpl.coarse_policy=reset,rematch'
+  reuse "${dataset}_pa" 'hpl.weights=1.0,0.1' "${dataset}_every" 'hpl.refresh_every_steps=0'
+  sweep "$dataset" every --grid="hpl.refresh_every_steps=0,$2"
+  reuse "${dataset}_pa" 'hpl.weights=1.0,0.1' "${dataset}_first" 'hpl.first_grouping=class_means'
+  sweep "$dataset" first --grid='hpl.first_grouping=class_means,proxies'
+  reuse "${dataset}_pa" 'hpl.weights=1.0,0.1' "${dataset}_gt" 'hpl.ground_truth_level1=False'
+  sweep "$dataset" gt --grid='hpl.ground_truth_level1=False,True'
+}
+stage_sop_refresh() { refresh_choices synthetic_sop 17; }
+stage_default_refresh() { refresh_choices default 5; }
+
+# 2 levels against 3 (level 2 = 12 groups, as many as the super-classes), both by k-means.
+stage_sop_levels() {
+  sweep synthetic_sop levels --grid='hpl.weights=(1.0,0.1),(1.0,0.1,0.1)' '--set=hpl.num_coarse=(48,12)'
+}
+
+# The comparison repeated on other data (config.dataset.seed), with the setting validation chose.
+stage_data_seeds() {
+  sweep synthetic_sop data_seeds --grid="hpl.weights=(1.0,),$WINNER_SOP" --data_seeds="$DATA_SEEDS"
+}
+
+STAGES=(sop_pa sop_nca default_pa default_nca sop_w1 sop_k1 default_w1 default_k1 sop_refresh default_refresh
+        sop_levels data_seeds)
+if (($# > 0)); then STAGES=("$@"); fi
+start=$(date +%s)
+for stage in "${STAGES[@]}"; do
+  if ! declare -F "stage_$stage" >/dev/null; then
+    echo "unknown stage '$stage'; the stages are: sop_pa sop_nca default_pa default_nca sop_w1 sop_k1" \
+      "default_w1 default_k1 sop_refresh default_refresh sop_levels data_seeds" >&2
+    exit 2
+  fi
+done
+for stage in "${STAGES[@]}"; do
+  "stage_$stage"
+done
+echo "== $(date '+%F %T') done: ${STAGES[*]} in $(($(date +%s) - start)) s"
