@@ -17,6 +17,8 @@
 #   DATA_SEEDS   the other data seeds the `data_seeds` stage repeats a comparison on (default 1,2)
 #   WINNER_SOP   the HPL weights the `data_seeds` stage compares with flat Proxy-Anchor on synthetic_sop
 #                (default '(1.0,0.1)'; set it to the setting validation chose)
+#   WINNER_SET   further KEY=VALUE fields of that setting, space-separated (e.g. 'hpl.num_coarse=(96,)'), set
+#                for both sides (a flat run does not use the hpl fields but its config records them)
 set -euo pipefail
 
 ROOT="${1:?usage: launch/embedded_study.sh ROOT [STAGE ...]}"
@@ -24,6 +26,7 @@ shift
 SEEDS="${SEEDS:-0,1,2,3,4}"
 DATA_SEEDS="${DATA_SEEDS:-1,2}"
 WINNER_SOP="${WINNER_SOP:-(1.0,0.1)}"
+read -r -a WINNER_SET <<< "${WINNER_SET:-}"
 PYTHON="${PYTHON:-python}"
 NCA=(--set=loss.base=proxy_nca '--set=optim.lr_mults=(("proxies/.*",1.0),)')   # METHOD.md: NCA proxies at 1 x lr
 
@@ -94,7 +97,8 @@ stage_sop_levels() {
 
 # The comparison repeated on other data (config.dataset.seed), with the setting validation chose.
 stage_data_seeds() {
-  sweep synthetic_sop data_seeds --grid="hpl.weights=(1.0,),$WINNER_SOP" --data_seeds="$DATA_SEEDS"
+  sweep synthetic_sop data_seeds --grid="hpl.weights=(1.0,),$WINNER_SOP" --data_seeds="$DATA_SEEDS" \
+    "${WINNER_SET[@]/#/--set=}"
 }
 
 STAGES=(sop_pa sop_nca default_pa default_nca sop_w1 sop_k1 default_w1 default_k1 sop_refresh default_refresh
