@@ -56,23 +56,16 @@ stage_sop_nca() { sweep synthetic_sop nca --grid='hpl.weights=(1.0,),(1.0,0.1)' 
 stage_default_pa() { sweep default pa --grid='hpl.weights=(1.0,),(1.0,0.1)'; }
 stage_default_nca() { sweep default nca --grid='hpl.weights=(1.0,),(1.0,0.1)' "${NCA[@]}"; }
 
-# Figure 5: w_1 (w_1 = 0: the coarse level is there but has no weight) and K_1.
-stage_sop_w1() {
-  reuse synthetic_sop_pa 'hpl.weights=1.0,0.1' synthetic_sop_w1 'hpl.weights=1.0,0.1'
-  sweep synthetic_sop w1 --grid='hpl.weights=(1.0,0.0),(1.0,0.01),(1.0,0.03),(1.0,0.1),(1.0,0.3),(1.0,1.0)'
+# Figure 5: w_1 (w_1 = 0: the coarse level is there but has no weight) and K_1 (the config's own K_1 among them).
+figure5() {  # figure5 DATASET CONFIG_K1 K1_VALUES
+  local dataset="$1"
+  reuse "${dataset}_pa" 'hpl.weights=1.0,0.1' "${dataset}_w1" 'hpl.weights=1.0,0.1'
+  sweep "$dataset" w1 --grid='hpl.weights=(1.0,0.0),(1.0,0.01),(1.0,0.03),(1.0,0.1),(1.0,0.3),(1.0,1.0)'
+  reuse "${dataset}_pa" 'hpl.weights=1.0,0.1' "${dataset}_k1" "hpl.num_coarse=$2"
+  sweep "$dataset" k1 --grid="hpl.num_coarse=$3"
 }
-stage_sop_k1() {
-  reuse synthetic_sop_pa 'hpl.weights=1.0,0.1' synthetic_sop_k1 'hpl.num_coarse=48'
-  sweep synthetic_sop k1 --grid='hpl.num_coarse=(12,),(24,),(48,),(96,),(192,)'
-}
-stage_default_w1() {
-  reuse default_pa 'hpl.weights=1.0,0.1' default_w1 'hpl.weights=1.0,0.1'
-  sweep default w1 --grid='hpl.weights=(1.0,0.0),(1.0,0.01),(1.0,0.03),(1.0,0.1),(1.0,0.3),(1.0,1.0)'
-}
-stage_default_k1() {
-  reuse default_pa 'hpl.weights=1.0,0.1' default_k1 'hpl.num_coarse=8'
-  sweep default k1 --grid='hpl.num_coarse=(2,),(4,),(8,),(16,)'
-}
+stage_sop_w1_k1() { figure5 synthetic_sop 48 '(12,),(24,),(48,),(96,),(192,)'; }
+stage_default_w1_k1() { figure5 default 8 '(2,),(4,),(8,),(16,)'; }
 
 # The refresh choices, each against the config's own (reset, once per epoch, first grouping from class means,
 # k-means levels); refreshes every 17 / 5 steps = about 4 per epoch (67 / 15 steps per epoch).
@@ -101,14 +94,14 @@ stage_data_seeds() {
     "${WINNER_SET[@]/#/--set=}"
 }
 
-STAGES=(sop_pa sop_nca default_pa default_nca sop_w1 sop_k1 default_w1 default_k1 sop_refresh default_refresh
-        sop_levels data_seeds)
+ALL_STAGES=(sop_pa sop_nca default_pa default_nca sop_w1_k1 default_w1_k1 sop_refresh default_refresh sop_levels
+        data_seeds)
+STAGES=("${ALL_STAGES[@]}")
 if (($# > 0)); then STAGES=("$@"); fi
 start=$(date +%s)
 for stage in "${STAGES[@]}"; do
   if ! declare -F "stage_$stage" >/dev/null; then
-    echo "unknown stage '$stage'; the stages are: sop_pa sop_nca default_pa default_nca sop_w1 sop_k1" \
-      "default_w1 default_k1 sop_refresh default_refresh sop_levels data_seeds" >&2
+    echo "unknown stage '$stage'; the stages are: ${ALL_STAGES[*]}" >&2
     exit 2
   fi
 done
