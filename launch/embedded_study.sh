@@ -53,6 +53,9 @@ reuse() {  # reuse FROM_SWEEP FROM_NAME TO_SWEEP TO_NAME: a finished run of one 
 # HPL against its flat base loss (w = (1.0,)); the config's own K_1.
 stage_sop_pa() { sweep synthetic_sop pa --grid='hpl.weights=(1.0,),(1.0,0.1)'; }
 stage_sop_nca() { sweep synthetic_sop nca --grid='hpl.weights=(1.0,),(1.0,0.1)' "${NCA[@]}"; }
+# The same pair trained 3x longer: the 10-epoch runs of configs/synthetic_sop.py still improve on validation at
+# their last epoch (each run still picks its epoch on validation).
+stage_sop_long() { sweep synthetic_sop long --grid='hpl.weights=(1.0,),(1.0,0.1)' --set=num_epochs=30; }
 stage_default_pa() { sweep default pa --grid='hpl.weights=(1.0,),(1.0,0.1)'; }
 stage_default_nca() { sweep default nca --grid='hpl.weights=(1.0,),(1.0,0.1)' "${NCA[@]}"; }
 
@@ -94,8 +97,8 @@ stage_data_seeds() {
     "${WINNER_SET[@]/#/--set=}"
 }
 
-ALL_STAGES=(sop_pa sop_nca default_pa default_nca sop_w1_k1 default_w1_k1 sop_refresh default_refresh sop_levels
-        data_seeds)
+ALL_STAGES=(sop_pa sop_nca default_pa default_nca sop_long sop_w1_k1 sop_refresh sop_levels default_w1_k1
+            default_refresh data_seeds)
 STAGES=("${ALL_STAGES[@]}")
 if (($# > 0)); then STAGES=("$@"); fi
 start=$(date +%s)
