@@ -57,12 +57,7 @@ def tiny(config_module, **overrides):
     config.dataset.image_size = 16
     config.dataset.resize_size = 18
     config.dataset.shuffle_buffer = 64
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
+    config.update_from_flattened_dict(overrides)
     return config
 
 

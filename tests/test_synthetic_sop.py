@@ -18,12 +18,7 @@ def small_config(**overrides):
     config.dataset.synthetic_sop.sub_families_per_super_class = 3
     config.dataset.synthetic_sop.classes_per_sub_family = 6
     config.dataset.num_val_classes = 0
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
+    config.update_from_flattened_dict(overrides)
     return config
 
 

@@ -46,12 +46,7 @@ def tiny_config(**overrides):
     config.num_epochs = 2
     config.log_every_steps = 1
     config.dataset.num_val_classes = 0
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
+    config.update_from_flattened_dict(overrides)
     return config
 
 
