@@ -97,8 +97,29 @@ stage_data_seeds() {
     "${WINNER_SET[@]/#/--set=}"
 }
 
+# results.md, results.csv and the plots of every sweep root there is, each against its baseline setting.
+stage_report() {
+  local root baseline
+  for root in "$ROOT"/*/; do
+    root="${root%/}"
+    [[ -f "$root/sweep.json" ]] || continue
+    case "${root##*/}" in
+      *_w1) baseline='hpl.weights=(1.0,0.0)' ;;
+      synthetic_sop_k1) baseline='hpl.num_coarse=(48,)' ;;
+      default_k1) baseline='hpl.num_coarse=(8,)' ;;
+      *_policy) baseline='hpl.coarse_policy=reset' ;;
+      *_every) baseline='hpl.refresh_every_steps=0' ;;
+      *_first) baseline='hpl.first_grouping=class_means' ;;
+      *_gt) baseline='hpl.ground_truth_level1=False' ;;
+      *_levels) baseline='hpl.weights=(1.0,0.1)' ;;
+      *) baseline='hpl.weights=(1.0,)' ;;
+    esac
+    "$PYTHON" -m hpl_jax.report "$root" --metrics=map@r,recall@1,val/map@r --baseline="$baseline"
+  done
+}
+
 ALL_STAGES=(sop_pa sop_nca default_pa default_nca sop_long sop_w1_k1 sop_refresh sop_levels default_w1_k1
-            default_refresh data_seeds)
+            default_refresh data_seeds report)
 STAGES=("${ALL_STAGES[@]}")
 if (($# > 0)); then STAGES=("$@"); fi
 start=$(date +%s)
