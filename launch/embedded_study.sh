@@ -28,6 +28,9 @@ DATA_SEEDS="${DATA_SEEDS:-1,2}"
 WINNER_SOP="${WINNER_SOP:-(1.0,0.1)}"
 read -r -a WINNER_SET <<< "${WINNER_SET:-}"
 PYTHON="${PYTHON:-python}"
+# configs/synthetic_sop.py trained 10 epochs when the study started; sop_long's validation chose 30, its default
+# since. The synthetic_sop sweeps keep their 10 epochs (the study's runs; 30 would triple the study's time).
+SOP10=(--set=num_epochs=10)
 NCA=(--set=loss.base=proxy_nca '--set=optim.lr_mults=(("proxies/.*",1.0),)')   # METHOD.md: NCA proxies at 1 x lr
 
 sweep() {  # sweep DATASET QUESTION SWEEP-FLAGS...
@@ -51,8 +54,8 @@ reuse() {  # reuse FROM_SWEEP FROM_NAME TO_SWEEP TO_NAME: a finished run of one 
 }
 
 # HPL against its flat base loss (w = (1.0,)); the config's own K_1.
-stage_sop_pa() { sweep synthetic_sop pa --grid='hpl.weights=(1.0,),(1.0,0.1)'; }
-stage_sop_nca() { sweep synthetic_sop nca --grid='hpl.weights=(1.0,),(1.0,0.1)' "${NCA[@]}"; }
+stage_sop_pa() { sweep synthetic_sop pa --grid='hpl.weights=(1.0,),(1.0,0.1)' "${SOP10[@]}"; }
+stage_sop_nca() { sweep synthetic_sop nca --grid='hpl.weights=(1.0,),(1.0,0.1)' "${NCA[@]}" "${SOP10[@]}"; }
 # The same pair trained 3x longer: the 10-epoch runs of configs/synthetic_sop.py still improve on validation at
 # their last epoch (each run still picks its epoch on validation).
 stage_sop_long() { sweep synthetic_sop long --grid='hpl.weights=(1.0,),(1.0,0.1)' --set=num_epochs=30; }
@@ -60,42 +63,44 @@ stage_default_pa() { sweep default pa --grid='hpl.weights=(1.0,),(1.0,0.1)'; }
 stage_default_nca() { sweep default nca --grid='hpl.weights=(1.0,),(1.0,0.1)' "${NCA[@]}"; }
 
 # Figure 5: w_1 (w_1 = 0: the coarse level is there but has no weight) and K_1 (the config's own K_1 among them).
-figure5() {  # figure5 DATASET CONFIG_K1 K1_VALUES
-  local dataset="$1"
+figure5() {  # figure5 DATASET CONFIG_K1 K1_VALUES [SWEEP-FLAGS...]
+  local dataset="$1" config_k1="$2" k1_values="$3"
+  shift 3
   reuse "${dataset}_pa" 'hpl.weights=1.0,0.1' "${dataset}_w1" 'hpl.weights=1.0,0.1'
-  sweep "$dataset" w1 --grid='hpl.weights=(1.0,0.0),(1.0,0.01),(1.0,0.03),(1.0,0.1),(1.0,0.3),(1.0,1.0)'
-  reuse "${dataset}_pa" 'hpl.weights=1.0,0.1' "${dataset}_k1" "hpl.num_coarse=$2"
-  sweep "$dataset" k1 --grid="hpl.num_coarse=$3"
+  sweep "$dataset" w1 --grid='hpl.weights=(1.0,0.0),(1.0,0.01),(1.0,0.03),(1.0,0.1),(1.0,0.3),(1.0,1.0)' "$@"
+  reuse "${dataset}_pa" 'hpl.weights=1.0,0.1' "${dataset}_k1" "hpl.num_coarse=$config_k1"
+  sweep "$dataset" k1 --grid="hpl.num_coarse=$k1_values" "$@"
 }
-stage_sop_w1_k1() { figure5 synthetic_sop 48 '(12,),(24,),(48,),(96,),(192,)'; }
+stage_sop_w1_k1() { figure5 synthetic_sop 48 '(12,),(24,),(48,),(96,),(192,)' "${SOP10[@]}"; }
 stage_default_w1_k1() { figure5 default 8 '(2,),(4,),(8,),(16,)'; }
 
 # Level 1 from the ground-truth super-classes instead of k-means, and the refresh choices, each against the
 # config's own (k-means levels, reset, once per epoch, first grouping from class means); refreshes every 17 / 5
 # steps = about 4 per epoch (67 / 15 steps per epoch).
-refresh_choices() {  # refresh_choices DATASET EVERY_STEPS
-  local dataset="$1"
+refresh_choices() {  # refresh_choices DATASET EVERY_STEPS [SWEEP-FLAGS...]
+  local dataset="$1" every="$2"
+  shift 2
   reuse "${dataset}_pa" 'hpl.weights=1.0,0.1' "${dataset}_gt" 'hpl.ground_truth_level1=False'
-  sweep "$dataset" gt --grid='hpl.ground_truth_level1=False,True'
+  sweep "$dataset" gt --grid='hpl.ground_truth_level1=False,True' "$@"
   reuse "${dataset}_pa" 'hpl.weights=1.0,0.1' "${dataset}_policy" 'hpl.coarse_policy=reset'
-  sweep "$dataset" policy --grid='hpl.coarse_policy=reset,rematch'
+  sweep "$dataset" policy --grid='hpl.coarse_policy=reset,rematch' "$@"
   reuse "${dataset}_pa" 'hpl.weights=1.0,0.1' "${dataset}_every" 'hpl.refresh_every_steps=0'
-  sweep "$dataset" every --grid="hpl.refresh_every_steps=0,$2"
+  sweep "$dataset" every --grid="hpl.refresh_every_steps=0,$every" "$@"
   reuse "${dataset}_pa" 'hpl.weights=1.0,0.1' "${dataset}_first" 'hpl.first_grouping=class_means'
-  sweep "$dataset" first --grid='hpl.first_grouping=class_means,proxies'
+  sweep "$dataset" first --grid='hpl.first_grouping=class_means,proxies' "$@"
 }
-stage_sop_refresh() { refresh_choices synthetic_sop 17; }
+stage_sop_refresh() { refresh_choices synthetic_sop 17 "${SOP10[@]}"; }
 stage_default_refresh() { refresh_choices default 5; }
 
 # 2 levels against 3 (level 2 = 12 groups, as many as the super-classes), both by k-means.
 stage_sop_levels() {
-  sweep synthetic_sop levels --grid='hpl.weights=(1.0,0.1),(1.0,0.1,0.1)' '--set=hpl.num_coarse=(48,12)'
+  sweep synthetic_sop levels --grid='hpl.weights=(1.0,0.1),(1.0,0.1,0.1)' '--set=hpl.num_coarse=(48,12)' "${SOP10[@]}"
 }
 
 # The comparison repeated on other data (config.dataset.seed), with the setting validation chose.
 stage_data_seeds() {
   sweep synthetic_sop data_seeds --grid="hpl.weights=(1.0,),$WINNER_SOP" --data_seeds="$DATA_SEEDS" \
-    "${WINNER_SET[@]/#/--set=}"
+    "${WINNER_SET[@]/#/--set=}" "${SOP10[@]}"
 }
 
 # results.md, results.csv and the plots of every sweep root there is, each against its baseline setting.
