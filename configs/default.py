@@ -105,6 +105,10 @@ def get_config():
     loss.exclude_positive = False
 
     config.hpl = hpl = ml_collections.ConfigDict()
+    # Chosen on validation for the embedded default data (README, "Does HPL help? The embedded study"; 5 seeds a
+    # setting): no w_1 in {0, 0.01, 0.03, 0.3, 1.0}, K_1 in {2, 4, 16}, rematch, 4 refreshes an epoch, first
+    # grouping from the proxies or ground-truth level 1 beats the values below on val MAP@R with a paired 95%
+    # interval above 0, so they stay (the study's rule); nor does HPL beat flat Proxy-Anchor there.
     # w_l per level; its length is the number of levels L + 1. (1.0,) = the flat base loss.
     hpl.weights = (1.0, 0.1)
     # K_l for l = 1..L (decreasing, each smaller than the level below). Only the first len(weights) - 1 used.
