@@ -3,7 +3,8 @@
 # and the refresh choices, on the two embedded datasets, every setting with the same training seeds.
 #
 # Needs:   the project's environment (pip install -r requirements.txt), run from the repository root; a CPU is
-#          enough (on this project's 2-core machine a synthetic_sop run takes 2-3 min quiet, a default run ~1 min).
+#          enough (on this project's 2-core machine a 10-epoch synthetic_sop run takes about 1 min alone, a
+#          default run about 50 s with a second run beside it).
 # Usage:   launch/embedded_study.sh ROOT [STAGE ...]       (default: every stage, in the order below)
 # Example: nohup nice launch/embedded_study.sh /tmp/hpl_study > /tmp/hpl_study.log 2>&1 &
 #          python -m hpl_jax.report /tmp/hpl_study/synthetic_sop_pa --metrics=map@r,recall@1,val/map@r \
@@ -41,16 +42,18 @@ sweep() {  # sweep DATASET QUESTION SWEEP-FLAGS...
     --seeds="$SEEDS" "$@"
 }
 
-reuse() {  # reuse FROM_SWEEP FROM_NAME TO_SWEEP TO_NAME: a finished run of one sweep as a run of another
-  local seed
-  for seed in ${SEEDS//,/ }; do
-    local from="$ROOT/$1/$2__seed=$seed" to="$ROOT/$3/$4__seed=$seed"
-    if [[ -f "$from/metrics.json" && ! -e "$to" ]] && "$PYTHON" -c \
-        "import sys; from hpl_jax import reporting; sys.exit(not reporting.run_has_ended(sys.argv[1]))" "$from"; then
-      mkdir -p "$ROOT/$3"
-      cp -r "$from" "$to"
-    fi
-  done
+reuse() {  # reuse FROM_SWEEP FROM_NAME TO_SWEEP TO_NAME: the finished runs of one sweep as runs of another
+  mkdir -p "$ROOT/$3"
+  "$PYTHON" - "$ROOT" "$@" "$SEEDS" <<'PY'
+import os, shutil, sys
+from hpl_jax import reporting
+root, from_sweep, from_name, to_sweep, to_name, seeds = sys.argv[1:]
+for seed in seeds.split(","):
+    source = os.path.join(root, from_sweep, f"{from_name}__seed={seed}")
+    target = os.path.join(root, to_sweep, f"{to_name}__seed={seed}")
+    if not os.path.exists(target) and reporting.run_has_ended(source):
+        shutil.copytree(source, target)
+PY
 }
 
 # HPL against its flat base loss (w = (1.0,)); the config's own K_1.
