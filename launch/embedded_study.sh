@@ -20,6 +20,7 @@
 #                (default '(1.0,0.1)'; set it to the setting validation chose)
 #   WINNER_SET   further KEY=VALUE fields of that setting, space-separated (e.g. 'hpl.num_coarse=(96,)'), set
 #                for both sides (a flat run does not use the hpl fields but its config records them)
+#   WINNER_DEFAULT, WINNER_DEFAULT_SET   the same for the `default_data_seeds` stage on configs/default.py
 set -euo pipefail
 
 ROOT="${1:?usage: launch/embedded_study.sh ROOT [STAGE ...]}"
@@ -28,6 +29,8 @@ SEEDS="${SEEDS:-0,1,2,3,4}"
 DATA_SEEDS="${DATA_SEEDS:-1,2}"
 WINNER_SOP="${WINNER_SOP:-(1.0,0.1)}"
 read -r -a WINNER_SET <<< "${WINNER_SET:-}"
+WINNER_DEFAULT="${WINNER_DEFAULT:-(1.0,0.1)}"
+read -r -a WINNER_DEFAULT_SET <<< "${WINNER_DEFAULT_SET:-}"
 PYTHON="${PYTHON:-python}"
 # configs/synthetic_sop.py trained 10 epochs when the study started; sop_long's validation chose 30, its default
 # since. The synthetic_sop sweeps keep their 10 epochs (the study's runs; 30 would triple the study's time).
@@ -105,6 +108,10 @@ stage_data_seeds() {
   sweep synthetic_sop data_seeds --grid="hpl.weights=(1.0,),$WINNER_SOP" --data_seeds="$DATA_SEEDS" \
     "${WINNER_SET[@]/#/--set=}" "${SOP10[@]}"
 }
+stage_default_data_seeds() {
+  sweep default data_seeds --grid="hpl.weights=(1.0,),$WINNER_DEFAULT" --data_seeds="$DATA_SEEDS" \
+    "${WINNER_DEFAULT_SET[@]/#/--set=}"
+}
 
 # results.md, results.csv and the plots of every sweep root there is, each against its baseline setting.
 stage_report() {
@@ -130,7 +137,7 @@ stage_report() {
 }
 
 ALL_STAGES=(sop_pa sop_nca default_pa default_nca sop_long sop_refresh sop_w1_k1 sop_levels default_w1_k1
-            default_refresh data_seeds report)
+            default_refresh data_seeds default_data_seeds report)
 STAGES=("${ALL_STAGES[@]}")
 if (($# > 0)); then STAGES=("$@"); fi
 start=$(date +%s)
