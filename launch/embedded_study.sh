@@ -69,15 +69,21 @@ stage_default_pa() { sweep default pa --grid='hpl.weights=(1.0,),(1.0,0.1)'; }
 stage_default_nca() { sweep default nca --grid='hpl.weights=(1.0,),(1.0,0.1)' "${NCA[@]}"; }
 
 # Figure 5: w_1 (w_1 = 0: the coarse level is there but has no weight) and K_1 (the config's own K_1 among them).
+W1_GRID='hpl.weights=(1.0,0.0),(1.0,0.01),(1.0,0.03),(1.0,0.1),(1.0,0.3),(1.0,1.0)'
 figure5() {  # figure5 DATASET CONFIG_K1 K1_VALUES [SWEEP-FLAGS...]
   local dataset="$1" config_k1="$2" k1_values="$3"
   shift 3
   reuse "${dataset}_pa" 'hpl.weights=1.0,0.1' "${dataset}_w1" 'hpl.weights=1.0,0.1'
-  sweep "$dataset" w1 --grid='hpl.weights=(1.0,0.0),(1.0,0.01),(1.0,0.03),(1.0,0.1),(1.0,0.3),(1.0,1.0)' "$@"
+  sweep "$dataset" w1 --grid="$W1_GRID" "$@"
   reuse "${dataset}_pa" 'hpl.weights=1.0,0.1' "${dataset}_k1" "hpl.num_coarse=$config_k1"
   sweep "$dataset" k1 --grid="hpl.num_coarse=$k1_values" "$@"
 }
 stage_sop_w1_k1() { figure5 synthetic_sop 48 '(12,),(24,),(48,),(96,),(192,)' "${SOP10[@]}"; }
+# Figure 5's w_1 sweep again at the config's 30 epochs (sop_long's HPL-PA runs are its w_1 = 0.1).
+stage_sop_w1_long() {
+  reuse synthetic_sop_long 'hpl.weights=1.0,0.1' synthetic_sop_w1_long 'hpl.weights=1.0,0.1'
+  sweep synthetic_sop w1_long --grid="$W1_GRID" --set=num_epochs=30
+}
 stage_default_w1_k1() { figure5 default 8 '(2,),(4,),(8,),(16,)'; }
 
 # Level 1 from the ground-truth super-classes instead of k-means, and the refresh choices, each against the
@@ -120,7 +126,7 @@ stage_report() {
     root="${root%/}"
     [[ -f "$root/sweep.json" ]] || continue
     case "${root##*/}" in
-      *_w1) baseline='hpl.weights=(1.0,0.0)' ;;
+      *_w1 | *_w1_long) baseline='hpl.weights=(1.0,0.0)' ;;
       synthetic_sop_k1) baseline='hpl.num_coarse=(48,)' ;;
       default_k1) baseline='hpl.num_coarse=(8,)' ;;
       *_policy) baseline='hpl.coarse_policy=reset' ;;
@@ -137,7 +143,7 @@ stage_report() {
 }
 
 ALL_STAGES=(sop_pa sop_nca default_pa default_nca sop_long sop_refresh sop_w1_k1 sop_levels default_w1_k1
-            default_refresh data_seeds default_data_seeds report)
+            default_refresh data_seeds default_data_seeds sop_w1_long report)
 STAGES=("${ALL_STAGES[@]}")
 if (($# > 0)); then STAGES=("$@"); fi
 start=$(date +%s)
