@@ -78,11 +78,16 @@ figure5() {  # figure5 DATASET CONFIG_K1 K1_VALUES [SWEEP-FLAGS...]
   reuse "${dataset}_pa" 'hpl.weights=1.0,0.1' "${dataset}_k1" "hpl.num_coarse=$config_k1"
   sweep "$dataset" k1 --grid="hpl.num_coarse=$k1_values" "$@"
 }
-stage_sop_w1_k1() { figure5 synthetic_sop 48 '(12,),(24,),(48,),(96,),(192,)' "${SOP10[@]}"; }
-# Figure 5's w_1 sweep again at the config's 30 epochs (sop_long's HPL-PA runs are its w_1 = 0.1).
+SOP_K1_VALUES='(12,),(24,),(48,),(96,),(192,)'
+stage_sop_w1_k1() { figure5 synthetic_sop 48 "$SOP_K1_VALUES" "${SOP10[@]}"; }
+# Figure 5 again at the config's 30 epochs (sop_long's HPL-PA runs are its w_1 = 0.1, K_1 = 48).
 stage_sop_w1_long() {
   reuse synthetic_sop_long 'hpl.weights=1.0,0.1' synthetic_sop_w1_long 'hpl.weights=1.0,0.1'
   sweep synthetic_sop w1_long --grid="$W1_GRID" --set=num_epochs=30
+}
+stage_sop_k1_long() {
+  reuse synthetic_sop_long 'hpl.weights=1.0,0.1' synthetic_sop_k1_long 'hpl.num_coarse=48'
+  sweep synthetic_sop k1_long --grid="hpl.num_coarse=$SOP_K1_VALUES" --set=num_epochs=30
 }
 stage_default_w1_k1() { figure5 default 8 '(2,),(4,),(8,),(16,)'; }
 
@@ -127,7 +132,7 @@ stage_report() {
     [[ -f "$root/sweep.json" ]] || continue
     case "${root##*/}" in
       *_w1 | *_w1_long) baseline='hpl.weights=(1.0,0.0)' ;;
-      synthetic_sop_k1) baseline='hpl.num_coarse=(48,)' ;;
+      synthetic_sop_k1 | synthetic_sop_k1_long) baseline='hpl.num_coarse=(48,)' ;;
       default_k1) baseline='hpl.num_coarse=(8,)' ;;
       *_policy) baseline='hpl.coarse_policy=reset' ;;
       *_every) baseline='hpl.refresh_every_steps=0' ;;
@@ -143,7 +148,8 @@ stage_report() {
 }
 
 ALL_STAGES=(sop_pa sop_nca default_pa default_nca sop_long sop_refresh sop_w1_k1 sop_levels default_w1_k1
-            default_refresh data_seeds default_data_seeds sop_w1_long report)
+            default_refresh data_seeds default_data_seeds sop_w1_long sop_k1_long
+            report)
 STAGES=("${ALL_STAGES[@]}")
 if (($# > 0)); then STAGES=("$@"); fi
 start=$(date +%s)
