@@ -9,7 +9,8 @@ epoch selected on test. Writes:
   ROOT/results.csv  one row per run: run, the swept fields, seed, data seed, epoch, selection, every metric;
   ROOT/results.md   per setting (the swept values) the mean +- sample std over its runs and their number; for
                     each other setting the difference to the baseline setting paired over the runs with the
-                    same seeds, with a 95% t-interval; which epoch counted;
+                    same seeds, with a 95% t-interval (and per data seed, when the runs have several);
+                    which epoch counted;
   ROOT/<metric>.png for a 1-D sweep: each --metrics entry against the swept value, mean +- std over seeds.
 The swept fields are the config fields that differ between the runs (seeds aside). The baseline setting is
 the one `--baseline KEY=VALUE` (repeatable) names, else the first in the sweep's order.
@@ -247,6 +248,13 @@ def cell(mean: float, std: float) -> str:
     return f"{mean:.4f} ± {std:.4f}" if not math.isnan(std) else f"{mean:.4f}"
 
 
+def difference_cells(setting: Dict[Tuple, float], baseline: Dict[Tuple, float]) -> str:
+    """'pairs | mean difference | 95% CI' of a results.md row."""
+    mean, low, high, n = paired_difference(setting, baseline)
+    interval = "n/a (fewer than 2 pairs)" if math.isnan(low) else f"[{low:+.4f}, {high:+.4f}]"
+    return f"{n} | {'-' if n == 0 else f'{mean:+.4f}'} | {interval}"
+
+
 def markdown(root: str, runs: Sequence[RunResult], unfinished: Sequence[RunResult], keys: Sequence[str],
              settings: Sequence[Setting], baseline: Optional[Setting], metrics: Sequence[str],
              plots: Sequence[str]) -> str:
@@ -272,10 +280,23 @@ def markdown(root: str, runs: Sequence[RunResult], unfinished: Sequence[RunResul
             if setting is baseline:
                 continue
             for metric in metrics:
-                mean, low, high, n = paired_difference(setting.per_seed(metric), baseline.per_seed(metric))
-                interval = "n/a (fewer than 2 pairs)" if math.isnan(low) else f"[{low:+.4f}, {high:+.4f}]"
-                shown = "-" if n == 0 else f"{mean:+.4f}"
-                lines.append(f"| {describe(keys, setting.values)} | {metric} | {n} | {shown} | {interval} |")
+                cells = difference_cells(setting.per_seed(metric), baseline.per_seed(metric))
+                lines.append(f"| {describe(keys, setting.values)} | {metric} | {cells} |")
+        # Data seeds are other data, not other draws of the same: the pooled interval above treats every
+        # (seed, data seed) pair alike, so each data seed's own difference is shown too.
+        data_seeds = sorted({run.seeds[1] for run in runs}, key=value_order)
+        if len(data_seeds) > 1:
+            lines += ["", "### The same per data seed", "",
+                      "| setting | metric | data seed | pairs | mean difference | 95% CI |", "|---|---|---|---|---|---|"]
+            for setting in settings:
+                if setting is baseline:
+                    continue
+                for metric in metrics:
+                    for data_seed in data_seeds:
+                        of_seed = [{s: v for s, v in per_seed.items() if s[1] == data_seed}
+                                   for per_seed in (setting.per_seed(metric), baseline.per_seed(metric))]
+                        lines.append(f"| {describe(keys, setting.values)} | {metric} | {format_value(data_seed)} | "
+                                     f"{difference_cells(*of_seed)} |")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     if unfinished:

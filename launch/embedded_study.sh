@@ -15,7 +15,7 @@
 # sweep's root under the name the sweep gives it, not trained again.
 # Environment:
 #   SEEDS        training seeds of every setting (default 0,1,2,3,4)
-#   DATA_SEEDS   the other data seeds the `data_seeds` stage repeats a comparison on (default 1,2)
+#   DATA_SEEDS   the other data seeds the `data_seeds` stages repeat a comparison on (default 1,2)
 #   WINNER_SOP   the HPL weights the `data_seeds` stage compares with flat Proxy-Anchor on synthetic_sop
 #                (default '(1.0,0.1)'; set it to the setting validation chose)
 #   WINNER_SET   further KEY=VALUE fields of that setting, space-separated (e.g. 'hpl.num_coarse=(96,)'), set
@@ -28,9 +28,9 @@ shift
 SEEDS="${SEEDS:-0,1,2,3,4}"
 DATA_SEEDS="${DATA_SEEDS:-1,2}"
 WINNER_SOP="${WINNER_SOP:-(1.0,0.1)}"
-read -r -a WINNER_SET <<< "${WINNER_SET:-}"
+WINNER_SET="${WINNER_SET:-}"
 WINNER_DEFAULT="${WINNER_DEFAULT:-(1.0,0.1)}"
-read -r -a WINNER_DEFAULT_SET <<< "${WINNER_DEFAULT_SET:-}"
+WINNER_DEFAULT_SET="${WINNER_DEFAULT_SET:-}"
 PYTHON="${PYTHON:-python}"
 # configs/synthetic_sop.py trained 10 epochs when the study started; sop_long's validation chose 30, its default
 # since. The synthetic_sop sweeps keep their 10 epochs (the study's runs; 30 would triple the study's time).
@@ -45,15 +45,16 @@ sweep() {  # sweep DATASET QUESTION SWEEP-FLAGS...
     --seeds="$SEEDS" "$@"
 }
 
-reuse() {  # reuse FROM_SWEEP FROM_NAME TO_SWEEP TO_NAME: the finished runs of one sweep as runs of another
+reuse() {  # reuse FROM_SWEEP FROM_NAME TO_SWEEP TO_NAME [TO_SUFFIX]: the finished runs of one sweep as runs of
+           # another (TO_SUFFIX: what the target sweep's names add after the seed, e.g. __data_seed=0)
   mkdir -p "$ROOT/$3"
-  "$PYTHON" - "$ROOT" "$@" "$SEEDS" <<'PY'
+  "$PYTHON" - "$ROOT" "$1" "$2" "$3" "$4" "${5:-}" "$SEEDS" <<'PY'
 import os, shutil, sys
 from hpl_jax import reporting
-root, from_sweep, from_name, to_sweep, to_name, seeds = sys.argv[1:]
+root, from_sweep, from_name, to_sweep, to_name, to_suffix, seeds = sys.argv[1:]
 for seed in seeds.split(","):
     source = os.path.join(root, from_sweep, f"{from_name}__seed={seed}")
-    target = os.path.join(root, to_sweep, f"{to_name}__seed={seed}")
+    target = os.path.join(root, to_sweep, f"{to_name}__seed={seed}{to_suffix}")
     if not os.path.exists(target) and reporting.run_has_ended(source):
         shutil.copytree(source, target)
 PY
@@ -114,15 +115,22 @@ stage_sop_levels() {
   sweep synthetic_sop levels --grid='hpl.weights=(1.0,0.1),(1.0,0.1,0.1)' '--set=hpl.num_coarse=(48,12)' "${SOP10[@]}"
 }
 
-# The comparison repeated on other data (config.dataset.seed), with the setting validation chose.
-stage_data_seeds() {
-  sweep synthetic_sop data_seeds --grid="hpl.weights=(1.0,),$WINNER_SOP" --data_seeds="$DATA_SEEDS" \
-    "${WINNER_SET[@]/#/--set=}" "${SOP10[@]}"
+# The comparison repeated on other data (config.dataset.seed), with the setting validation chose. Data seed 0's
+# runs are the *_pa stage's (copied when the winner is the config's own setting), so the root holds all three
+# and its report gives the difference pooled and per data seed.
+data_seeds() {  # data_seeds DATASET WINNER 'KEY=VALUE ...' [SWEEP-FLAGS...]
+  local dataset="$1" winner="$2" fields
+  read -r -a fields <<< "$3"
+  shift 3
+  if [[ "$winner" == "(1.0,0.1)" && ${#fields[@]} -eq 0 ]]; then
+    reuse "${dataset}_pa" 'hpl.weights=1.0' "${dataset}_data_seeds" 'hpl.weights=1.0' __data_seed=0
+    reuse "${dataset}_pa" 'hpl.weights=1.0,0.1' "${dataset}_data_seeds" 'hpl.weights=1.0,0.1' __data_seed=0
+  fi
+  sweep "$dataset" data_seeds --grid="hpl.weights=(1.0,),$winner" --data_seeds="0,$DATA_SEEDS" \
+    "${fields[@]/#/--set=}" "$@"
 }
-stage_default_data_seeds() {
-  sweep default data_seeds --grid="hpl.weights=(1.0,),$WINNER_DEFAULT" --data_seeds="$DATA_SEEDS" \
-    "${WINNER_DEFAULT_SET[@]/#/--set=}"
-}
+stage_data_seeds() { data_seeds synthetic_sop "$WINNER_SOP" "$WINNER_SET" "${SOP10[@]}"; }
+stage_default_data_seeds() { data_seeds default "$WINNER_DEFAULT" "$WINNER_DEFAULT_SET"; }
 
 # results.md, results.csv and the plots of every sweep root there is, each against its baseline setting.
 stage_report() {

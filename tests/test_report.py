@@ -17,12 +17,14 @@ T_975_2 = 4.302652729749464
 
 
 def fake_run(root, name, *, weights, seed, recall, map_r, num_epochs=4, last_epoch=4, selected_on=None,
-             best=None):
+             best=None, data_seed=None):
     """A run directory as hpl_jax.main leaves it: config.json and metrics.json (last epoch = `recall`, `map_r`)."""
     workdir = os.path.join(root, name)
     os.makedirs(workdir)
     config = {"seed": seed, "num_epochs": num_epochs, "hpl": {"weights": list(weights), "num_coarse": [8]},
               "optim": {"lr": 0.001}}
+    if data_seed is not None:
+        config["dataset"] = {"seed": data_seed}
     last = {"epoch": last_epoch, "recall@1": recall, "map@r": map_r, "num_queries": 100}
     metrics = {"history": {str(last_epoch): last}, "last": last, "best": best or last}
     if selected_on:
@@ -75,6 +77,7 @@ def test_means_stds_and_paired_intervals_match_a_hand_computation(w1_sweep):
     assert "| (1.0, 0.0) | 3 | 0.6000 ± 0.1000 | 0.3000 ± 0.1000 |" in text
     assert f"| hpl.weights = (1.0, 0.1) | recall@1 | 3 | +0.0500 | [{0.05 - T_975_2 * 0.03 / 3 ** 0.5:+.4f}, " in text
     assert "each run's last epoch" in text and "Not finished (left out): w1__seed=2." in text
+    assert "per data seed" not in text
 
     rows = list(csv.DictReader(open(written["csv"])))
     assert len(rows) == 8 and {r["run"] for r in rows} == {n for n in os.listdir(w1_sweep) if "__" in n} - {"w1__seed=2"}
@@ -98,6 +101,29 @@ def test_baseline_flag_picks_the_setting_and_errors_name_the_choices(w1_sweep):
         report.report(w1_sweep, ["map@r"], ["optim.lr=1"])
     with pytest.raises(ValueError, match=r"--metrics \['nmi'\] are not in"):
         report.report(w1_sweep, ["nmi"])
+
+
+def test_runs_on_several_data_seeds_pool_the_pairs_and_show_each_data_seed(tmp_path):
+    root = str(tmp_path)
+    # map@r of (flat, HPL) per (data seed, seed): differences +0.01, +0.03, +0.02 on data seed 1 and -0.02, 0.0,
+    # -0.04 on data seed 2.
+    values = {(1, 0): (0.30, 0.31), (1, 1): (0.32, 0.35), (1, 2): (0.34, 0.36),
+              (2, 0): (0.20, 0.18), (2, 1): (0.22, 0.22), (2, 2): (0.26, 0.22)}
+    for (data_seed, seed), (flat, hpl) in values.items():
+        for weights, map_r in (((1.0,), flat), ((1.0, 0.1), hpl)):
+            fake_run(root, f"w={len(weights)}__seed={seed}__data_seed={data_seed}", weights=weights, seed=seed,
+                     data_seed=data_seed, recall=0.5, map_r=map_r)
+    written = report.report(root, ["map@r"])
+    text = open(written["markdown"]).read()
+    pooled = [0.01, 0.03, 0.02, -0.02, 0.0, -0.04]
+    mean, sd = sum(pooled) / 6, math.sqrt(sum((d - sum(pooled) / 6) ** 2 for d in pooled) / 5)
+    half = 2.570581835636314 * sd / math.sqrt(6)  # t quantile 0.975, 5 degrees of freedom
+    assert f"| hpl.weights = (1.0, 0.1) | map@r | 6 | {mean:+.4f} | [{mean - half:+.4f}, {mean + half:+.4f}] |" in text
+    # Per data seed: differences with sd 0.01 and 0.02 around +0.02 and -0.02, 2 degrees of freedom each.
+    for data_seed, mean, sd in ((1, 0.02, 0.01), (2, -0.02, 0.02)):
+        half = T_975_2 * sd / math.sqrt(3)
+        assert (f"| hpl.weights = (1.0, 0.1) | map@r | {data_seed} | 3 | {mean:+.4f} | "
+                f"[{mean - half:+.4f}, {mean + half:+.4f}] |") in text
 
 
 def test_validation_selected_runs_count_their_best_epoch(tmp_path):
