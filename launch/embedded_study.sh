@@ -33,7 +33,8 @@ WINNER_DEFAULT="${WINNER_DEFAULT:-(1.0,0.1)}"
 WINNER_DEFAULT_SET="${WINNER_DEFAULT_SET:-}"
 PYTHON="${PYTHON:-python}"
 # configs/synthetic_sop.py trained 10 epochs when the study started; sop_long's validation chose 30, its default
-# since. The synthetic_sop sweeps keep their 10 epochs (the study's runs; 30 would triple the study's time).
+# since. The synthetic_sop sweeps keep their 10 epochs (the study's runs; 30 would triple the study's time), except
+# sop_long, sop_w1_long and sop_k1_long, which train 30.
 SOP10=(--set=num_epochs=10)
 NCA=(--set=loss.base=proxy_nca '--set=optim.lr_mults=(("proxies/.*",1.0),)')   # METHOD.md: NCA proxies at 1 x lr
 
