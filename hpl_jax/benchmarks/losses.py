@@ -54,18 +54,21 @@ def _matrix_products(
     return [(embeddings @ p.T, g @ p, g.T @ embeddings) for p, g in zip(proxies, similarity_grads)]
 
 
-def main() -> None:
-    args = _parse_args()
-    keys = jax.random.split(jax.random.PRNGKey(args.seed), 6)
-    embeddings = jax.random.normal(keys[0], (args.batch, args.dim))
-    labels = jax.random.randint(keys[1], (args.batch,), 0, args.num_classes)
-    fine = jax.random.normal(keys[2], (args.num_classes, args.dim))
-    coarse = jax.random.normal(keys[3], (args.num_coarse, args.dim))
+def time_against_bound(*, batch: int, dim: int, num_classes: int, num_coarse: int, repeats: int,
+                       seed: int = 0) -> Dict[str, float]:
+    """Median ms of HPL-PA (2 levels), flat PA, and the matmul bounds of 2 and 1 levels, on random data.
+
+    Returns {'hpl', 'pa', 'bound_2', 'bound_1'}: jit forward + backward w.r.t. embeddings and proxies.
+    """
+    keys = jax.random.split(jax.random.PRNGKey(seed), 6)
+    embeddings = jax.random.normal(keys[0], (batch, dim))
+    labels = jax.random.randint(keys[1], (batch,), 0, num_classes)
+    fine = jax.random.normal(keys[2], (num_classes, dim))
+    coarse = jax.random.normal(keys[3], (num_coarse, dim))
     # Every coarse proxy keeps at least one child (METHOD.md), as after a k-means refresh.
-    parents = jax.random.permutation(keys[4], jnp.arange(args.num_classes) % args.num_coarse)
+    parents = jax.random.permutation(keys[4], jnp.arange(num_classes) % num_coarse)
     parents = parents.astype(jnp.int32)
-    similarity_grads = [jax.random.normal(keys[5], (args.batch, n))
-                        for n in (args.num_classes, args.num_coarse)]
+    similarity_grads = [jax.random.normal(keys[5], (batch, n)) for n in (num_classes, num_coarse)]
 
     def hpl_on_proxy_anchor(embeddings, proxies):
         hierarchy = ProxyHierarchy(proxies=proxies, parents=(parents,))
@@ -77,13 +80,18 @@ def main() -> None:
     pa_step = jax.jit(jax.value_and_grad(
         lambda embeddings, proxies: proxy_anchor_loss(embeddings, labels, proxies), argnums=(0, 1)))
     products = jax.jit(_matrix_products)
-    times = _median_times_ms({
+    return _median_times_ms({
         "hpl": lambda: hpl_step(embeddings, (fine, coarse)),
         "pa": lambda: pa_step(embeddings, fine),
         "bound_2": lambda: products(embeddings, (fine, coarse), similarity_grads),
         "bound_1": lambda: products(embeddings, (fine,), similarity_grads[:1]),
-    }, args.repeats)
+    }, repeats)
 
+
+def main() -> None:
+    args = _parse_args()
+    times = time_against_bound(batch=args.batch, dim=args.dim, num_classes=args.num_classes,
+                               num_coarse=args.num_coarse, repeats=args.repeats, seed=args.seed)
     print(f"batch {args.batch}, dim {args.dim}, proxies {args.num_classes} + {args.num_coarse} (2 levels), "
           f"{jax.devices()[0].platform}, median of {args.repeats} repeats, jit forward + backward "
           "(grads w.r.t. embeddings and proxies)")
