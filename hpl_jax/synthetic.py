@@ -112,6 +112,32 @@ def epoch_order(seed: int, epoch: int, num_examples: int, length: int) -> np.nda
     return np.concatenate(passes)[:length]
 
 
+def generate_splits(seed: int, *, num_families: int = 8, classes_per_family: int = 10, images_per_class: int = 30,
+                    size: int = 36):
+    """The embedded dataset's images and labels (the module docstring says what they are), from `seed` alone.
+
+    Returns:
+      ({'train', 'test': u8[n, size, size, 3]}, {'train', 'test': i32[n]} labels 0..C-1 of each split,
+       {'train', 'test': i32[C]} the family of each class, None): the first half of each family's classes
+      trains, the other half is the class-disjoint test set.
+    """
+    rng = np.random.default_rng(seed)
+    patterns = _class_patterns(rng, num_families, classes_per_family)
+    num_train_per_family = classes_per_family // 2
+    splits = {"train": ([], [], []), "test": ([], [], [])}
+    for index, pattern in enumerate(patterns):
+        split = "train" if index % classes_per_family < num_train_per_family else "test"
+        images, labels, families = splits[split]
+        # Stored as 8-bit pixels, like decoded image files (and 4x smaller than float32).
+        rendered = render_images(rng, pattern, images_per_class, size)
+        images.append(np.round(rendered * 255.0).astype(np.uint8))
+        labels.append(np.full(images_per_class, len(families), np.int32))
+        families.append(pattern["family"])
+    return ({name: np.concatenate(s[0]) for name, s in splits.items()},
+            {name: np.concatenate(s[1]) for name, s in splits.items()},
+            {name: np.asarray(s[2], np.int32) for name, s in splits.items()}, None)
+
+
 class SyntheticDataset:
     """The embedded default behind the `data.Dataset` protocol (see data.py for the batch format).
 
@@ -153,24 +179,11 @@ class SyntheticDataset:
 
     def _generate(self):
         """The images, as 8-bit pixels, and labels of 'train' and 'test', each class's family, and no level
-        above the families: ({split: u8[n, S, S, 3]}, {split: i32[n]}, {split: i32[classes]}, None)."""
-        config = self._config
-        synthetic = config.dataset.synthetic
-        rng = np.random.default_rng(config.dataset.seed)
-        patterns = _class_patterns(rng, synthetic.num_families, synthetic.classes_per_family)
-        num_train_per_family = synthetic.classes_per_family // 2
-        splits = {"train": ([], [], []), "test": ([], [], [])}
-        for index, pattern in enumerate(patterns):
-            split = "train" if index % synthetic.classes_per_family < num_train_per_family else "test"
-            images, labels, families = splits[split]
-            # Stored as 8-bit pixels, like decoded image files (and 4x smaller than float32).
-            rendered = render_images(rng, pattern, synthetic.images_per_class, config.dataset.resize_size)
-            images.append(np.round(rendered * 255.0).astype(np.uint8))
-            labels.append(np.full(synthetic.images_per_class, len(families), np.int32))
-            families.append(pattern["family"])
-        return ({name: np.concatenate(s[0]) for name, s in splits.items()},
-                {name: np.concatenate(s[1]) for name, s in splits.items()},
-                {name: np.asarray(s[2], np.int32) for name, s in splits.items()}, None)
+        above the families (see `generate_splits`)."""
+        synthetic = self._config.dataset.synthetic
+        return generate_splits(self._config.dataset.seed, num_families=synthetic.num_families,
+                               classes_per_family=synthetic.classes_per_family,
+                               images_per_class=synthetic.images_per_class, size=self._config.dataset.resize_size)
 
     def _hold_out_validation_classes(self, super_labels) -> None:
         """Moves the training classes `config.dataset` holds out (data.held_out_classes) to a 'val' split."""
