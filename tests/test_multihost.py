@@ -95,9 +95,12 @@ def test_two_processes_match_one_process_and_resume_exactly_after_sigterm(tmp_pa
     _assert_same_up_to_rounding(two, one)
     history_two, history_one = _history(straight), _history(single)
     assert set(history_two) == set(history_one) == {"0", "1"}
+    # The metrics are functions of those parameters: relative to their own size, not absolute (a norm of 3.39
+    # differed by 3.3e-7 relative on another machine; float32 sums in another order differ by ~1e-7 relative
+    # per operation, and the steps above amplify that to the ~1e-4 the parameters are held to).
     for epoch in history_one:
         for name, value in history_one[epoch].items():
-            assert history_two[epoch][name] == pytest.approx(value, abs=1e-6), (epoch, name)
+            assert history_two[epoch][name] == pytest.approx(value, rel=1e-4, abs=1e-6), (epoch, name)
     # Only process 0 writes TensorBoard events.
     assert len(glob.glob(os.path.join(straight, "tensorboard", "events.*"))) == 1
 
