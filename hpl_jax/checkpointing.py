@@ -296,6 +296,13 @@ def remove_unfinished_saves(directory: epath.Path) -> None:
             child.rmtree()
 
 
+def latest_complete_step(directory: epath.Path) -> Optional[int]:
+    """The step of the latest complete save in `directory` (the one a rerun resumes from), or None; reads the
+    directory only (no orbax manager, no barrier), so it is safe while another process is gone."""
+    steps = ocp.utils.checkpoint_steps(directory)
+    return max(steps) if steps else None
+
+
 def _failure_reason(error: BaseException) -> str:
     """One line: the OS error a save met where there is one (tensorstore reports it as os_error_code='28')."""
     code = re.search(r"os_error_code='?(\d+)", str(error))
@@ -414,6 +421,9 @@ class Checkpoints:
         try:
             manager.wait_until_finished()
         except Exception as error:  # pylint: disable=broad-except  (orbax re-raises its save thread's error)
+            if isinstance(error, jax.errors.JaxRuntimeError):
+                # A barrier between the hosts failed, not the file system: another process stopped (distributed.py).
+                raise
             latest = self.all.latest_step()
             resume = (f"{self.all.directory}/{latest} is the resume point" if latest is not None
                       else "no checkpoint is complete yet")

@@ -12,6 +12,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from hpl_jax import cli
+from hpl_jax import distributed
 from hpl_jax import train
 
 FLAGS = flags.FLAGS
@@ -27,6 +28,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     cli.quiet_library_logs()
     cli.join_processes()
+    distributed.resume_from(FLAGS.workdir)
     cli.exit_on_user_error(train.train_and_evaluate, FLAGS.config, FLAGS.workdir)
 
 
