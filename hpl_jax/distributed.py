@@ -7,7 +7,8 @@ extension module); and a process whose own error ends it leaves the others waiti
 processes also watch each other here, through the coordination service's key-value store, with the timeout
 `--heartbeat_timeout_s` (JAX's own is set to twice it plus a minute, so this watch decides first):
 
-- every process publishes a heartbeat (a count and its current step) every timeout/5 seconds and reads all of them;
+- every process publishes a heartbeat (a count and its current step) every timeout/5 seconds and reads all of them,
+  and in between waits for an announced stop;
 - a process whose heartbeat has not changed for the timeout is taken for dead (killed, preempted, its host lost);
   the coordination service not answering for the timeout means that process 0 is;
 - a process whose run ends on an error (a failed save, a full disk for metrics.json, a config error) announces
@@ -39,6 +40,7 @@ _HEARTBEAT = _PREFIX + "heartbeat/"  # heartbeat/<process>: "<count> <step>", or
 _STOP = _PREFIX + "stop"  # the first stopping process's line, for every process to print
 _EXITING = _PREFIX + "exiting/"  # exiting/<process>: set just before a stopping process exits
 _DONE = "done"
+_ANNOUNCEMENT_WAIT_S = 1.0
 
 _watch: Optional["Watch"] = None
 
@@ -144,20 +146,32 @@ class Watch:
 
     # ------------------------------------------------------------------------------ the two threads
     def _beat(self) -> None:
-        while not self._finished.wait(self._interval):
+        next_beat = time.monotonic()
+        while not self._finished.is_set():
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + self._interval
+                try:
+                    self._client.key_value_set(f"{_HEARTBEAT}{self.process_id}", f"{self._count} {self.step}",
+                                               allow_overwrite=True)
+                    entries = dict(self._client.key_value_dir_get(_PREFIX))
+                except Exception:  # pylint: disable=broad-except  (an RPC that failed: the guard judges the silence)
+                    entries = None
+                if entries is not None:
+                    self._count += 1
+                    self._last_answer = time.monotonic()
+                    self._listen(entries)
+            # Between heartbeats, an announced stop is waited for: it ends this process within a second.
+            started = time.monotonic()
             try:
-                self._client.key_value_set(f"{_HEARTBEAT}{self.process_id}", f"{self._count} {self.step}",
-                                           allow_overwrite=True)
-                entries = dict(self._client.key_value_dir_get(_PREFIX))
-            except Exception:  # pylint: disable=broad-except  (an RPC that failed: the guard judges the silence)
+                message = self._client.blocking_key_value_get(_STOP, int(_ANNOUNCEMENT_WAIT_S * 1000))
+            except Exception:  # pylint: disable=broad-except  (none yet, or an RPC that failed)
+                self._finished.wait(max(_ANNOUNCEMENT_WAIT_S - (time.monotonic() - started), 0))
                 continue
-            self._count += 1
-            self._last_answer = time.monotonic()
-            if _STOP in entries:
-                self.stop(entries[_STOP], own_line=None, announce=False)
-            self._listen(entries)
+            self.stop(message, own_line=None, announce=False)
 
     def _listen(self, entries: Dict[str, str]) -> None:
+        if _STOP in entries:
+            self.stop(entries[_STOP], own_line=None, announce=False)
         now = time.monotonic()
         for peer in self._peers:
             value = entries.get(f"{_HEARTBEAT}{peer}")
