@@ -91,10 +91,11 @@ def stop_on_error(line: str) -> None:
 
 
 def stop_on_unexpected_error(error: BaseException) -> None:
-    """Ends this process on an error that is not the user's: first waits for the watch to find whether another
-    process stopped (the error is then a consequence, e.g. a collective that lost its peer); if none did, prints
-    the traceback (it is ours to fix) and tells the others."""
-    _watch.wait_for_a_cause()
+    """Ends this process on an error that is not the user's: prints the traceback (it is ours to fix) and tells
+    the others. An error of JAX's runtime (a collective or a barrier that lost a peer) may be the consequence of
+    another process's death: the watch is first given the time to find that."""
+    if isinstance(error, jax.errors.JaxRuntimeError):
+        _watch.wait_for_a_cause()
     traceback.print_exception(error, file=sys.stderr)
     lines = str(error).strip().splitlines()
     _watch.stop(f"process {_watch.process_id} stopped {_watch.when()} on an unexpected error "

@@ -5,7 +5,8 @@
 A multi-process run (several hosts, or several processes on one host) starts the same command in every
 process, adding either `--distributed` (Cloud TPU pod slices, SLURM with one task per GPU: JAX reads the
 layout from the environment) or the explicit `--coordinator_address`, `--num_processes` and `--process_id`.
-The scripts in launch/ do this.
+The scripts in launch/ do this. If one process stops, the others stop within `--heartbeat_timeout_s` with one
+line naming the checkpoint to resume from (hpl_jax/distributed.py).
 """
 from absl import app
 from absl import flags
