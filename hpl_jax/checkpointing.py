@@ -321,7 +321,8 @@ class _BackgroundSaveErrors(std_logging.Handler):
 
     In a multi-process run, the save of a process whose write failed never ends: the other processes wait for it
     at a barrier, and so does its own finalising thread, which has taken the error. The log record is where the
-    error can be seen without waiting.
+    error can be seen without waiting. (A single process waits for the saves to end, as the resume point it names
+    may be a save that ends meanwhile.)
     """
 
     def __init__(self):
@@ -386,7 +387,8 @@ class Checkpoints:
     def raise_if_a_save_failed(self) -> None:
         """Raises WorkdirError if a background save has failed; returns at once while saves are still running,
         so it is cheap enough for every step boundary."""
-        self._raise_if_logged()
+        if jax.process_count() > 1:
+            self._raise_if_logged()
         for manager in self._managers():
             if not manager.is_saving_in_progress():
                 self._raise_if_failed(manager)
@@ -445,16 +447,17 @@ class Checkpoints:
 
     def _wait_for(self, manager: ocp.CheckpointManager) -> None:
         """Waits for `manager`'s save in flight to end; raises WorkdirError as soon as it fails."""
-        while manager.is_saving_in_progress():
+        while jax.process_count() > 1 and manager.is_saving_in_progress():
             self._raise_if_logged()
             time.sleep(0.05)
         self._raise_if_failed(manager)
 
     def _raise_if_logged(self) -> None:
         if self._failures.errors:
-            error, message = self._failures.errors[0]
-            # The record names the directory of the failed save.
-            failed = [m for m in self._managers() if f"{m.directory}/" in message] or [self.all]
+            error = self._failures.errors[0][0]
+            # orbax's records name the directory of the failed save.
+            failed = [m for m in self._managers() if any(f"{m.directory}/" in message
+                                                         for _, message in self._failures.errors)] or [self.all]
             self._raise_workdir_error(failed[-1], error)
 
     def _raise_if_failed(self, manager: ocp.CheckpointManager) -> None:

@@ -84,7 +84,7 @@ def finish() -> None:
 
 
 def stop_on_error(line: str) -> None:
-    """Ends this process on its own error `line` (one line, already printed), after telling the others."""
+    """Ends this process on its own error: prints its one `line`, tells the others, exits with status 1."""
     _watch.stop(f"process {_watch.process_id} stopped {_watch.when()} on its own error "
                 f"({line.rstrip('.')}); every process stops. Run the same command on every host to resume from "
                 f"{_watch.resume_point()}.", own_line=line)
