@@ -470,8 +470,9 @@ class Checkpoints:
         if isinstance(error, jax.errors.JaxRuntimeError):
             # A barrier between the processes failed, not the file system: another process stopped (distributed.py).
             raise error
-        # Read from the directory, as the next run will: the manager's own list may lag behind a save that ended.
-        latest = latest_complete_step(self.all.directory)
+        # A single process completes its saves in flight before it exits (finish_quietly): the latest one started is
+        # the resume point. A multi-process run abandons them: the latest complete one in the directory is.
+        latest = self.all.latest_step() if jax.process_count() == 1 else latest_complete_step(self.all.directory)
         resume = (f"{self.all.directory}/{latest} is the resume point" if latest is not None
                   else "no checkpoint is complete yet")
         raise WorkdirError(f"saving a checkpoint in {manager.directory} failed ({_failure_reason(error)}); "
