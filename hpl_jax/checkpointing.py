@@ -19,8 +19,10 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import logging as std_logging
 import os
 import re
+import time
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import jax
@@ -296,6 +298,13 @@ def remove_unfinished_saves(directory: epath.Path) -> None:
             child.rmtree()
 
 
+def latest_complete_step(directory: epath.Path) -> Optional[int]:
+    """The step of the latest complete save in `directory` (the one a rerun resumes from), or None; reads the
+    directory only (no orbax manager, no barrier), so it is safe while another process is gone."""
+    steps = ocp.utils.checkpoint_steps(directory)
+    return max(steps) if steps else None
+
+
 def _failure_reason(error: BaseException) -> str:
     """One line: the OS error a save met where there is one (tensorstore reports it as os_error_code='28')."""
     code = re.search(r"os_error_code='?(\d+)", str(error))
@@ -305,6 +314,24 @@ def _failure_reason(error: BaseException) -> str:
         return error.strerror
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+class _BackgroundSaveErrors(std_logging.Handler):
+    """The errors of orbax's background save threads, taken from the records orbax logs as they fail.
+
+    In a multi-process run, the save of a process whose write failed never ends: the other processes wait for it
+    at a barrier, and so does its own finalising thread, which has taken the error. The log record is where the
+    error can be seen without waiting. (A single process waits for the saves to end, as the resume point it names
+    may be a save that ends meanwhile.)
+    """
+
+    def __init__(self):
+        super().__init__(level=std_logging.ERROR)
+        self.errors: List[Tuple[BaseException, str]] = []
+
+    def emit(self, record) -> None:
+        if "/orbax/checkpoint/" in record.pathname and record.exc_info and record.exc_info[1] is not None:
+            self.errors.append((record.exc_info[1], record.getMessage()))
 
 
 class Checkpoints:
@@ -319,6 +346,8 @@ class Checkpoints:
         if is_lead:
             remove_unfinished_saves(workdir / CHECKPOINTS_DIR)
             remove_unfinished_saves(workdir / BEST_DIR)
+        self._failures = _BackgroundSaveErrors()
+        std_logging.getLogger("absl").addHandler(self._failures)
         self.all = ocp.CheckpointManager(
             workdir / CHECKPOINTS_DIR,
             options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True))
@@ -347,17 +376,19 @@ class Checkpoints:
     def save(self, step: int, state) -> None:
         """Starts a background save of `state` (NumPy leaves) once the previous one has ended (orbax waits for
         it anyway); that one's failure raises WorkdirError."""
-        self._raise_if_failed(self.all)
+        self._wait_for(self.all)
         self.all.save(step, args=ocp.args.StandardSave(state))
 
     def save_best(self, step: int, state, metrics: Dict[str, float]) -> None:
         """Saves `state` as the best so far (call it only at an epoch metrics.json calls the best)."""
-        self._raise_if_failed(self.best)
+        self._wait_for(self.best)
         self.best.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
 
     def raise_if_a_save_failed(self) -> None:
         """Raises WorkdirError if a background save has failed; returns at once while saves are still running,
         so it is cheap enough for every step boundary."""
+        if jax.process_count() > 1:
+            self._raise_if_logged()
         for manager in self._managers():
             if not manager.is_saving_in_progress():
                 self._raise_if_failed(manager)
@@ -369,11 +400,15 @@ class Checkpoints:
 
     def finish_quietly(self) -> None:
         """When a run stops on an error: the saves in flight (of good state) complete; a failing one is logged,
-        as the error that stopped the run is the one to report."""
+        as the error that stopped the run is the one to report. In a multi-process run they are left unfinished
+        (the next run removes them): they need every process, and the error stops the others (distributed.py)."""
         try:
-            self.wait()
+            if jax.process_count() == 1:
+                self.wait()
         except WorkdirError as error:
             logging.error("%s", error)
+        finally:
+            std_logging.getLogger("absl").removeHandler(self._failures)
 
     def reconcile_best(self, *, best_epoch: int, best_metrics: Dict[str, float], steps_per_epoch: int,
                        resumed_step: int, template) -> None:
@@ -410,13 +445,36 @@ class Checkpoints:
     def _managers(self):
         return [m for m in (self.all, self.best) if m is not None]
 
+    def _wait_for(self, manager: ocp.CheckpointManager) -> None:
+        """Waits for `manager`'s save in flight to end; raises WorkdirError as soon as it fails."""
+        while jax.process_count() > 1 and manager.is_saving_in_progress():
+            self._raise_if_logged()
+            time.sleep(0.05)
+        self._raise_if_failed(manager)
+
+    def _raise_if_logged(self) -> None:
+        if self._failures.errors:
+            error = self._failures.errors[0][0]
+            # orbax's records name the directory of the failed save.
+            failed = [m for m in self._managers() if any(f"{m.directory}/" in message
+                                                         for _, message in self._failures.errors)] or [self.all]
+            self._raise_workdir_error(failed[-1], error)
+
     def _raise_if_failed(self, manager: ocp.CheckpointManager) -> None:
         try:
             manager.wait_until_finished()
         except Exception as error:  # pylint: disable=broad-except  (orbax re-raises its save thread's error)
-            latest = self.all.latest_step()
-            resume = (f"{self.all.directory}/{latest} is the resume point" if latest is not None
-                      else "no checkpoint is complete yet")
-            raise WorkdirError(f"saving a checkpoint in {manager.directory} failed ({_failure_reason(error)}); "
-                               f"{resume}: free space or fix the file system, then run the same command "
-                               "again.") from None
+            self._raise_workdir_error(manager, error)
+
+    def _raise_workdir_error(self, manager: ocp.CheckpointManager, error: BaseException) -> None:
+        if isinstance(error, jax.errors.JaxRuntimeError):
+            # A barrier between the processes failed, not the file system: another process stopped (distributed.py).
+            raise error
+        # A single process completes its saves in flight before it exits (finish_quietly): the latest one started is
+        # the resume point. A multi-process run abandons them: the latest complete one in the directory is.
+        latest = self.all.latest_step() if jax.process_count() == 1 else latest_complete_step(self.all.directory)
+        resume = (f"{self.all.directory}/{latest} is the resume point" if latest is not None
+                  else "no checkpoint is complete yet")
+        raise WorkdirError(f"saving a checkpoint in {manager.directory} failed ({_failure_reason(error)}); "
+                           f"{resume}: free space or fix the file system, then run the same command "
+                           "again.") from None

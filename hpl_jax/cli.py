@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import sys
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar
 
 import jax
 from absl import app
@@ -14,6 +14,7 @@ from absl import logging
 from hpl_jax import checkpointing
 from hpl_jax import config_checks
 from hpl_jax import data
+from hpl_jax import distributed
 from hpl_jax import guards
 
 FLAGS = flags.FLAGS
@@ -28,6 +29,13 @@ def define_process_flags() -> None:
                         "explicit layout; needs --num_processes and --process_id.")
     flags.DEFINE_integer("num_processes", None, "Number of processes of the run (with --coordinator_address).")
     flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 (with --coordinator_address).")
+    flags.DEFINE_integer("heartbeat_timeout_s", 100, "In a multi-process run, a process whose heartbeats stop for "
+                         "this many seconds (killed, preempted, its host lost) is taken for dead, and every other "
+                         "process stops with one line naming the checkpoint to resume from; a process's own error "
+                         "stops the others at once (see hpl_jax/distributed.py).")
+    flags.register_validator("heartbeat_timeout_s", lambda seconds: seconds >= distributed.MIN_TIMEOUT_S,
+                             f"--heartbeat_timeout_s must be at least {distributed.MIN_TIMEOUT_S} (seconds): a "
+                             "shorter one could take a compile or a garbage collection for a dead process.")
     flags.register_multi_flags_validator(
         ["coordinator_address", "num_processes", "process_id"],
         lambda f: (f["coordinator_address"] is None) == (f["num_processes"] is None) == (f["process_id"] is None),
@@ -77,10 +85,10 @@ def join_processes() -> None:
     """Joins the other processes of a multi-process run as the flags of `define_process_flags` say."""
     if FLAGS.coordinator_address:
         # 'deactivate': under SLURM, detection would otherwise give each process a single GPU.
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                                   cluster_detection_method="deactivate")
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                               heartbeat_timeout_s=FLAGS.heartbeat_timeout_s, cluster_detection_method="deactivate")
     elif FLAGS.distributed:
-        jax.distributed.initialize()
+        distributed.initialize(heartbeat_timeout_s=FLAGS.heartbeat_timeout_s)
     if jax.process_count() > 1 and not jax.distributed.is_initialized():
         sys.exit("This is one of several JAX processes but jax.distributed is not initialised; pass --distributed "
                  "or --coordinator_address, --num_processes and --process_id (see launch/).")
@@ -88,18 +96,33 @@ def join_processes() -> None:
                  jax.local_devices())
 
 
+def user_error_line(error: BaseException) -> Optional[str]:
+    """The one line of an error the user can fix (config, data, a missing run or checkpoint, an unusable workdir,
+    a non-finite step); None for any other error."""
+    for kind, prefix in ((config_checks.ConfigError, "Config error"), (data.DataError, "Data error"),
+                         (checkpointing.RunError, "Run error"), (checkpointing.WorkdirError, "Workdir error"),
+                         (guards.NonFiniteError, "Training error")):
+        if isinstance(error, kind):
+            return f"{prefix}: {error}"
+    return None
+
+
 def exit_on_user_error(fn: Callable[..., T], *args, **kwargs) -> T:
-    """Calls fn; an error the user can fix (config, data, a missing run or checkpoint, an unusable workdir, a
-    non-finite step) exits with its one line."""
+    """Calls fn; an error the user can fix exits with its one line (`user_error_line`).
+
+    In a multi-process run every error also stops the other processes (distributed.py): a user error at once,
+    with its line; any other error once the watch has ruled out that another process stopped first.
+    """
     try:
-        return fn(*args, **kwargs)
-    except config_checks.ConfigError as error:
-        sys.exit(f"Config error: {error}")
-    except data.DataError as error:
-        sys.exit(f"Data error: {error}")
-    except checkpointing.RunError as error:
-        sys.exit(f"Run error: {error}")
-    except checkpointing.WorkdirError as error:
-        sys.exit(f"Workdir error: {error}")
-    except guards.NonFiniteError as error:
-        sys.exit(f"Training error: {error}")
+        result = fn(*args, **kwargs)
+    except Exception as error:  # pylint: disable=broad-except
+        line = user_error_line(error)
+        if distributed.watching():
+            if line is None:
+                distributed.stop_on_unexpected_error(error)
+            distributed.stop_on_error(line)
+        if line is None:
+            raise
+        sys.exit(line)
+    distributed.finish()
+    return result

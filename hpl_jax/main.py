@@ -5,13 +5,15 @@
 A multi-process run (several hosts, or several processes on one host) starts the same command in every
 process, adding either `--distributed` (Cloud TPU pod slices, SLURM with one task per GPU: JAX reads the
 layout from the environment) or the explicit `--coordinator_address`, `--num_processes` and `--process_id`.
-The scripts in launch/ do this.
+The scripts in launch/ do this. If one process stops, the others stop within `--heartbeat_timeout_s` with one
+line naming the checkpoint to resume from (hpl_jax/distributed.py).
 """
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from hpl_jax import cli
+from hpl_jax import distributed
 from hpl_jax import train
 
 FLAGS = flags.FLAGS
@@ -27,6 +29,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     cli.quiet_library_logs()
     cli.join_processes()
+    distributed.resume_from(FLAGS.workdir)
     cli.exit_on_user_error(train.train_and_evaluate, FLAGS.config, FLAGS.workdir)
 
 

@@ -23,6 +23,7 @@ from hpl_jax import config_checks
 from hpl_jax import convert_weights
 from hpl_jax import data
 from hpl_jax import datasets
+from hpl_jax import distributed
 from hpl_jax import evaluation
 from hpl_jax import guards
 from hpl_jax import hierarchy as hierarchy_lib
@@ -310,6 +311,7 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
         for step_in_epoch in range(start_step, steps_per_epoch):
             state, step_metrics = step_fn(state, next(batches))
             step = epoch * steps_per_epoch + step_in_epoch + 1
+            distributed.at_step(step)
             if step_in_epoch == start_step:
                 # Compiling (after warm-up, after a resume) and the epoch boundary's host work are behind us:
                 # the speed and ETA count from here.

@@ -1,5 +1,6 @@
 """Multi-process training on CPU: 2 processes x 2 devices joined by jax.distributed (gloo), started by
-launch/local_multiprocess.sh, against 1 process x 4 devices with the same global batch; SIGTERM and resume.
+launch/local_multiprocess.sh, against 1 process x 4 devices with the same global batch; SIGTERM and resume; one
+process killed, or failing on its own, stops the other with one line, and a rerun resumes exactly.
 
 Every run is a subprocess of a tiny default config: 1 epoch of 5 steps of 8 images with the backbone
 training, a checkpoint every 2 steps.
@@ -10,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +21,7 @@ import jax
 import numpy as np
 import pytest
 
+from hpl_jax import checkpointing
 from hpl_jax import preemption
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,6 +135,153 @@ def test_two_processes_match_one_process_and_resume_exactly_after_sigterm(tmp_pa
                             jax.tree_util.tree_leaves(uninterrupted)):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
     assert _history(str(workdir)) == history_two
+
+
+# ----------------------------------------------------------------------------------- one process stops
+# Two processes started directly, as a cluster without a supervising launcher starts them (launch/ would stop the
+# others itself); what JAX's coordination service does is what a pod's hosts see.
+HEARTBEAT_TIMEOUT_S = 10
+MARGIN_S = 30  # a heartbeat every timeout/5 s, the checks, and a loaded CPU
+# Fails process 0's save of checkpoints/4 as a full disk does (as tests/test_train.py's FULL_DISK), then runs main.
+FULL_DISK_AT_4 = """
+import errno, orbax.checkpoint as ocp
+from absl import app
+from hpl_jax import cli, main
+write = ocp.type_handlers.NumpyHandler._open_and_write
+async def full_disk(self, value, tspec, context):
+    if "/checkpoints/4.orbax-checkpoint-tmp" in str(tspec):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return await write(self, value, tspec, context)
+ocp.type_handlers.NumpyHandler._open_and_write = full_disk
+app.run(main.main, flags_parser=cli.parse_flags)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _start_two(workdir, log_dir, *flags, code_0=None):
+    """The two processes of a run, each logging to log_dir/process_<i>.log; process 0 runs `code_0` if given."""
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+               XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count=2")
+    processes = []
+    for i in range(2):
+        entry = ["-c", code_0] if i == 0 and code_0 else ["-m", "hpl_jax.main"]
+        log = open(log_dir / f"process_{i}.log", "w")
+        processes.append(subprocess.Popen(
+            [sys.executable, *entry, f"--coordinator_address=localhost:{port}", "--num_processes=2",
+             f"--process_id={i}", *FLAGS, f"--workdir={workdir}", *flags], cwd=REPO, env=env, stdout=log,
+            stderr=subprocess.STDOUT))
+    return processes
+
+
+def _wait_for_exits(processes):
+    """{index: (exit status, time.monotonic() of the exit)} once every process has exited."""
+    exits, deadline = {}, time.monotonic() + TIMEOUT_S
+    while len(exits) < len(processes):
+        assert time.monotonic() < deadline, "a process never exited"
+        for i, process in enumerate(processes):
+            if i not in exits and process.poll() is not None:
+                exits[i] = (process.returncode, time.monotonic())
+        time.sleep(0.1)
+    return exits
+
+
+def _last_line(log_dir, i) -> str:
+    log = (log_dir / f"process_{i}.log").read_text()
+    # One line, nothing after it: no traceback, no abort dump from JAX or Python's faulthandler.
+    for noise in ("Traceback", "Fatal Python error", "Check failure stack trace", "Terminating process"):
+        assert noise not in log, log[-3000:]
+    return log.strip().splitlines()[-1]
+
+
+def _resume_exactly(workdir, log_dir, straight, step):
+    """Reruns both processes on `workdir`: they resume at `step` and end as the uninterrupted run `straight`."""
+    logs = _finish(_two_processes(workdir, log_dir), log_dir)
+    assert logs.count(f"Resumed from {workdir}/checkpoints at step {step} ") == 2, logs[-3000:]
+    (_, resumed), (_, uninterrupted) = _final_state(str(workdir)), _final_state(straight)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(resumed)[0],
+                            jax.tree_util.tree_leaves(uninterrupted)):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    assert _history(str(workdir)) == _history(straight)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The workdir of a 2-process run of FLAGS that nothing interrupted."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    _finish(_two_processes(workdir / "run", workdir / "logs"), workdir / "logs")
+    return str(workdir / "run")
+
+
+def test_a_killed_process_stops_the_other_within_the_timeout_and_a_rerun_resumes_exactly(tmp_path, uninterrupted):
+    workdir, log_dir = tmp_path / "run", tmp_path / "logs"
+    log_dir.mkdir()
+    processes = _start_two(workdir, log_dir, f"--heartbeat_timeout_s={HEARTBEAT_TIMEOUT_S}")
+    deadline = time.time() + TIMEOUT_S
+    while not os.path.isdir(workdir / "checkpoints" / "2"):
+        assert processes[0].poll() is None and time.time() < deadline, "the run never saved step 2"
+        time.sleep(0.05)
+    processes[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    exits = _wait_for_exits(processes)
+    status, exited = exits[0]
+    line = _last_line(log_dir, 0)
+    resume = checkpointing.latest_complete_step(workdir / "checkpoints")
+    assert status == 1 and re.fullmatch(
+        r"Distributed error: process 1 stopped sending heartbeats \(it died or was preempted, or its host was lost\) "
+        rf"at about step \d; every process stops\. Run the same command on every host to resume from "
+        rf"{re.escape(str(workdir))}/checkpoints/{resume}\.", line), line
+    detection_s = exited - killed
+    print(f"process 0 stopped {detection_s:.1f} s after process 1 was killed (timeout {HEARTBEAT_TIMEOUT_S} s)")
+    # Its last heartbeat may have been read up to one interval (timeout/5) before the kill.
+    assert 0.8 * HEARTBEAT_TIMEOUT_S <= detection_s < HEARTBEAT_TIMEOUT_S + MARGIN_S
+    assert 2 <= resume < STEPS_PER_EPOCH
+
+    _resume_exactly(workdir, log_dir, uninterrupted, resume)
+
+
+def test_a_failed_save_on_process_0_stops_both_at_once_and_a_rerun_resumes_exactly(tmp_path, uninterrupted):
+    workdir, log_dir = tmp_path / "run", tmp_path / "logs"
+    log_dir.mkdir()
+    # A timeout far above the time the other process may take to stop: it stops on the announcement, not on it.
+    processes = _start_two(workdir, log_dir, "--heartbeat_timeout_s=300", code_0=FULL_DISK_AT_4)
+    failed = None
+    while failed is None and processes[0].poll() is None:
+        if "Workdir error:" in (log_dir / "process_0.log").read_text():
+            failed = time.monotonic()
+        time.sleep(0.05)
+    exits = _wait_for_exits(processes)
+    failed = failed or exits[0][1]
+    own, announced = _last_line(log_dir, 0), _last_line(log_dir, 1)
+    checkpoints = workdir / "checkpoints"
+    resume = checkpointing.latest_complete_step(checkpoints)
+    assert resume == 2 and os.path.isdir(checkpoints / "4.orbax-checkpoint-tmp")
+    assert own == (f"Workdir error: saving a checkpoint in {checkpoints} failed (No space left on device); "
+                   f"{checkpoints}/2 is the resume point: free space or fix the file system, then run the same "
+                   "command again.")
+    assert re.fullmatch(
+        rf"Distributed error: process 0 stopped at about step [45] on its own error \({re.escape(own[:-1])}\); "
+        rf"every process stops\. Run the same command on every host to resume from {checkpoints}/2\.",
+        announced), announced
+    assert exits[0][0] == exits[1][0] == 1
+    stopped_s = exits[1][1] - failed
+    print(f"process 1 stopped {stopped_s:.1f} s after process 0's error (timeout 300 s)")
+    assert stopped_s < 15
+
+    _resume_exactly(workdir, log_dir, uninterrupted, 2)
+
+
+def test_a_heartbeat_timeout_below_the_minimum_is_refused_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "hpl_jax.main", *FLAGS, f"--workdir={tmp_path}",
+                             "--heartbeat_timeout_s=2"], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 1
+    assert ("--heartbeat_timeout_s must be at least 5 (seconds): a shorter one could take a compile or a garbage "
+            "collection for a dead process.") in result.stderr
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
