@@ -124,16 +124,22 @@ def refresh_groupings(state: TrainState, config, *, level1_vectors=None,
     """Host side: re-cluster the coarse levels (k-means); a coarse level whose proxies were reset gets a
     fresh optimiser state (its own AdamW group: moments and step count).
 
-    Process 0 computes the groupings and broadcasts them: k-means sums in thread order, so two hosts could
-    otherwise disagree in the last bit on a point between two clusters.
+    Process 0 alone computes the groupings and broadcasts them: the other hosts wait at the broadcast instead of
+    repeating the k-means, and cannot disagree in the last bit (k-means sums in thread order) on a point between
+    two clusters.
     """
     if state.hierarchy.num_levels == 1 or config.hpl.ground_truth_level1:
         return state
-    hierarchy, reset = hierarchy_lib.refresh_hierarchy(
-        jax.device_get(state.hierarchy), seed=kmeans_seed(state, int(state.step)),
-        policy=policy or config.hpl.coarse_policy, level1_vectors=level1_vectors,
-        n_init=config.hpl.kmeans_restarts, coarse_norm=config.hpl.coarse_norm,
-        backend=config.hpl.kmeans_backend)
+    seed = kmeans_seed(state, int(state.step))
+    if jax.process_index() == 0:
+        hierarchy, reset = hierarchy_lib.refresh_hierarchy(
+            jax.device_get(state.hierarchy), seed=seed, policy=policy or config.hpl.coarse_policy,
+            level1_vectors=level1_vectors, n_init=config.hpl.kmeans_restarts, coarse_norm=config.hpl.coarse_norm,
+            backend=config.hpl.kmeans_backend)
+    else:
+        # The broadcast's template: process 0's values replace it.
+        hierarchy = jax.tree_util.tree_map(np.asarray, jax.device_get(state.hierarchy))
+        reset = tuple(np.zeros(size, bool) for size in state.hierarchy.level_sizes[1:])
     if jax.process_count() > 1:
         hierarchy, reset = multihost_utils.broadcast_one_to_all((hierarchy, reset))
         hierarchy = jax.tree_util.tree_map(jnp.asarray, hierarchy)

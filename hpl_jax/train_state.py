@@ -73,9 +73,9 @@ def initial_hierarchy(rng, config, info: data.DatasetInfo) -> hierarchy_lib.Prox
 
     With `hpl.ground_truth_level1`, level 1 is the dataset's super-classes present among the training
     classes (its size comes from the data, whatever `hpl.num_coarse` says); otherwise the coarse levels are
-    k-means groupings of the initial fine proxies, which the loop's first grouping replaces (METHOD.md: by
-    default from the class means of the initial network). Either way the sizes are final here, so the
-    optimiser state and the restore template are built for them.
+    placeholders (hierarchy.placeholder_hierarchy, no k-means), which the loop's first grouping replaces
+    (METHOD.md: by default from the class means of the initial network) and a resume overwrites. Either way the
+    sizes are final here, so the optimiser state and the restore template are built for them.
     """
     hpl = config.hpl
     num_coarse = tuple(hpl.num_coarse)[:len(hpl.weights) - 1]
@@ -88,9 +88,8 @@ def initial_hierarchy(rng, config, info: data.DatasetInfo) -> hierarchy_lib.Prox
             logging.info("hpl.ground_truth_level1: level 1 has the %d super-classes of the training classes "
                          "(hpl.num_coarse[0] = %d is not used).", hierarchy.level_sizes[1], num_coarse[0])
         return hierarchy
-    return hierarchy_lib.init_hierarchy(rng, info.num_train_classes, num_coarse, config.model.embedding_dim,
-                                        seed=config.seed, n_init=hpl.kmeans_restarts,
-                                        coarse_norm=hpl.coarse_norm, backend=hpl.kmeans_backend)
+    return hierarchy_lib.placeholder_hierarchy(rng, info.num_train_classes, num_coarse, config.model.embedding_dim,
+                                               coarse_norm=hpl.coarse_norm)
 
 
 def create_train_state(rng, config, model, info: data.DatasetInfo) -> TrainState:

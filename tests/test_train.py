@@ -153,13 +153,23 @@ def test_refresh_regroups_without_empty_groups_and_resets_moments():
     assert int(fine.count) == 3 and np.any(np.asarray(fine.mu["proxies"][0]))
 
 
-def test_the_jax_kmeans_backend_makes_the_first_and_the_refreshed_groupings():
+def test_the_state_starts_without_kmeans_and_the_jax_backend_makes_the_first_and_the_refreshed_groupings(
+        monkeypatch):
     config = tiny_config(**{"hpl.kmeans_backend": "jax"})
+    calls = []
+    kmeans_grouping = hierarchy_lib.kmeans_grouping
+    monkeypatch.setattr(hierarchy_lib, "kmeans_grouping",
+                        lambda *args, **kwargs: calls.append(kwargs["backend"]) or kmeans_grouping(*args, **kwargs))
     _, _, state, _, _ = _setup(config)
+    # The loop's first grouping (or a restore) replaces the initial one: no k-means is made for it.
+    assert calls == []
+    hierarchy_lib.validate_parents(state.hierarchy.parents, state.hierarchy.level_sizes)
     fine = state.hierarchy.proxies[0]
-    initial, _ = hierarchy_lib.kmeans_grouping(fine, 3, seed=config.seed, n_init=config.hpl.kmeans_restarts,
-                                               backend="jax")
-    np.testing.assert_array_equal(state.hierarchy.parents[0], initial)
+    first = train.refresh_groupings(state, config, policy="reset")
+    initial, _ = kmeans_grouping(fine, 3, seed=train.kmeans_seed(state, 0), n_init=config.hpl.kmeans_restarts,
+                                 backend="jax")
+    np.testing.assert_array_equal(first.hierarchy.parents[0], initial)
+    assert calls == ["jax"]
     moved = state.replace(hierarchy=state.hierarchy.replace(proxies=(fine[::-1],) + state.hierarchy.proxies[1:]))
     refreshed = train.refresh_groupings(moved, config)
     expected, _ = hierarchy_lib.kmeans_grouping(fine[::-1], 3, seed=train.kmeans_seed(moved, int(moved.step)),
