@@ -346,6 +346,7 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
             values = {**evaluation.evaluate(p_embed, state, dataset, config), **hierarchy_values}
             reporter.evaluation(epoch + 1, int(host_state.step), values)
         checkpoints.save(int(host_state.step), host_state)
+        reporter.flush()
         # Saved only when this epoch becomes metrics.json's best, so best/ holds that epoch also on a tie.
         if (checkpoints.best is not None and values is not None
                 and reporting.best_epoch(reporter.history, selected_on) == epoch + 1):
