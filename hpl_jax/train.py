@@ -343,7 +343,9 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
         state, host_state, hierarchy_values = refresh_on_host(state, config, reporter, info, end_of_epoch=True)
         values = None
         if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
-            values = {**evaluation.evaluate(p_embed, state, dataset, config), **hierarchy_values}
+            values = {**evaluation.evaluate(p_embed, state, dataset, config,
+                                            costly=evaluation.costly_metrics_due(config, epoch + 1)),
+                      **hierarchy_values}
             reporter.evaluation(epoch + 1, int(host_state.step), values)
         checkpoints.save(int(host_state.step), host_state)
         reporter.flush()

@@ -233,7 +233,7 @@ def test_config_errors_name_the_field():
         "dataset.name": "imagenet", "model.backbone": "vgg", "loss.base": "triplet", "hpl.coarse_policy": "x",
         "batch_size": 15, "eval.batch_size": 7, "optim.decay_gamma": 0.0, "hpl.num_coarse": (1,),
         "checkpoint.best_metric": "recall@3", "model.pretrained": "/no/such/dir",
-        "dataset.resize_size": 8, "hpl.kmeans_backend": "faiss",
+        "dataset.resize_size": 8, "hpl.kmeans_backend": "faiss", "eval.costly_metrics_every_epochs": 0,
     }
     # Tuple elements of the wrong type (ml_collections checks only scalar fields' types).
     wrong_elements = {"hpl.weights": ("(1.0,abc)",), "hpl.num_coarse": (2.5,), "dataset.mean": (0.5, 0.5, "x"),
@@ -241,6 +241,10 @@ def test_config_errors_name_the_field():
     for field, value in [*cases.items(), *wrong_elements.items()]:
         with pytest.raises(config_checks.ConfigError, match=f"config.{field}"):
             config_checks.validate_config(tiny_config(**{field: value}), device_count=2, process_count=1)
+    with pytest.raises(config_checks.ConfigError, match="config.checkpoint.best_metric.*costly_metrics_every_epochs"):
+        config_checks.validate_config(tiny_config(**{"checkpoint.best_metric": "nmi", "eval.nmi": True,
+                                                     "eval.costly_metrics_every_epochs": 2}),
+                                      device_count=2, process_count=1)
     with pytest.raises(config_checks.ConfigError, match="config.dataset.data_dir"):
         config_checks.validate_config(tiny_config(**{"dataset.name": "image_folder", "dataset.data_dir": "/no/dir"}),
                                       device_count=2, process_count=1)
@@ -357,6 +361,16 @@ def test_validation_classes_are_held_out_class_disjointly_and_deterministically(
     with pytest.raises(config_checks.ConfigError, match="config.dataset.num_val_classes"):
         datasets.get_dataset(tiny_config(**{"dataset.num_val_classes": 5}), local_batch_size=16,
                              local_eval_batch_size=16)
+
+
+def test_the_costly_metrics_are_computed_at_their_cadence_at_epoch_0_and_at_the_last_epoch(tmp_path):
+    config = tiny_config(**{"num_epochs": 4, "steps_per_epoch": 1, "optim.warmup_epochs": 0, "eval.nmi": True,
+                            "eval.costly_metrics_every_epochs": 3})
+    result = train.train_and_evaluate(config, str(tmp_path))
+    for epoch, values in result["history"].items():
+        costly = epoch in (0, 3, 4)
+        assert ("nmi" in values) == costly and ("super/map@r" in values) == costly, (epoch, sorted(values))
+        assert "map@r" in values
 
 
 def test_validation_chooses_the_best_epoch_and_each_refresh_is_recorded(tmp_path):
