@@ -207,4 +207,8 @@ def get_config():
 
     # Progress line and TensorBoard scalars every this many steps.
     config.log_every_steps = 10
+    # JAX's persistent compilation cache: compiled programs are kept in this directory (local, or gs:// beside the
+    # workdir, e.g. gs://BUCKET/hpl_sop_compile_cache) and a restarted process loads them instead of compiling
+    # again, which a Spot TPU or GPU pays at every preemption. Every host may share one directory. '' = off.
+    config.compilation_cache_dir = ""
     return config

@@ -267,6 +267,9 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
                  "checkpoint.best_metric",
                  "'nmi' is chosen on at every evaluation; set config.eval.costly_metrics_every_epochs = 1.")
     _require(config.log_every_steps >= 1, "log_every_steps", "must be >= 1.")
+    cache = config.compilation_cache_dir
+    _require(not cache or cache.startswith("gs://") or not os.path.isfile(cache), "compilation_cache_dir",
+             f"{cache!r} is a file; give a directory (it is created if missing) or '' (off).")
 
 
 def validate_against_dataset(config, info: data.DatasetInfo) -> None:

@@ -228,9 +228,17 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         return _train_and_evaluate(config, workdir, on_exit)
 
 
+def use_compilation_cache(directory: str) -> None:
+    """Keeps compiled programs in `directory` (local or gs://; '' = off), where a restarted run finds them instead of
+    compiling again (config.compilation_cache_dir). Set before the first compile of the process."""
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", directory)
+
+
 def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> Dict[str, Any]:
     device_count, process_count = jax.device_count(), jax.process_count()
     config_checks.validate_config(config, device_count=device_count, process_count=process_count)
+    use_compilation_cache(config.compilation_cache_dir)
     config = with_pretrained_preprocessing(config)
     workdir = checkpointing.prepare_workdir(workdir, config, write=jax.process_index() == 0)
     local_batch = config.batch_size // process_count

@@ -234,6 +234,7 @@ def test_config_errors_name_the_field():
         "batch_size": 15, "eval.batch_size": 7, "optim.decay_gamma": 0.0, "hpl.num_coarse": (1,),
         "checkpoint.best_metric": "recall@3", "model.pretrained": "/no/such/dir",
         "dataset.resize_size": 8, "hpl.kmeans_backend": "faiss", "eval.costly_metrics_every_epochs": 0,
+        "compilation_cache_dir": __file__,
     }
     # Tuple elements of the wrong type (ml_collections checks only scalar fields' types).
     wrong_elements = {"hpl.weights": ("(1.0,abc)",), "hpl.num_coarse": (2.5,), "dataset.mean": (0.5, 0.5, "x"),
@@ -272,6 +273,22 @@ def _final_state(workdir):
     import orbax.checkpoint as ocp
     manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
     return manager.restore(manager.latest_step())
+
+
+def test_the_compilation_cache_keeps_the_programs_a_restart_loads(tmp_path):
+    cache = tmp_path / "compile_cache"
+    # Every program is kept (the default keeps those that took >= 1 s to compile).
+    code = ("import jax; jax.config.update('jax_persistent_cache_min_compile_time_secs', 0); "
+            "from absl import app; from hpl_jax import cli, main; app.run(main.main, flags_parser=cli.parse_flags)")
+    first = _main(str(tmp_path / "run"), "--config.num_epochs=1", f"--config.compilation_cache_dir={cache}",
+                  code=code)
+    assert first.returncode == 0, first.stderr[-2000:]
+    kept = set(os.listdir(cache))
+    assert kept
+    again = _main(str(tmp_path / "again"), "--config.num_epochs=1", f"--config.compilation_cache_dir={cache}",
+                  code=code)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert set(os.listdir(cache)) == kept  # every program came from the cache
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
