@@ -34,15 +34,22 @@ class Embedded:
 
 
 def embed_examples(p_embed, state, dataset: data.Dataset, split: str) -> Embedded:
-    """Embeddings, labels and ids of every example of `split`, from every host, each exactly once."""
-    embeddings, labels, ids, masks = [], [], [], []
-    for batch in dataset.eval_batches(split):
-        sharded = data.shard_for_devices(batch, jax.local_device_count())
-        out = p_embed(state, {"image": sharded["image"]})
-        embeddings.append(np.asarray(out).reshape(-1, out.shape[-1]))
-        labels.append(batch["label"])
-        ids.append(batch["index"].astype(np.int32))  # int32: what process_allgather keeps without x64
-        masks.append(batch["mask"])
+    """Embeddings, labels and ids of every example of `split`, from every host, each exactly once.
+
+    The images go to the devices two batches ahead (data.prefetch_to_devices) and the embeddings come back once,
+    after the last batch: the host never waits for a batch's embeddings before sending the next.
+    """
+    labels, ids, masks = [], [], []
+
+    def images():
+        for batch in dataset.eval_batches(split):
+            labels.append(batch["label"])
+            ids.append(batch["index"].astype(np.int32))  # int32: what process_allgather keeps without x64
+            masks.append(batch["mask"])
+            yield {"image": batch["image"]}
+
+    outputs = [p_embed(state, sharded) for sharded in data.prefetch_to_devices(images())]
+    embeddings = [np.asarray(out).reshape(-1, out.shape[-1]) for out in jax.device_get(outputs)]
     embeddings, labels, ids, masks = map(np.concatenate, (embeddings, labels, ids, masks))
     if jax.process_count() > 1:
         embeddings, labels, ids, masks = (
