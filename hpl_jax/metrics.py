@@ -473,9 +473,8 @@ def _query_chunk_scores(queries: np.ndarray, gallery: np.ndarray, levels: Sequen
         )
         if rank_on_device:
             thresholds, self_similarities, counts, keys = outputs
-            keys = tuple(_ranked_chunk(level_keys, np.pad(level.num_positives[query_ids], (0, padding)).astype(np.int32),
-                                       num_ranked=num_ranked)
-                         for level, level_keys, num_ranked in zip(ranked, keys, ranked_depths))
+            keys = tuple(_ranked_chunk(level_keys, np.pad(level.num_positives[query_ids], (0, padding)).astype(
+                np.int32), num_ranked=num_ranked) for level, level_keys, num_ranked in zip(ranked, keys, ranked_depths))
             outputs = thresholds, self_similarities, counts, keys
         return query_ids, valid, outputs
 
