@@ -97,7 +97,9 @@ def test_two_processes_match_one_process_and_resume_exactly_after_sigterm(tmp_pa
     assert set(history_two) == set(history_one) == {"0", "1"}
     for epoch in history_one:
         for name, value in history_one[epoch].items():
-            assert history_two[epoch][name] == pytest.approx(value, abs=1e-6), (epoch, name)
+            # rel: the hierarchy scalars (proxy norms, cosines) follow the parameters' float rounding; a count
+            # that differs (a retrieval metric) moves by 1 / queries, far beyond it.
+            assert history_two[epoch][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (epoch, name)
     # Only process 0 writes TensorBoard events.
     assert len(glob.glob(os.path.join(straight, "tensorboard", "events.*"))) == 1
 
