@@ -48,7 +48,7 @@ UNFINISHED_SAVE = ".orbax-checkpoint-tmp"
 # other field (model.*, hpl.*, loss.*, optim.*, dataset.* but the paths, seed, batch_size, checkpoint.best_metric,
 # and any field added later) changes the train state's shape or what it means, and must match config.json.
 RESUMABLE_FIELDS = (
-    "num_epochs", "log_every_steps", "eval.*", "checkpoint.keep", "checkpoint.every_steps",
+    "num_epochs", "log_every_steps", "eval.*", "checkpoint.keep", "checkpoint.every_steps", "compilation_cache_dir",
     "dataset.data_dir", "dataset.manual_dir",
     # Read only to initialise the backbone (the resumed state replaces it); the input normalisation the
     # weights imply is in dataset.* and compared.

@@ -245,6 +245,9 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
     _require(len(recall_at) >= 1 and all(isinstance(k, int) and k >= 1 for k in recall_at), "eval.recall_at",
              f"{recall_at}: give positive integers.")
     _require(evaluation.chunk_size >= 1, "eval.chunk_size", "must be >= 1.")
+    _require(_is_int(evaluation.costly_metrics_every_epochs) and evaluation.costly_metrics_every_epochs >= 1,
+             "eval.costly_metrics_every_epochs",
+             f"{evaluation.costly_metrics_every_epochs!r} must be an integer >= 1 (1 = every evaluation).")
     _require(evaluation.early_stopping_patience >= 0, "eval.early_stopping_patience", "must be >= 0 (0 = off).")
     if evaluation.early_stopping_patience:
         _require(data.holds_out_classes(dataset), "eval.early_stopping_patience",
@@ -260,7 +263,13 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
                  f"{checkpoint.best_metric!r}; use '' or one of {valid_metrics}.")
         _require(checkpoint.best_metric != "nmi" or evaluation.nmi, "checkpoint.best_metric",
                  "'nmi' needs config.eval.nmi = True.")
+        _require(checkpoint.best_metric != "nmi" or evaluation.costly_metrics_every_epochs == 1,
+                 "checkpoint.best_metric",
+                 "'nmi' is chosen on at every evaluation; set config.eval.costly_metrics_every_epochs = 1.")
     _require(config.log_every_steps >= 1, "log_every_steps", "must be >= 1.")
+    cache = config.compilation_cache_dir
+    _require(not cache or cache.startswith("gs://") or not os.path.isfile(cache), "compilation_cache_dir",
+             f"{cache!r} is a file; give a directory (it is created if missing) or '' (off).")
 
 
 def validate_against_dataset(config, info: data.DatasetInfo) -> None:

@@ -34,15 +34,22 @@ class Embedded:
 
 
 def embed_examples(p_embed, state, dataset: data.Dataset, split: str) -> Embedded:
-    """Embeddings, labels and ids of every example of `split`, from every host, each exactly once."""
-    embeddings, labels, ids, masks = [], [], [], []
-    for batch in dataset.eval_batches(split):
-        sharded = data.shard_for_devices(batch, jax.local_device_count())
-        out = p_embed(state, {"image": sharded["image"]})
-        embeddings.append(np.asarray(out).reshape(-1, out.shape[-1]))
-        labels.append(batch["label"])
-        ids.append(batch["index"].astype(np.int32))  # int32: what process_allgather keeps without x64
-        masks.append(batch["mask"])
+    """Embeddings, labels and ids of every example of `split`, from every host, each exactly once.
+
+    The images go to the devices two batches ahead (data.prefetch_to_devices) and the embeddings come back once,
+    after the last batch: the host never waits for a batch's embeddings before sending the next.
+    """
+    labels, ids, masks = [], [], []
+
+    def images():
+        for batch in dataset.eval_batches(split):
+            labels.append(batch["label"])
+            ids.append(batch["index"].astype(np.int32))  # int32: what process_allgather keeps without x64
+            masks.append(batch["mask"])
+            yield {"image": batch["image"]}
+
+    outputs = [p_embed(state, sharded) for sharded in data.prefetch_to_devices(images())]
+    embeddings = [np.asarray(out).reshape(-1, out.shape[-1]) for out in jax.device_get(outputs)]
     embeddings, labels, ids, masks = map(np.concatenate, (embeddings, labels, ids, masks))
     if jax.process_count() > 1:
         embeddings, labels, ids, masks = (
@@ -76,14 +83,22 @@ def split_super_labels(info: data.DatasetInfo, split: str) -> Optional[np.ndarra
     return info.test_super_labels
 
 
-def split_metrics(embedded: Dict[str, Embedded], info: data.DatasetInfo, config, split: str) -> Dict[str, float]:
+def costly_metrics_due(config, epoch: int) -> bool:
+    """Whether the evaluation after `epoch` computes the costly metrics (NMI, `super/`): at epoch 0, at every
+    `eval.costly_metrics_every_epochs`-th epoch and at the last epoch."""
+    return epoch % config.eval.costly_metrics_every_epochs == 0 or epoch >= config.num_epochs
+
+
+def split_metrics(embedded: Dict[str, Embedded], info: data.DatasetInfo, config, split: str, *,
+                  costly: bool = True) -> Dict[str, float]:
     """The dataset's retrieval protocol on `split` (METHOD.md, "Benchmarks"), from its embedded eval splits.
 
     embedded: {name: Embedded} for every name in `protocol_splits(info, split)`.
+    costly: False leaves out NMI and the super-class metrics even where `config.eval` asks for them.
     """
-    super_labels = split_super_labels(info, split) if config.eval.super_metrics else None
+    super_labels = split_super_labels(info, split) if config.eval.super_metrics and costly else None
     options = dict(recall_at=tuple(config.eval.recall_at), super_labels=super_labels,
-                   nmi=config.eval.nmi, chunk_size=config.eval.chunk_size, seed=config.seed)
+                   nmi=config.eval.nmi and costly, chunk_size=config.eval.chunk_size, seed=config.seed)
     if "query" in embedded:
         gallery, queries = embedded["gallery"], embedded["query"]
         return metrics_lib.retrieval_metrics(gallery.embeddings, gallery.labels,
@@ -112,15 +127,17 @@ def selection_metric(config, info: data.DatasetInfo) -> str:
     return f"{VAL}/{metric}" if has_validation(info) else metric
 
 
-def evaluate(p_embed, state, dataset: data.Dataset, config) -> Dict[str, float]:
+def evaluate(p_embed, state, dataset: data.Dataset, config, *, costly: bool = True) -> Dict[str, float]:
     """The dataset's retrieval protocol (METHOD.md, "Benchmarks") on the unseen test classes, and on the
-    held-out validation classes when there are any (keys prefixed 'val/').
+    held-out validation classes when there are any (keys prefixed 'val/'); `costly`: see `split_metrics`.
 
     Validation is always self-retrieval over its images (the training classes have no query/gallery split).
     """
-    values = split_metrics(embed_protocol_splits(p_embed, state, dataset, "test"), dataset.info, config, "test")
+    values = split_metrics(embed_protocol_splits(p_embed, state, dataset, "test"), dataset.info, config, "test",
+                           costly=costly)
     if has_validation(dataset.info):
-        val_values = split_metrics(embed_protocol_splits(p_embed, state, dataset, VAL), dataset.info, config, VAL)
+        val_values = split_metrics(embed_protocol_splits(p_embed, state, dataset, VAL), dataset.info, config, VAL,
+                                   costly=costly)
         values.update({f"{VAL}/{name}": value for name, value in val_values.items()})
     return values
 

@@ -362,6 +362,38 @@ def init_hierarchy(rng: jax.Array, num_classes: int, num_coarse: Sequence[int], 
     return ProxyHierarchy(proxies=(fine, *coarse), parents=tuple(parents))
 
 
+def placeholder_hierarchy(rng: jax.Array, num_classes: int, num_coarse: Sequence[int], dim: int, *,
+                          coarse_norm: str = "children_mean") -> ProxyHierarchy:
+    """A hierarchy of the final level sizes whose groupings are placeholders, made without k-means.
+
+    What a run holds from its creation until its first grouping (`refresh_hierarchy`, METHOD.md's default from
+    the class means) replaces every coarse level, or a restore template: a k-means here would be discarded. Fine
+    proxies come from `init_proxies` (as in `init_hierarchy`); proxy i of level l-1 gets parent i mod K_l, and a
+    coarse proxy is the normalised mean of its children's normalised vectors at the norm `coarse_proxy_norms`
+    gives, so the tree is valid and every proxy finite.
+
+    Args:
+      rng: PRNG key of the fine proxies.
+      num_classes: C = K_0.
+      num_coarse: (K_1, ..., K_L) with C > K_1 > ... > K_L >= 2.
+      dim: embedding dimension d.
+      coarse_norm: 'children_mean' or 'unit'.
+
+    Returns:
+      A ProxyHierarchy with proxies (f32[C, d], f32[K_1, d], ...) and parents (i32[C], i32[K_1], ...).
+    """
+    _validate_coarse_sizes(num_coarse, [f"num_coarse[{i}]" for i in range(len(num_coarse))], num_classes)
+    fine = init_proxies(rng, num_classes, dim)
+    proxies, parents = [fine], []
+    for size in num_coarse:
+        children = _host_matrix(proxies[-1])
+        assignment = np.arange(len(children)) % size
+        directions = _l2_normalised(_cluster_means(_l2_normalised(children), assignment, size))
+        proxies.append(_scaled(directions, coarse_proxy_norms(children, assignment, size, coarse_norm)))
+        parents.append(jnp.asarray(assignment, jnp.int32))
+    return ProxyHierarchy(proxies=tuple(proxies), parents=tuple(parents))
+
+
 def _matched_labels(centres: jax.Array, proxies: jax.Array) -> np.ndarray:
     """i64[k]: entry j is the existing proxy that new cluster j goes to (Hungarian matching).
 

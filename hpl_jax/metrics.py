@@ -18,10 +18,11 @@ Self-retrieval lays the items out in blocks that hold whole classes, so a query'
 diagonal block, and computes each off-diagonal block once, counting it for its rows and (transposed) for its
 columns: half the matrix products of a plain search. Memory is a few blocks of chunk_size^2 similarities.
 
-A level with larger R (super-classes: thousands for SOP; CUB's or Cars' classes) is ranked on the host from
-full similarity rows instead: its metrics depend only on each query's first max(R, largest K) ranks, and the
-items at or above the similarity that many items down (np.partition, linear in the gallery), sorted with
-negatives first among equals, are exactly those ranks. Such a level makes self-retrieval search chunks of
+A level with larger R (super-classes: thousands for SOP; CUB's or Cars' classes) is ranked from full similarity
+rows instead: its metrics depend only on each query's first max(R, largest K) ranks, which are its smallest
+pessimistic keys (similarity descending, negatives first among equals), sorted. On an accelerator the device
+sorts each chunk's keys and returns three numbers per query; on a CPU the host finds them (np.partition, linear
+in the gallery) in rows copied back. Such a level makes self-retrieval search chunks of
 queries against the whole gallery (chunk_size x gallery similarities), as query mode always does.
 
 Equal embeddings give bitwise-equal similarities within one run (one block shape, and a block product that
@@ -32,7 +33,7 @@ on the block shapes.
 from __future__ import annotations
 
 import functools
-from typing import Dict, NamedTuple, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +88,7 @@ def retrieval_metrics(
     nmi: bool = True,
     chunk_size: int = 1024,
     seed: int = 0,
+    rank_on_device: Optional[bool] = None,
 ) -> Dict[str, float]:
     """Recall@K, P@1, R-Precision, MAP@R (and NMI) of cosine nearest-neighbour retrieval.
 
@@ -110,6 +112,10 @@ def retrieval_metrics(
       chunk_size: side of the similarity blocks (rounded up to a multiple of 128); with super_labels, classes
         of more than 17 items or query_embeddings, queries searched at once against the whole gallery.
       seed: k-means seed.
+      rank_on_device: where levels with large R (super-classes) are ranked: on the default device (a sort of each
+        chunk's keys; nothing but three numbers per query comes back to the host), or on the host (np.partition of
+        rows copied back, u32[chunk_size, gallery] per chunk). The same counts either way; the float means agree to
+        float32 rounding. None: on the device unless it is a CPU.
 
     Returns:
       `recall@K` for each K in recall_at, `precision@1`, `r_precision`, `map@r` (floats in [0, 1], means over
@@ -137,8 +143,10 @@ def retrieval_metrics(
     if self_retrieval and len(levels) == 1 and levels[0].num_positives.max() <= _MAX_COUNTED_POSITIVES:
         per_level = [_symmetric_block_scores(gallery, levels[0], int(chunk_size))]
     else:
+        if rank_on_device is None:
+            rank_on_device = jax.devices()[0].platform != "cpu"
         per_level = _query_chunk_scores(queries, gallery, levels, self_retrieval, int(chunk_size),
-                                        max(recall_at))
+                                        max(recall_at), bool(rank_on_device))
     metrics: Dict[str, float] = {}
     for level, scores in zip(levels, per_level):
         metrics.update(_mean_scores(*scores, recall_at, level.prefix))
@@ -428,13 +436,13 @@ def _symmetric_block_scores(unit: np.ndarray, level: _Level, chunk_size: int):
 
 
 def _query_chunk_scores(queries: np.ndarray, gallery: np.ndarray, levels: Sequence[_Level],
-                        self_retrieval: bool, chunk_size: int, max_recall_at: int):
+                        self_retrieval: bool, chunk_size: int, max_recall_at: int, rank_on_device: bool = False):
     """Per level: (R, negatives above the best positive, R-Precision, AP@R), each per query, from chunks of
-    queries searched against the whole gallery (query mode, or self-retrieval with a level ranked on the host).
+    queries searched against the whole gallery (query mode, or self-retrieval with a level ranked by sorting).
 
-    The class level is counted on the device when its R allows, every other level ranked on the host from the
-    chunk's similarities. Chunks are padded to chunk_size and the gallery to a multiple of 128 with zero
-    vectors, so the device step compiles once.
+    The class level is counted on the device when its R allows, every other level ranked from the chunk's
+    similarities, on the device (`_ranked_chunk`) or on the host (`_ranked_scores`). Chunks are padded to
+    chunk_size and the gallery to a multiple of 128 with zero vectors, so the device steps compile once.
     """
     num_queries, num_gallery = len(queries), len(gallery)
     chunk_size = min(chunk_size, num_queries)
@@ -445,6 +453,9 @@ def _query_chunk_scores(queries: np.ndarray, gallery: np.ndarray, levels: Sequen
     num_slots = _num_slots(levels[0].num_positives.max()) if counted else 0
     ranked_gallery_classes = tuple(jax.device_put(np.pad(level.gallery_classes, (0, num_padding),
                                                          constant_values=-1).astype(np.int32)) for level in ranked)
+    # The ranks each level's metrics read: the first max(R, largest K) (`_ranked_scores`), for every chunk alike.
+    ranked_depths = tuple(min(max(int(level.num_positives.max()), max_recall_at), num_gallery - int(self_retrieval))
+                          for level in ranked)
 
     def dispatch(query_ids):
         """Starts the device step of a chunk (asynchronously) and returns what scoring it needs."""
@@ -460,6 +471,11 @@ def _query_chunk_scores(queries: np.ndarray, gallery: np.ndarray, levels: Sequen
             tuple(np.pad(level.query_classes[query_ids], (0, padding)).astype(np.int32) for level in ranked),
             ranked_gallery_classes,
         )
+        if rank_on_device:
+            thresholds, self_similarities, counts, keys = outputs
+            keys = tuple(_ranked_chunk(level_keys, np.pad(level.num_positives[query_ids], (0, padding)).astype(
+                np.int32), num_ranked=num_ranked) for level, level_keys, num_ranked in zip(ranked, keys, ranked_depths))
+            outputs = thresholds, self_similarities, counts, keys
         return query_ids, valid, outputs
 
     def scores_of(query_ids, valid, outputs):
@@ -470,8 +486,12 @@ def _query_chunk_scores(queries: np.ndarray, gallery: np.ndarray, levels: Sequen
             negatives_above = _negatives_at_least(np.asarray(counts)[:rows], np.asarray(thresholds).T[:rows], valid,
                                                   np.asarray(self_similarities)[:rows], num_padding)
             scores.append(_scores_from_counts(negatives_above, valid))
-        scores += [_ranked_scores(np.asarray(level_keys)[:rows], level.num_positives[query_ids], max_recall_at,
-                                  num_gallery - int(self_retrieval)) for level, level_keys in zip(ranked, keys)]
+        if rank_on_device:
+            scores += [(level.num_positives[query_ids], *(np.asarray(x)[:rows] for x in level_scores))
+                       for level, level_scores in zip(ranked, keys)]
+        else:
+            scores += [_ranked_scores(np.asarray(level_keys)[:rows], level.num_positives[query_ids], max_recall_at,
+                                      num_gallery - int(self_retrieval)) for level, level_keys in zip(ranked, keys)]
         return scores
 
     chunks = [[] for _ in levels]
@@ -484,6 +504,28 @@ def _query_chunk_scores(queries: np.ndarray, gallery: np.ndarray, levels: Sequen
                 chunk.append(level_scores)
         pending = started
     return [tuple(np.concatenate(parts) for parts in zip(*chunk)) for chunk in chunks]
+
+
+@functools.partial(jax.jit, static_argnames=("num_ranked",))
+def _ranked_chunk(keys: jax.Array, r: jax.Array, *, num_ranked: int):
+    """`_ranked_scores` on the device: (negatives above the best positive i32[rows], R-Precision f32[rows],
+    AP@R f32[rows]) from pessimistic keys u32[rows, columns] of full rows and R i32[rows].
+
+    Each row's first `num_ranked` ranks (>= max(R, largest K) of every row) are its smallest keys, sorted; the
+    counts are exact, as on the host, and the means are float32 sums. The count above the best positive is
+    num_ranked when none is ranked, which decides every Recall@K alike.
+    """
+    top = jnp.sort(keys, axis=1)[:, :num_ranked]
+    positive = (top & jnp.uint32(1)).astype(bool)
+    rank = jnp.arange(1, num_ranked + 1)
+    counted = positive & (rank[None, :] <= r[:, None])
+    safe_r = jnp.maximum(r, 1).astype(jnp.float32)
+    r_precision = jnp.sum(counted, axis=1) / safe_r
+    # MAP@R: (1/R) * sum over ranks i <= R holding a positive of precision@i.
+    precision = jnp.cumsum(positive, axis=1) / rank[None, :]
+    average_precision = jnp.sum(jnp.where(counted, precision, 0.0), axis=1) / safe_r
+    above_best = jnp.where(jnp.any(positive, axis=1), jnp.argmax(positive, axis=1), num_ranked)
+    return above_best, r_precision, average_precision
 
 
 def _ranked_scores(keys: np.ndarray, r: np.ndarray, max_recall_at: int, num_searched: int):

@@ -83,10 +83,17 @@ class Reporter:
         self._last_time, self._last_step = time.time(), step
 
     def scalars(self, step: int, values: Dict[str, float], prefix: str = "") -> None:
+        """Queues TensorBoard scalars: tensorboardX's own thread writes them to the event file (and flushes it every
+        120 s); `flush` (each epoch's end, each evaluation) and `close` flush it from here. No flush per line: with
+        a gs:// workdir each flush re-uploads the event file synchronously while the devices wait."""
         if self.writer:
             for name, value in values.items():
                 # TensorBoard tag names allow no '@'.
                 self.writer.add_scalar((prefix + name).replace("@", "_at_"), float(value), step)
+
+    def flush(self) -> None:
+        """Flushes the TensorBoard event file (the loop calls it at every epoch's end)."""
+        if self.writer:
             self.writer.flush()
 
     def progress(self, epoch: int, num_epochs: int, step: int, images_per_step: int, values: Dict[str, float]):
@@ -109,6 +116,7 @@ class Reporter:
         logging.info("eval after epoch %d: %s", epoch,
                      " ".join(f"{k} {v:.4f}" for k, v in values.items() if isinstance(v, float)))
         self.scalars(step, values, prefix="eval/")
+        self.flush()
         self._write_json()
 
     def refresh(self, epoch: int, step: int, values: Dict[str, float]) -> None:

@@ -1,9 +1,9 @@
 """The training loop: one run from its config to its last checkpoint, top to bottom.
 
 `train_and_evaluate` checks the config, builds the dataset and the model, creates (or restores) the train
-state, and then, epoch by epoch: pmap(train_step) over the batches -> (host) refresh of the coarse groupings ->
-evaluation -> checkpoint. The pieces other entry points also need (the train state, the optimiser, evaluation,
-reporting, checkpoints) live in modules of their own.
+state, and then, epoch by epoch: train_step on every device (train_state.over_devices) over the batches ->
+refresh of the coarse groupings -> evaluation -> checkpoint. The pieces other entry points also need (the train
+state, the optimiser, evaluation, reporting, checkpoints) live in modules of their own.
 """
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ from hpl_jax import preemption as preemption_lib
 from hpl_jax import reporting
 from hpl_jax.train_state import TrainState
 from hpl_jax.train_state import create_train_state, host_copy, replicate, trainable, unreplicate
+from hpl_jax.train_state import as_global, as_local, device_mesh, over_devices
 
-AXIS = "batch"  # pmap axis over the local devices; collectives span every device of every host
+AXIS = "batch"  # the device axis of the steps; collectives span every device of every host
 
 
 # --------------------------------------------------------------------------------------------- the loss
@@ -48,7 +49,8 @@ def create_base_loss(loss_config) -> Callable:
 
 # --------------------------------------------------------------------------------------------- steps
 def loss_and_gradients(state: TrainState, batch, *, model, config, labels, groups, in_warmup: bool):
-    """L_HPL of one global batch and its gradient on the trainable tree; runs under pmap on every device.
+    """L_HPL of one global batch and its gradient on the trainable tree; runs on every device
+    (train_state.over_devices, or pmap).
 
     The loss is computed on the *global* batch (embeddings gathered from every device of every host):
     Proxy-Anchor's per-proxy log-sum-exp and its 1/|P+| depend on the whole batch, so N devices with global
@@ -89,7 +91,7 @@ def loss_and_gradients(state: TrainState, batch, *, model, config, labels, group
 
 
 def train_step(state: TrainState, batch, *, model, config, labels, groups, in_warmup: bool):
-    """One AdamW step on one global batch (see `loss_and_gradients`); runs under pmap on every device."""
+    """One AdamW step on one global batch (see `loss_and_gradients`); runs on every device (over_devices or pmap)."""
     total, per_level, batch_stats, grads = loss_and_gradients(
         state, batch, model=model, config=config, labels=labels, groups=groups, in_warmup=in_warmup)
     tree = trainable(state.params, state.hierarchy)
@@ -125,16 +127,22 @@ def refresh_groupings(state: TrainState, config, *, level1_vectors=None,
     """Host side: re-cluster the coarse levels (k-means); a coarse level whose proxies were reset gets a
     fresh optimiser state (its own AdamW group: moments and step count).
 
-    Process 0 computes the groupings and broadcasts them: k-means sums in thread order, so two hosts could
-    otherwise disagree in the last bit on a point between two clusters.
+    Process 0 alone computes the groupings and broadcasts them: the other hosts wait at the broadcast instead of
+    repeating the k-means, and cannot disagree in the last bit (k-means sums in thread order) on a point between
+    two clusters.
     """
     if state.hierarchy.num_levels == 1 or config.hpl.ground_truth_level1:
         return state
-    hierarchy, reset = hierarchy_lib.refresh_hierarchy(
-        jax.device_get(state.hierarchy), seed=kmeans_seed(state, int(state.step)),
-        policy=policy or config.hpl.coarse_policy, level1_vectors=level1_vectors,
-        n_init=config.hpl.kmeans_restarts, coarse_norm=config.hpl.coarse_norm,
-        backend=config.hpl.kmeans_backend)
+    seed = kmeans_seed(state, int(state.step))
+    if jax.process_index() == 0:
+        hierarchy, reset = hierarchy_lib.refresh_hierarchy(
+            jax.device_get(state.hierarchy), seed=seed, policy=policy or config.hpl.coarse_policy,
+            level1_vectors=level1_vectors, n_init=config.hpl.kmeans_restarts, coarse_norm=config.hpl.coarse_norm,
+            backend=config.hpl.kmeans_backend)
+    else:
+        # The broadcast's template: process 0's values replace it.
+        hierarchy = jax.tree_util.tree_map(np.asarray, jax.device_get(state.hierarchy))
+        reset = tuple(np.zeros(size, bool) for size in state.hierarchy.level_sizes[1:])
     if jax.process_count() > 1:
         hierarchy, reset = multihost_utils.broadcast_one_to_all((hierarchy, reset))
         hierarchy = jax.tree_util.tree_map(jnp.asarray, hierarchy)
@@ -156,11 +164,12 @@ def observe_hierarchy(reporter: reporting.Reporter, state: TrainState, info: dat
     return values
 
 
-def refresh_on_host(replicated_state: TrainState, config, reporter, info, *,
-                    end_of_epoch: bool) -> Tuple[TrainState, TrainState, Dict[str, float]]:
+def refresh_on_host(replicated_state: TrainState, config, reporter, info, *, end_of_epoch: bool,
+                    mesh=None) -> Tuple[TrainState, TrainState, Dict[str, float]]:
     """The loop's refresh: on the host, identically on every host; at an epoch's end also counts the epoch.
 
-    Returns (the replicated new state, its host copy, the hierarchy scalars recorded).
+    Returns (the replicated new state, its host copy, the hierarchy scalars recorded); replicated over the local
+    devices, or as global arrays over `mesh` where given (train_state.as_global).
     """
     state = jax.device_get(unreplicate(replicated_state))
     previous = state.hierarchy
@@ -173,7 +182,8 @@ def refresh_on_host(replicated_state: TrainState, config, reporter, info, *,
     # NumPy leaves: orbax saves them from process 0 alone (it refuses the host-local jax.Arrays a refresh makes).
     state = jax.device_get(state)
     values = observe_hierarchy(reporter, state, info, previous=previous)
-    return replicate(state, AXIS), state, values
+    replicated = replicate(state, AXIS)
+    return (replicated if mesh is None else as_global(replicated, mesh)), state, values
 
 
 def hierarchies_agree(hierarchy) -> None:
@@ -223,9 +233,17 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         return _train_and_evaluate(config, workdir, on_exit)
 
 
+def use_compilation_cache(directory: str) -> None:
+    """Keeps compiled programs in `directory` (local or gs://; '' = off), where a restarted run finds them instead of
+    compiling again (config.compilation_cache_dir). Set before the first compile of the process."""
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", directory)
+
+
 def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> Dict[str, Any]:
     device_count, process_count = jax.device_count(), jax.process_count()
     config_checks.validate_config(config, device_count=device_count, process_count=process_count)
+    use_compilation_cache(config.compilation_cache_dir)
     config = with_pretrained_preprocessing(config)
     workdir = checkpointing.prepare_workdir(workdir, config, write=jax.process_index() == 0)
     local_batch = config.batch_size // process_count
@@ -251,10 +269,15 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
     checkpoints = checkpointing.Checkpoints(workdir, config, is_lead=jax.process_index() == 0)
     on_exit.callback(checkpoints.finish_quietly)
 
-    p_embed = jax.pmap(functools.partial(evaluation.embed_step, model=model), axis_name=AXIS)
+    # jit + shard_map over every device of every process, the per-device steps written as for pmap: pmap would
+    # convert every leaf of the train state between host-local and global arrays at every step of a
+    # multi-process run (README, "Scaling out").
+    mesh = device_mesh(AXIS)
+    embed = over_devices(functools.partial(evaluation.embed_step, model=model), mesh)
+    p_embed = lambda state, batch: as_local(embed(state, as_global(batch, mesh)))  # noqa: E731
     step_fns = {
-        warm: jax.pmap(functools.partial(train_step, model=model, config=config, labels=labels, groups=groups,
-                                         in_warmup=warm), axis_name=AXIS, donate_argnums=(0,))
+        warm: over_devices(functools.partial(train_step, model=model, config=config, labels=labels, groups=groups,
+                                             in_warmup=warm), mesh, donate_argnums=(0,))
         for warm in (True, False)}
 
     untrained = None
@@ -277,7 +300,7 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
                 best_epoch=best["epoch"], best_metrics={k: v for k, v in best.items() if isinstance(v, float)},
                 steps_per_epoch=steps_per_epoch, resumed_step=int(state.step), template=jax.device_get(state))
     else:
-        replicated = replicate(state, AXIS)
+        replicated = as_global(replicate(state, AXIS), mesh)
         untrained = evaluation.evaluate(p_embed, replicated, dataset, config)
         # The first grouping (the ground-truth level 1 is already in place: create_train_state).
         if state.hierarchy.num_levels > 1 and not config.hpl.ground_truth_level1:
@@ -295,7 +318,7 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
 
     start_epoch = int(state.epoch)
     start_step = int(state.step) - start_epoch * steps_per_epoch
-    state = replicate(state, AXIS)
+    state = as_global(replicate(state, AXIS), mesh)
     # Every step's metrics, with its `finite` flag, are fetched before the host reads or saves the state.
     step_metrics_seen = guards.StepMetrics(skip_nonfinite=config.optim.skip_nonfinite_steps)
     preempted = False
@@ -309,7 +332,7 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
         step_fn = step_fns[epoch < config.optim.warmup_epochs]
         batches = data.prefetch_to_devices(dataset.train_batches(epoch, start_step))
         for step_in_epoch in range(start_step, steps_per_epoch):
-            state, step_metrics = step_fn(state, next(batches))
+            state, step_metrics = step_fn(state, as_global(next(batches), mesh))
             step = epoch * steps_per_epoch + step_in_epoch + 1
             distributed.at_step(step)
             if step_in_epoch == start_step:
@@ -323,7 +346,7 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
             last_of_epoch = step_in_epoch == steps_per_epoch - 1
             if config.hpl.refresh_every_steps and step % config.hpl.refresh_every_steps == 0 and not last_of_epoch:
                 step_metrics_seen.fetch()
-                state, _, _ = refresh_on_host(state, config, reporter, info, end_of_epoch=False)
+                state, _, _ = refresh_on_host(state, config, reporter, info, end_of_epoch=False, mesh=mesh)
             # The last step of an epoch is asked after the epoch's checkpoint, so a stop there needs no save.
             preempted = not last_of_epoch and preemption.reached(step)
             if preempted or (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
@@ -336,12 +359,16 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
             break
         start_step = 0
 
-        state, host_state, hierarchy_values = refresh_on_host(state, config, reporter, info, end_of_epoch=True)
+        state, host_state, hierarchy_values = refresh_on_host(state, config, reporter, info, end_of_epoch=True,
+                                                              mesh=mesh)
         values = None
         if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
-            values = {**evaluation.evaluate(p_embed, state, dataset, config), **hierarchy_values}
+            values = {**evaluation.evaluate(p_embed, state, dataset, config,
+                                            costly=evaluation.costly_metrics_due(config, epoch + 1)),
+                      **hierarchy_values}
             reporter.evaluation(epoch + 1, int(host_state.step), values)
         checkpoints.save(int(host_state.step), host_state)
+        reporter.flush()
         # Saved only when this epoch becomes metrics.json's best, so best/ holds that epoch also on a tie.
         if (checkpoints.best is not None and values is not None
                 and reporting.best_epoch(reporter.history, selected_on) == epoch + 1):

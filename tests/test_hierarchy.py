@@ -130,6 +130,25 @@ def test_init_hierarchy_is_deterministic():
 
 # --- labels and the pytree ------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("coarse_norm", hier.COARSE_NORMS)
+def test_placeholder_hierarchy_is_a_valid_tree_of_the_final_sizes_without_kmeans(monkeypatch, coarse_norm):
+    monkeypatch.setattr(hier, "kmeans_grouping", None)  # any k-means call fails
+    h = hier.placeholder_hierarchy(jax.random.key(3), 40, (8, 3), 16, coarse_norm=coarse_norm)
+    assert h.level_sizes == (40, 8, 3)
+    hier.validate_parents(h.parents, h.level_sizes)
+    np.testing.assert_array_equal(h.proxies[0], hier.init_proxies(jax.random.key(3), 40, 16))
+    for level in (1, 2):
+        children = np.asarray(h.proxies[level - 1], np.float64)
+        parents = np.asarray(h.parents[level - 1])
+        unit = children / np.linalg.norm(children, axis=1, keepdims=True)
+        for group in range(h.level_sizes[level]):
+            members = parents == group
+            direction = unit[members].mean(axis=0)
+            norm = np.linalg.norm(children[members], axis=1).mean() if coarse_norm == "children_mean" else 1.0
+            np.testing.assert_allclose(h.proxies[level][group], norm * direction / np.linalg.norm(direction),
+                                       rtol=1e-5, atol=1e-6)
+
+
 def test_lift_labels_three_levels_matches_hand_loop():
     h = _random_hierarchy(0, (20, 6, 3, 2), 4)
     labels = np.random.default_rng(1).integers(0, 20, 64)

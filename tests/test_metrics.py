@@ -269,6 +269,29 @@ def test_super_class_metrics_equal_metrics_of_mapped_labels(self_retrieval):
     assert {k: v for k, v in metrics.items() if not k.startswith("super/")} == without_super
 
 
+@pytest.mark.parametrize("self_retrieval", [True, False])
+def test_ranking_on_the_device_equals_ranking_on_the_host(self_retrieval):
+    # Gaussian vectors (no ties) and sign vectors (many exact ties); super-classes of ~70 items and, on the second
+    # data, classes of ~37: both levels are ranked, not counted.
+    rng = np.random.default_rng(11)
+    for gallery, gallery_labels, num_classes in (
+            (rng.normal(size=(500, 24)).astype(np.float32), random_labels(rng, 500, 120), 120),
+            (random_signs(rng, 300, 16), random_labels(rng, 300, 8), 8)):
+        super_labels = rng.integers(0, 7, size=num_classes)
+        query_args = {} if self_retrieval else {"query_embeddings": gallery[:90] + 0.1,
+                                                "query_labels": gallery_labels[:90]}
+        on = {device: retrieval_metrics(gallery, gallery_labels, **query_args, recall_at=(1, 4, 100),
+                                        super_labels=super_labels, nmi=False, chunk_size=64,
+                                        rank_on_device=device)
+              for device in (True, False)}
+        assert on[True].keys() == on[False].keys()
+        for key, value in on[False].items():
+            if "recall" in key or "precision@1" in key or key.startswith(("num_", "super/num_")):
+                assert on[True][key] == value, key  # from exact counts
+            else:
+                assert on[True][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key  # float32 sums
+
+
 def numpy_nmi(labels, clusters):
     """NMI with the arithmetic-mean normalisation: I(Y; C) / ((H(Y) + H(C)) / 2), from the joint counts."""
     _, y = np.unique(labels, return_inverse=True)

@@ -77,3 +77,22 @@ def test_speed_and_eta_leave_out_what_happened_before_the_clock_restarted(tmp_pa
     assert "144.0 img/s ETA 00:00:04" in line, line
     reporter.close()
 
+
+
+def test_progress_lines_queue_tensorboard_scalars_and_epoch_ends_flush_them(tmp_path, monkeypatch):
+    reporter = reporting.Reporter(tmp_path, total_steps=20)
+    flushes = []
+    flush = reporter.writer.flush
+    monkeypatch.setattr(reporter.writer, "flush", lambda: flushes.append(1) or flush())
+    for step in range(1, 11):
+        reporter.progress(0, 2, step, 8, {"loss": float(step), "lr": 0.1})
+    assert flushes == []
+    reporter.flush()  # the loop's epoch end
+    assert len(flushes) == 1
+    reporter.evaluation(1, 10, {"recall@1": 0.5})
+    assert len(flushes) == 2
+    reporter.progress(1, 2, 11, 8, {"loss": 11.0, "lr": 0.1})
+    reporter.close()
+    points = _as_tensorboard_shows(_events(tmp_path / "tensorboard"))
+    assert sorted(step for tag, step in points if tag == "loss") == list(range(1, 12))
+    assert points[("eval/recall_at_1", 10)] == [0.5]

@@ -1,5 +1,6 @@
 """The training system on CPU with 2 simulated devices (tests/conftest.py)."""
 import functools
+import itertools
 import json
 import os
 import re
@@ -59,28 +60,49 @@ def _setup(config):
     return dataset, model, state, labels, groups
 
 
-def _run_steps(config, num_devices, num_steps, in_warmup=False):
+def _run_steps(config, num_devices, num_steps, in_warmup=False, wrapper="pmap"):
+    """`num_steps` train steps on `num_devices` devices, the step wrapped by jax.pmap or by train_state.over_devices
+    (jit + shard_map, what the loop runs)."""
     dataset, model, state, labels, groups = _setup(config)
     devices = jax.local_devices()[:num_devices]
-    step_fn = jax.pmap(functools.partial(train.train_step, model=model, config=config, labels=labels,
-                                         groups=groups, in_warmup=in_warmup),
-                       axis_name=train.AXIS, devices=devices)
-    state = flax.jax_utils.replicate(state, devices)
-    losses = []
+    step = functools.partial(train.train_step, model=model, config=config, labels=labels, groups=groups,
+                             in_warmup=in_warmup)
     batches = (batch for epoch in range(num_steps) for batch in dataset.train_batches(epoch))
-    for _, batch in zip(range(num_steps), batches):
-        state, step_metrics = step_fn(state, data.shard_for_devices(batch, num_devices))
+    batches = data.prefetch_to_devices(itertools.islice(batches, num_steps), devices=devices)
+    if wrapper == "pmap":
+        step_fn = jax.pmap(step, axis_name=train.AXIS, devices=devices)
+        state = flax.jax_utils.replicate(state, devices)
+    else:
+        mesh = train_state.device_mesh(train.AXIS, devices)
+        step_fn = train_state.over_devices(step, mesh, donate_argnums=(0,))
+        state = train_state.as_global(flax.jax_utils.replicate(state, devices), mesh)
+        batches = (train_state.as_global(batch, mesh) for batch in batches)
+    losses = []
+    for batch in batches:
+        state, step_metrics = step_fn(state, batch)
         losses.append(float(step_metrics["loss"][0]))
     return jax.device_get(train_state.unreplicate(state)), losses
 
 
-@pytest.mark.parametrize("base", ["proxy_anchor", "proxy_nca"])
-def test_two_devices_take_the_same_step_as_one(base):
+@pytest.mark.parametrize("base, wrapper", [("proxy_anchor", "pmap"), ("proxy_nca", "pmap"),
+                                           ("proxy_anchor", "shard_map"), ("proxy_nca", "shard_map")])
+def test_two_devices_take_the_same_step_as_one(base, wrapper):
     config = tiny_config(**{"loss.base": base, "optim.warmup_epochs": 0})
-    one, _ = _run_steps(config, 1, 2)
-    two, _ = _run_steps(config, 2, 2)
+    one, _ = _run_steps(config, 1, 2, wrapper=wrapper)
+    two, _ = _run_steps(config, 2, 2, wrapper=wrapper)
     for a, b in zip(jax.tree_util.tree_leaves((one.params, one.hierarchy, one.batch_stats)),
                     jax.tree_util.tree_leaves((two.params, two.hierarchy, two.batch_stats))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+
+
+def test_over_devices_takes_the_steps_pmap_takes():
+    config = tiny_config(**{"optim.warmup_epochs": 0})
+    by_pmap, pmap_losses = _run_steps(config, 2, 2)
+    by_shard_map, shard_map_losses = _run_steps(config, 2, 2, wrapper="shard_map")
+    np.testing.assert_allclose(pmap_losses, shard_map_losses, rtol=1e-5)
+    # Two compiled programs of the same sums round apart; Adam's normalised steps carry that to parameters near 0,
+    # so the tolerance of the 1-vs-2-device test.
+    for a, b in zip(jax.tree_util.tree_leaves(by_pmap), jax.tree_util.tree_leaves(by_shard_map)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
 
 
@@ -153,13 +175,23 @@ def test_refresh_regroups_without_empty_groups_and_resets_moments():
     assert int(fine.count) == 3 and np.any(np.asarray(fine.mu["proxies"][0]))
 
 
-def test_the_jax_kmeans_backend_makes_the_first_and_the_refreshed_groupings():
+def test_the_state_starts_without_kmeans_and_the_jax_backend_makes_the_first_and_the_refreshed_groupings(
+        monkeypatch):
     config = tiny_config(**{"hpl.kmeans_backend": "jax"})
+    calls = []
+    kmeans_grouping = hierarchy_lib.kmeans_grouping
+    monkeypatch.setattr(hierarchy_lib, "kmeans_grouping",
+                        lambda *args, **kwargs: calls.append(kwargs["backend"]) or kmeans_grouping(*args, **kwargs))
     _, _, state, _, _ = _setup(config)
+    # The loop's first grouping (or a restore) replaces the initial one: no k-means is made for it.
+    assert calls == []
+    hierarchy_lib.validate_parents(state.hierarchy.parents, state.hierarchy.level_sizes)
     fine = state.hierarchy.proxies[0]
-    initial, _ = hierarchy_lib.kmeans_grouping(fine, 3, seed=config.seed, n_init=config.hpl.kmeans_restarts,
-                                               backend="jax")
-    np.testing.assert_array_equal(state.hierarchy.parents[0], initial)
+    first = train.refresh_groupings(state, config, policy="reset")
+    initial, _ = kmeans_grouping(fine, 3, seed=train.kmeans_seed(state, 0), n_init=config.hpl.kmeans_restarts,
+                                 backend="jax")
+    np.testing.assert_array_equal(first.hierarchy.parents[0], initial)
+    assert calls == ["jax"]
     moved = state.replace(hierarchy=state.hierarchy.replace(proxies=(fine[::-1],) + state.hierarchy.proxies[1:]))
     refreshed = train.refresh_groupings(moved, config)
     expected, _ = hierarchy_lib.kmeans_grouping(fine[::-1], 3, seed=train.kmeans_seed(moved, int(moved.step)),
@@ -223,7 +255,8 @@ def test_config_errors_name_the_field():
         "dataset.name": "imagenet", "model.backbone": "vgg", "loss.base": "triplet", "hpl.coarse_policy": "x",
         "batch_size": 15, "eval.batch_size": 7, "optim.decay_gamma": 0.0, "hpl.num_coarse": (1,),
         "checkpoint.best_metric": "recall@3", "model.pretrained": "/no/such/dir",
-        "dataset.resize_size": 8, "hpl.kmeans_backend": "faiss",
+        "dataset.resize_size": 8, "hpl.kmeans_backend": "faiss", "eval.costly_metrics_every_epochs": 0,
+        "compilation_cache_dir": __file__,
     }
     # Tuple elements of the wrong type (ml_collections checks only scalar fields' types).
     wrong_elements = {"hpl.weights": ("(1.0,abc)",), "hpl.num_coarse": (2.5,), "dataset.mean": (0.5, 0.5, "x"),
@@ -231,6 +264,10 @@ def test_config_errors_name_the_field():
     for field, value in [*cases.items(), *wrong_elements.items()]:
         with pytest.raises(config_checks.ConfigError, match=f"config.{field}"):
             config_checks.validate_config(tiny_config(**{field: value}), device_count=2, process_count=1)
+    with pytest.raises(config_checks.ConfigError, match="config.checkpoint.best_metric.*costly_metrics_every_epochs"):
+        config_checks.validate_config(tiny_config(**{"checkpoint.best_metric": "nmi", "eval.nmi": True,
+                                                     "eval.costly_metrics_every_epochs": 2}),
+                                      device_count=2, process_count=1)
     with pytest.raises(config_checks.ConfigError, match="config.dataset.data_dir"):
         config_checks.validate_config(tiny_config(**{"dataset.name": "image_folder", "dataset.data_dir": "/no/dir"}),
                                       device_count=2, process_count=1)
@@ -258,6 +295,22 @@ def _final_state(workdir):
     import orbax.checkpoint as ocp
     manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
     return manager.restore(manager.latest_step())
+
+
+def test_the_compilation_cache_keeps_the_programs_a_restart_loads(tmp_path):
+    cache = tmp_path / "compile_cache"
+    # Every program is kept (the default keeps those that took >= 1 s to compile).
+    code = ("import jax; jax.config.update('jax_persistent_cache_min_compile_time_secs', 0); "
+            "from absl import app; from hpl_jax import cli, main; app.run(main.main, flags_parser=cli.parse_flags)")
+    first = _main(str(tmp_path / "run"), "--config.num_epochs=1", f"--config.compilation_cache_dir={cache}",
+                  code=code)
+    assert first.returncode == 0, first.stderr[-2000:]
+    kept = set(os.listdir(cache))
+    assert kept
+    again = _main(str(tmp_path / "again"), "--config.num_epochs=1", f"--config.compilation_cache_dir={cache}",
+                  code=code)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert set(os.listdir(cache)) == kept  # every program came from the cache
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
@@ -347,6 +400,16 @@ def test_validation_classes_are_held_out_class_disjointly_and_deterministically(
     with pytest.raises(config_checks.ConfigError, match="config.dataset.num_val_classes"):
         datasets.get_dataset(tiny_config(**{"dataset.num_val_classes": 5}), local_batch_size=16,
                              local_eval_batch_size=16)
+
+
+def test_the_costly_metrics_are_computed_at_their_cadence_at_epoch_0_and_at_the_last_epoch(tmp_path):
+    config = tiny_config(**{"num_epochs": 4, "steps_per_epoch": 1, "optim.warmup_epochs": 0, "eval.nmi": True,
+                            "eval.costly_metrics_every_epochs": 3})
+    result = train.train_and_evaluate(config, str(tmp_path))
+    for epoch, values in result["history"].items():
+        costly = epoch in (0, 3, 4)
+        assert ("nmi" in values) == costly and ("super/map@r" in values) == costly, (epoch, sorted(values))
+        assert "map@r" in values
 
 
 def test_validation_chooses_the_best_epoch_and_each_refresh_is_recorded(tmp_path):
