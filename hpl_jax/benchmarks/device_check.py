@@ -5,7 +5,8 @@
 
 (launch/device_check.sh wraps it for a GPU machine.) Stages, in this order, each timed on the default device:
 - `env`: versions, devices.
-- `train_cub_{jax,torch}`: the train step of configs/cub.py's recipe (ResNet-50, 224 px, bfloat16, batch 120,
+- `train_cub_{jax,torch}`: the train step of configs/cub.py's recipe, run as the trainer runs it (jit + shard_map,
+  train_state.over_devices; `train_cub_jax_pmap`: the same step under jax.pmap) (ResNet-50, 224 px, bfloat16, batch 120,
   frozen BatchNorm, AdamW with proxies at 100x, value clipping) on HPL-PA over 100 + 8 proxies, against the
   official Proxy-Anchor training step in PyTorch (torchvision ResNet-50, GAP + GMP head, 512-d linear layer, the
   official loss, AdamW with proxies at 100x, value clipping, BatchNorm frozen, bf16 autocast, channels_last) on the
@@ -142,8 +143,10 @@ def _recipe_config(sizes: Sizes, num_coarse: int, batch: int):
     return config
 
 
-def jax_train_step(sizes: Sizes, num_classes: int, num_coarse: int, batch: int) -> Dict[str, Any]:
-    """The trainer's pmapped train step (hpl_jax.train.train_step, out of warm-up) on one device's random batch."""
+def jax_train_step(sizes: Sizes, num_classes: int, num_coarse: int, batch: int,
+                   wrapper: str = "over_devices") -> Dict[str, Any]:
+    """hpl_jax.train.train_step (out of warm-up) on one device's random batch, run as the trainer runs it
+    (`wrapper='over_devices'`: jax.jit of jax.shard_map, train_state.over_devices) or by `jax.pmap`."""
     from hpl_jax import data
     from hpl_jax import models
     from hpl_jax import optim
@@ -158,13 +161,19 @@ def jax_train_step(sizes: Sizes, num_classes: int, num_coarse: int, batch: int) 
     model = models.create_model(config.model, bn_axis_name=None if config.model.bn_frozen else train.AXIS)
     state = train_state.create_train_state(jax.random.PRNGKey(0), config, model, info)
     labels, groups = optim.parameter_groups(train_state.trainable(state.params, state.hierarchy), config.optim)
-    step = jax.pmap(functools.partial(train.train_step, model=model, config=config, labels=labels, groups=groups,
-                                      in_warmup=False), axis_name=train.AXIS, devices=devices, donate_argnums=(0,))
+    per_device = functools.partial(train.train_step, model=model, config=config, labels=labels, groups=groups,
+                                   in_warmup=False)
     rng = np.random.default_rng(0)
     host_batch = {"image": rng.normal(size=(batch, sizes.image_size, sizes.image_size, 3)).astype(np.float32),
                   "label": rng.integers(0, num_classes, size=batch).astype(np.int32)}
     device_batch = next(data.prefetch_to_devices(iter([host_batch]), size=1, devices=devices))
     replicated = train_state.replicate(state, train.AXIS)
+    if wrapper == "over_devices":
+        mesh = train_state.device_mesh(train.AXIS, devices)
+        step = train_state.over_devices(per_device, mesh, donate_argnums=(0,))
+        device_batch, replicated = train_state.as_global((device_batch, replicated), mesh)
+    else:
+        step = jax.pmap(per_device, axis_name=train.AXIS, devices=devices, donate_argnums=(0,))
     holder = {"state": replicated}
 
     def run_steps(count: int) -> None:
@@ -181,7 +190,8 @@ def jax_train_step(sizes: Sizes, num_classes: int, num_coarse: int, batch: int) 
     loss = float(np.asarray(step(holder["state"], device_batch)[1]["loss"])[0])
     return {"images_per_s": round(batch / ms * 1e3, 1), "ms_per_step": round(ms, 2),
             "compile_s": round(first_s - ms / 1e3, 2), "peak_device_gib": _device_peak_gib(),
-            "batch": batch, "proxies": f"{num_classes} + {num_coarse}", "loss_finite": bool(np.isfinite(loss))}
+            "batch": batch, "proxies": f"{num_classes} + {num_coarse}", "loss_finite": bool(np.isfinite(loss)),
+            "wrapper": wrapper}
 
 
 def torch_proxy_anchor_loss(torch, embeddings, labels, proxies, alpha: float = 32.0, delta: float = 0.1):
@@ -366,6 +376,8 @@ def stages(sizes: Sizes, dry_run: bool) -> List[tuple]:
         ("env", environment),
         ("train_cub_jax", functools.partial(jax_train_step, sizes, sizes.cub_classes, sizes.cub_coarse, sizes.batch)),
         ("train_cub_torch", functools.partial(torch_train, sizes, sizes.cub_classes, sizes.batch)),
+        ("train_cub_jax_pmap", functools.partial(jax_train_step, sizes, sizes.cub_classes, sizes.cub_coarse,
+                                                 sizes.batch, wrapper="pmap")),
         ("train_sop_jax", functools.partial(jax_train_step, sizes, sizes.sop_classes, sizes.sop_coarse, sizes.batch)),
         ("train_sop_torch", functools.partial(torch_train, sizes, sizes.sop_classes, sizes.batch)),
         ("train_sop_b360_jax", functools.partial(jax_train_step, sizes, sizes.sop_classes, sizes.sop_coarse,
@@ -405,7 +417,7 @@ def markdown(results: Dict[str, Any]) -> str:
         lines.append(f"| {label} | {ours['images_per_s']} | {ours['ms_per_step']} | {ours['compile_s']} | "
                      f"{ours['peak_device_gib']} | {torch_cells} | {ratio} |")
     lines.append("")
-    for name in ("loss_sop", "retrieval_sop", "kmeans_sop", "default_end_to_end"):
+    for name in ("train_cub_jax_pmap", "loss_sop", "retrieval_sop", "kmeans_sop", "default_end_to_end"):
         if name in results["stages"]:
             lines += [f"## {name}", "", "```", json.dumps(results["stages"][name], indent=1), "```", ""]
     return "\n".join(lines)
