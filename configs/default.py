@@ -96,8 +96,9 @@ def get_config():
     # How the backbone's convolutions are computed; the parameters and checkpoints are the same under each, so a
     # run may resume or be evaluated under another. 'auto': XLA's convolution op on GPUs and TPUs (cuDNN, the MXU);
     # on CPUs patches + one matmul (im2col) for the convolutions whose feature map is smaller than their kernel,
-    # where XLA:CPU's convolution is ~50x slower, and XLA's op elsewhere. 'xla': XLA's op everywhere. 'im2col':
-    # patches + matmul everywhere. Measured: README, "Benchmarks" (python -m hpl_jax.benchmarks.cpu_vs_torch).
+    # where XLA:CPU's convolution runs 20-100x below its usual speed, and XLA's op elsewhere (faster than im2col
+    # there). 'xla': XLA's op everywhere. 'im2col': patches + matmul everywhere. Measured: README, "Benchmarks"
+    # (python -m hpl_jax.benchmarks.cpu_vs_torch).
     model.conv_impl = "auto"
 
     config.loss = loss = ml_collections.ConfigDict()

@@ -105,9 +105,10 @@ def im2col_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dil
 def smaller_than_kernel(lhs_shape, rhs_shape, window_strides, padding) -> bool:
     """Whether the input or output feature map of a convolution is smaller than its kernel in a dimension.
 
-    That is where XLA:CPU's convolution leaves its fast path: a 3x3 convolution of 2x2 maps (ResNet-18's
-    layer4 at 64 px, layer3 at 32 px), or the gradient of a stride-2 one onto them, runs at about 1 GFLOP/s
-    on this project's CPU against 40-100 on maps of 3x3 and up (hpl_jax.benchmarks.cpu_vs_torch).
+    That is where XLA:CPU's convolution leaves its fast path: a 3x3 convolution of 2x2 or 1x1 maps (ResNet-18's
+    layer4 at 64 px, layer3 and layer4 at 32 px), or the input gradient of a stride-2 one onto them, ran at
+    0.7-3.5 GFLOP/s on this project's 2-core CPU against 35-100 on maps of 3x3 and up, and im2col at 60-120
+    (issue 25; the step's profile: hpl_jax.benchmarks.cpu_vs_torch).
     """
     for axis in range(2):
         kernel = rhs_shape[axis]
