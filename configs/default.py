@@ -93,6 +93,13 @@ def get_config():
     model.dtype = "float32"
     # Path of converted ImageNet weights (python -m hpl_jax.convert_weights); '' = random init.
     model.pretrained = ""
+    # How the backbone's convolutions are computed; the parameters and checkpoints are the same under each, so a
+    # run may resume or be evaluated under another. 'auto': XLA's convolution op on GPUs and TPUs (cuDNN, the MXU);
+    # on CPUs patches + one matmul (im2col) for the convolutions whose feature map is smaller than their kernel,
+    # where XLA:CPU's convolution runs 20-100x below its usual speed, and XLA's op elsewhere (faster than im2col
+    # there). 'xla': XLA's op everywhere. 'im2col': patches + matmul everywhere. Measured: README, "Benchmarks"
+    # (python -m hpl_jax.benchmarks.cpu_vs_torch).
+    model.conv_impl = "auto"
 
     config.loss = loss = ml_collections.ConfigDict()
     # Base proxy loss applied at every level: 'proxy_anchor' or 'proxy_nca'.

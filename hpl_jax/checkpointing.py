@@ -53,6 +53,8 @@ RESUMABLE_FIELDS = (
     # Read only to initialise the backbone (the resumed state replaces it); the input normalisation the
     # weights imply is in dataset.* and compared.
     "model.pretrained",
+    # How convolutions are computed: the same parameters and results under each (a CPU run resumes on a GPU).
+    "model.conv_impl",
     # A way to resume a run that stopped on a non-finite step (see train.train_step).
     "optim.skip_nonfinite_steps",
 )

@@ -24,6 +24,7 @@ SAMPLERS = ("random", "class_balanced")
 SUPER_LEVELS = ("sub_family", "super_class")  # of the synthetic_sop dataset
 OPTIMIZERS = ("adamw", "rmsprop")
 POOLINGS = models.POOLINGS
+CONV_IMPLS = models.CONV_IMPLS
 METRIC_NAMES = ("precision@1", "r_precision", "map@r", "nmi")
 
 
@@ -171,6 +172,7 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
     _require(model.embedding_dim >= 2, "model.embedding_dim", f"{model.embedding_dim} must be >= 2.")
     _require(model.dtype in DTYPES, "model.dtype", f"{model.dtype!r}; use one of {DTYPES}.")
     _require(model.pooling in POOLINGS, "model.pooling", f"{model.pooling!r}; use one of {POOLINGS}.")
+    _require(model.conv_impl in CONV_IMPLS, "model.conv_impl", f"{model.conv_impl!r}; use one of {CONV_IMPLS}.")
     if model.pretrained and not model.pretrained.startswith("gs://"):
         _require(os.path.isdir(model.pretrained), "model.pretrained",
                  f"{model.pretrained!r} does not exist; convert weights with `python -m hpl_jax.convert_weights` "

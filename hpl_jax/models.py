@@ -8,6 +8,14 @@ are HWIO views of PyTorch's OIHW tensors, and BatchNorm has PyTorch's epsilon an
   backbone of the official Proxy-Anchor code): conv bias, ceil-mode max pooling, layer names kept verbatim.
 
 Inputs are f32[batch, height, width, 3] NHWC, already normalised as the weights expect.
+
+How a convolution is computed is `conv_impl` (config.model.conv_impl); every implementation has the same
+parameters (flax `nn.Conv`'s tree: 'kernel' HWIO, 'bias'), so a checkpoint of one runs on another:
+- 'xla': XLA's convolution op (cuDNN on GPUs, the MXU on TPUs).
+- 'im2col': every convolution as shifted slices of the padded input, concatenated into patches, times the
+  kernel in one matmul (`im2col_conv`).
+- 'auto': 'xla' on GPUs and TPUs; on CPUs `cpu_conv`, which takes im2col only where XLA:CPU's convolution
+  is slow (a feature map smaller than the kernel) and XLA's convolution elsewhere.
 """
 from __future__ import annotations
 
@@ -18,11 +26,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax import lax
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "bn_inception")
 POOLINGS = ("avg_max", "avg")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+CONV_IMPLS = ("auto", "xla", "im2col")
 
 # PyTorch's BatchNorm2d defaults (eps 1e-5, momentum 0.1); Flax's momentum weighs the old running value.
 # One difference stays: PyTorch's running variance averages the unbiased batch variance, Flax's the biased.
@@ -53,9 +63,88 @@ def batch_norm(axis_name: Optional[str], dtype: Any, name: str, momentum: float 
     )
 
 
+# Flax's nn.Conv calls its conv function with these layouts (NHWC inputs, HWIO kernels, NHWC outputs).
+NHWC_DIMENSION_NUMBERS = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
+                                                  out_spec=(0, 3, 1, 2))
+
+
+def im2col_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                dimension_numbers=None, feature_group_count: int = 1, precision=None) -> jax.Array:
+    """`lax.conv_general_dilated` as patches + one matmul (im2col), for the convolutions of this module.
+
+    Each of the kh * kw kernel taps reads a strided slice of the zero-padded input; the slices, concatenated
+    along channels in (tap row, tap column, channel) order, are the HWIO kernel's rows. XLA:CPU runs the
+    matmul (and the matmuls of its gradient) at several times the speed of its convolution kernels on small
+    feature maps. The patches hold kh * kw copies of the input, kept for the backward pass.
+
+    Args:
+      lhs: dtype[batch, H, W, C_in].
+      rhs: dtype[kh, kw, C_in, C_out].
+      window_strides: (sh, sw); padding: ((top, bottom), (left, right)), explicit.
+
+    Returns:
+      dtype[batch, (H + top + bottom - kh) // sh + 1, (W + left + right - kw) // sw + 1, C_out].
+    """
+    # Only what the backbones use; anything else is a bug of ours, not a user's setting.
+    assert dimension_numbers == NHWC_DIMENSION_NUMBERS, dimension_numbers
+    assert feature_group_count == 1 and not isinstance(padding, str), (feature_group_count, padding)
+    assert all(d == 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1)))
+    kh, kw, c_in, c_out = rhs.shape
+    (sh, sw), ((top, bottom), (left, right)) = window_strides, padding
+    padded = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    batch, height, width, _ = padded.shape
+    out_h, out_w = (height - kh) // sh + 1, (width - kw) // sw + 1
+    taps = [lax.slice(padded, (0, i, j, 0), (batch, i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, c_in),
+                      (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]
+    patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+    return lax.dot_general(patches, rhs.reshape(kh * kw * c_in, c_out), (((3,), (0,)), ((), ())),
+                           precision=precision)
+
+
+def smaller_than_kernel(lhs_shape, rhs_shape, window_strides, padding) -> bool:
+    """Whether the input or output feature map of a convolution is smaller than its kernel in a dimension.
+
+    That is where XLA:CPU's convolution leaves its fast path: a 3x3 convolution of 2x2 or 1x1 maps (ResNet-18's
+    layer4 at 64 px, layer3 and layer4 at 32 px), or the input gradient of a stride-2 one onto them, ran at
+    0.7-3.5 GFLOP/s on this project's 2-core CPU against 35-100 on maps of 3x3 and up, and im2col at 60-120
+    (issue 25; the step's profile: hpl_jax.benchmarks.cpu_vs_torch).
+    """
+    for axis in range(2):
+        kernel = rhs_shape[axis]
+        size = lhs_shape[1 + axis]
+        out = (size + sum(padding[axis]) - kernel) // window_strides[axis] + 1
+        if min(size, out) < kernel:
+            return True
+    return False
+
+
+def cpu_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, **kwargs) -> jax.Array:
+    """conv_impl 'auto' on a CPU: `im2col_conv` where the feature maps are smaller than the kernel,
+    XLA's convolution elsewhere (faster there: it does not copy the input kh * kw times)."""
+    small = smaller_than_kernel(lhs.shape, rhs.shape, window_strides, padding)
+    return (im2col_conv if small else lax.conv_general_dilated)(lhs, rhs, window_strides, padding, **kwargs)
+
+
+CONV_FUNCTIONS = {"xla": lax.conv_general_dilated, "im2col": im2col_conv, "cpu": cpu_conv}
+
+
+def resolve_conv_impl(conv_impl: str, platform: Optional[str] = None) -> str:
+    """The key of CONV_FUNCTIONS that `conv_impl` means on `platform` (default: JAX's default backend).
+
+    'auto' is 'cpu' on a CPU and 'xla' on anything else (GPU, TPU), where XLA's convolutions are fast.
+    """
+    if conv_impl != "auto":
+        return conv_impl
+    return "cpu" if (platform or jax.default_backend()) == "cpu" else "xla"
+
+
 def conv(features: int, kernel: int, stride: int, padding: int, dtype: Any, name: str,
-         use_bias: bool = False) -> nn.Conv:
-    """A square convolution padded like PyTorch's Conv2d(padding=padding)."""
+         use_bias: bool = False, conv_impl: str = "xla") -> nn.Conv:
+    """A square convolution padded like PyTorch's Conv2d(padding=padding), computed by CONV_FUNCTIONS[conv_impl].
+
+    Always flax's nn.Conv, so its parameters (and checkpoints) are the same under every implementation.
+    """
     return nn.Conv(
         features,
         (kernel, kernel),
@@ -65,6 +154,7 @@ def conv(features: int, kernel: int, stride: int, padding: int, dtype: Any, name
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=conv_kernel_init,
+        conv_general_dilated=CONV_FUNCTIONS[conv_impl],
         name=name,
     )
 
@@ -76,18 +166,19 @@ class BasicBlock(nn.Module):
     stride: int
     bn_axis_name: Optional[str]
     dtype: Any
+    conv_impl: str = "xla"  # a key of CONV_FUNCTIONS
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
         def norm(name, y):
             return batch_norm(self.bn_axis_name, self.dtype, name)(y, use_running_average=use_running_average)
 
-        y = conv(self.channels, 3, self.stride, 1, self.dtype, "conv1")(x)
+        y = conv(self.channels, 3, self.stride, 1, self.dtype, "conv1", conv_impl=self.conv_impl)(x)
         y = nn.relu(norm("bn1", y))
-        y = conv(self.channels, 3, 1, 1, self.dtype, "conv2")(y)
+        y = conv(self.channels, 3, 1, 1, self.dtype, "conv2", conv_impl=self.conv_impl)(y)
         y = norm("bn2", y)
         if self.stride != 1 or x.shape[-1] != self.channels:
-            x = conv(self.channels, 1, self.stride, 0, self.dtype, "downsample_conv")(x)
+            x = conv(self.channels, 1, self.stride, 0, self.dtype, "downsample_conv", conv_impl=self.conv_impl)(x)
             x = norm("downsample_bn", x)
         return nn.relu(x + y)
 
@@ -99,6 +190,7 @@ class Bottleneck(nn.Module):
     stride: int
     bn_axis_name: Optional[str]
     dtype: Any
+    conv_impl: str = "xla"  # a key of CONV_FUNCTIONS
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
@@ -106,14 +198,14 @@ class Bottleneck(nn.Module):
             return batch_norm(self.bn_axis_name, self.dtype, name)(y, use_running_average=use_running_average)
 
         out_channels = 4 * self.channels
-        y = conv(self.channels, 1, 1, 0, self.dtype, "conv1")(x)
+        y = conv(self.channels, 1, 1, 0, self.dtype, "conv1", conv_impl=self.conv_impl)(x)
         y = nn.relu(norm("bn1", y))
-        y = conv(self.channels, 3, self.stride, 1, self.dtype, "conv2")(y)
+        y = conv(self.channels, 3, self.stride, 1, self.dtype, "conv2", conv_impl=self.conv_impl)(y)
         y = nn.relu(norm("bn2", y))
-        y = conv(out_channels, 1, 1, 0, self.dtype, "conv3")(y)
+        y = conv(out_channels, 1, 1, 0, self.dtype, "conv3", conv_impl=self.conv_impl)(y)
         y = norm("bn3", y)
         if self.stride != 1 or x.shape[-1] != out_channels:
-            x = conv(out_channels, 1, self.stride, 0, self.dtype, "downsample_conv")(x)
+            x = conv(out_channels, 1, self.stride, 0, self.dtype, "downsample_conv", conv_impl=self.conv_impl)(x)
             x = norm("downsample_bn", x)
         return nn.relu(x + y)
 
@@ -135,12 +227,13 @@ class ResNet(nn.Module):
     width: float = 1.0
     dtype: Any = jnp.float32
     bn_axis_name: Optional[str] = None
+    conv_impl: str = "xla"  # a key of CONV_FUNCTIONS
 
     @nn.compact
     def __call__(self, images: jax.Array, use_running_average: bool) -> jax.Array:
         block_cls, blocks_per_stage = RESNET_LAYOUTS[self.arch]
         x = images.astype(self.dtype)
-        x = conv(scaled_channels(64, self.width), 7, 2, 3, self.dtype, "conv1")(x)
+        x = conv(scaled_channels(64, self.width), 7, 2, 3, self.dtype, "conv1", conv_impl=self.conv_impl)(x)
         x = batch_norm(self.bn_axis_name, self.dtype, "bn1")(x, use_running_average=use_running_average)
         x = nn.relu(x)
         # Flax pads max pooling with -inf, as PyTorch's MaxPool2d(3, 2, padding=1) does.
@@ -152,6 +245,7 @@ class ResNet(nn.Module):
                     stride=2 if stage > 0 and index == 0 else 1,
                     bn_axis_name=self.bn_axis_name,
                     dtype=self.dtype,
+                    conv_impl=self.conv_impl,
                     name=f"layer{stage + 1}_{index}",
                 )(x, use_running_average)
         return x
@@ -202,11 +296,12 @@ class BNInception(nn.Module):
     width: float = 1.0
     dtype: Any = jnp.float32
     bn_axis_name: Optional[str] = None
+    conv_impl: str = "xla"  # a key of CONV_FUNCTIONS
 
     def conv_bn_relu(self, x: jax.Array, use_running_average: bool, name: str, channels: int,
                      kernel: int = 1, stride: int = 1, padding: int = 0) -> jax.Array:
         x = conv(scaled_channels(channels, self.width), kernel, stride, padding, self.dtype, name,
-                 use_bias=True)(x)
+                 use_bias=True, conv_impl=self.conv_impl)(x)
         x = batch_norm(self.bn_axis_name, self.dtype, name + "_bn", momentum=BN_INCEPTION_MOMENTUM)(
             x, use_running_average=use_running_average)
         return nn.relu(x)
@@ -290,14 +385,17 @@ class Embedder(nn.Module):
     bn_frozen: bool = False
     bn_axis_name: Optional[str] = None
     pooling: str = "avg_max"
+    # One of CONV_IMPLS or a key of CONV_FUNCTIONS; 'auto' is resolved on JAX's default backend.
+    conv_impl: str = "auto"
 
     def setup(self):
+        conv_impl = resolve_conv_impl(self.conv_impl)
         if self.backbone == "bn_inception":
             self.backbone_net = BNInception(width=self.width, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                                            name="backbone")
+                                            conv_impl=conv_impl, name="backbone")
         else:
             self.backbone_net = ResNet(arch=self.backbone, width=self.width, dtype=self.dtype,
-                                       bn_axis_name=self.bn_axis_name, name="backbone")
+                                       bn_axis_name=self.bn_axis_name, conv_impl=conv_impl, name="backbone")
         # PyTorch's kaiming_normal_(mode='fan_out') on the d x F weight: std sqrt(2 / d); bias 0.
         self.embedding = nn.Dense(
             self.embedding_dim,
@@ -317,10 +415,14 @@ class Embedder(nn.Module):
         return l2_normalize(self.embedding(self.features(images, train)))
 
 
-def create_model(config_model: ml_collections.ConfigDict, bn_axis_name: Optional[str] = None) -> Embedder:
-    """The Embedder of `config.model` (fields: backbone, width, embedding_dim, bn_frozen, dtype, pooling).
+def create_model(config_model: ml_collections.ConfigDict, bn_axis_name: Optional[str] = None,
+                 platform: Optional[str] = None) -> Embedder:
+    """The Embedder of `config.model` (fields: backbone, width, embedding_dim, bn_frozen, dtype, pooling,
+    conv_impl).
 
     `bn_axis_name` is the pmap axis to synchronise training-mode BatchNorm over (None outside pmap).
+    `platform` ('cpu', 'gpu', 'tpu') is where the model will run, which resolves conv_impl 'auto'; None = JAX's
+    default backend, where jit and pmap place it.
     """
     if config_model.backbone not in BACKBONES:
         raise ValueError(f"config.model.backbone is {config_model.backbone!r}; use one of {BACKBONES}.")
@@ -332,6 +434,8 @@ def create_model(config_model: ml_collections.ConfigDict, bn_axis_name: Optional
         raise ValueError(f"config.model.pooling is {config_model.pooling!r}; use one of {POOLINGS}.")
     if not config_model.embedding_dim > 0:
         raise ValueError(f"config.model.embedding_dim is {config_model.embedding_dim}; use a positive size.")
+    if config_model.conv_impl not in CONV_IMPLS:
+        raise ValueError(f"config.model.conv_impl is {config_model.conv_impl!r}; use one of {CONV_IMPLS}.")
     return Embedder(
         backbone=config_model.backbone,
         embedding_dim=config_model.embedding_dim,
@@ -340,4 +444,5 @@ def create_model(config_model: ml_collections.ConfigDict, bn_axis_name: Optional
         bn_frozen=config_model.bn_frozen,
         bn_axis_name=bn_axis_name,
         pooling=config_model.pooling,
+        conv_impl=resolve_conv_impl(config_model.conv_impl, platform),
     )

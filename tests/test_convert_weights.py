@@ -205,23 +205,28 @@ def torch_features(arch, state_dict, images):
         return torch_resnet_features(state_dict, arch, images).numpy()
 
 
-def flax_features(arch, params, batch_stats, images):
-    model = models.Embedder(arch, embedding_dim=8)
+def flax_features(arch, params, batch_stats, images, conv_impl="auto"):
+    model = models.Embedder(arch, embedding_dim=8, conv_impl=conv_impl)
     variables = {"params": {"backbone": params}, "batch_stats": {"backbone": batch_stats}}
     return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False, method="features"))(variables, images))
 
 
+# At 224 and 227 px no ResNet map is smaller than 3x3, so 'auto' there is XLA's convolution throughout; at 64 px
+# ResNet's layer4 maps are 2x2, where 'auto' takes im2col on a CPU (BN-Inception's branches need 224 or 227).
+@pytest.mark.parametrize("conv_impl", models.CONV_IMPLS)
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "bn_inception"])
-def test_converted_backbone_reproduces_pytorch_features(arch):
+def test_converted_backbone_reproduces_pytorch_features(arch, conv_impl):
     state_dict = STATE_DICTS[arch]()
     params, batch_stats, report = convert_weights.convert_state_dict(state_dict, arch)
-    for size in IMAGE_SIZES:
+    sizes = IMAGE_SIZES if conv_impl != "auto" or arch == "bn_inception" else IMAGE_SIZES[:1] + (64,)
+    for size in sizes:
         images = np.random.default_rng(size).normal(size=(2, size, size, 3)).astype(np.float32)
         expected = torch_features(arch, state_dict, images)
-        got = flax_features(arch, params, batch_stats, images)
+        got = flax_features(arch, params, batch_stats, images, conv_impl)
         assert got.shape == expected.shape
         assert np.abs(expected).max() > 0.1  # the comparison is not between near-zero features
-        np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE, err_msg=f"{arch} at {size}x{size}")
+        np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE,
+                                   err_msg=f"{arch} at {size}x{size}, conv_impl {conv_impl}")
     num_counters = len(report["ignored"])
     assert len(report["converted"]) + len(report["unused_by_design"]) + num_counters == len(state_dict)
 

@@ -2,13 +2,22 @@
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
+from configs import default
+from hpl_jax import checkpointing
+from hpl_jax import config_checks
+from hpl_jax import data
+from hpl_jax import evaluation
 from hpl_jax import models
+from hpl_jax import optim
+from hpl_jax import train
+from hpl_jax import train_state
 
 TINY = 0.25  # width multiplier that keeps the CPU tests fast
 
@@ -201,12 +210,165 @@ def test_ceil_mode_max_pool_matches_written_out_reference(size):
 
 def test_create_model_reads_config_and_rejects_bad_fields():
     config = ml_collections.ConfigDict(
-        dict(backbone="resnet50", width=0.5, embedding_dim=32, bn_frozen=True, dtype="bfloat16", pooling="avg")
+        dict(backbone="resnet50", width=0.5, embedding_dim=32, bn_frozen=True, dtype="bfloat16", pooling="avg",
+             conv_impl="im2col")
     )
     model = models.create_model(config, bn_axis_name="batch")
     assert (model.backbone, model.width, model.embedding_dim, model.bn_frozen, model.dtype, model.bn_axis_name,
-            model.pooling) == ("resnet50", 0.5, 32, True, jnp.bfloat16, "batch", "avg")
+            model.pooling, model.conv_impl) == ("resnet50", 0.5, 32, True, jnp.bfloat16, "batch", "avg", "im2col")
     for field, bad in [("backbone", "resnet101"), ("dtype", "float16"), ("width", 0.0), ("embedding_dim", 0),
-                       ("pooling", "gem")]:
+                       ("pooling", "gem"), ("conv_impl", "winograd")]:
         with pytest.raises(ValueError, match=field):
             models.create_model(ml_collections.ConfigDict({**config.to_dict(), field: bad}))
+
+
+# ------------------------------------------------------------------ convolution implementations (issue 25)
+def lax_conv(x, w, stride, padding):
+    return jax.lax.conv_general_dilated(x, w, stride, padding, dimension_numbers=models.NHWC_DIMENSION_NUMBERS)
+
+
+@pytest.mark.parametrize("shape, kernel, stride, padding", [
+    ((2, 9, 7, 5), (3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((2, 9, 7, 5), (3, 3), (2, 2), ((1, 1), (1, 1))),
+    ((2, 2, 2, 6), (3, 3), (1, 1), ((1, 1), (1, 1))),  # a map smaller than the kernel
+    ((2, 11, 10, 3), (7, 7), (2, 2), ((3, 3), (3, 3))),
+    ((2, 8, 8, 4), (1, 1), (2, 2), ((0, 0), (0, 0))),
+    ((1, 6, 9, 2), (3, 2), (2, 1), ((0, 1), (2, 0))),  # asymmetric everything
+])
+def test_im2col_and_cpu_convolutions_equal_lax_convolution_and_its_gradients(shape, kernel, stride, padding):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=kernel + (shape[-1], 4)), jnp.float32)
+    cotangent = jnp.asarray(rng.normal(size=lax_conv(x, w, stride, padding).shape), jnp.float32)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def value_and_grads(conv_fn, x, w):
+        value, vjp = jax.vjp(lambda x, w: conv_fn(x, w, stride, padding,
+                                                  dimension_numbers=models.NHWC_DIMENSION_NUMBERS), x, w)
+        return value, vjp(cotangent)
+
+    expected, expected_grads = value_and_grads(jax.lax.conv_general_dilated, x, w)
+    for conv_fn in (models.im2col_conv, models.cpu_conv):
+        got, got_grads = value_and_grads(conv_fn, x, w)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+        for got_grad, expected_grad in zip(got_grads, expected_grads):
+            np.testing.assert_allclose(got_grad, expected_grad, rtol=1e-5, atol=1e-4)
+
+
+def test_smaller_than_kernel_marks_maps_smaller_than_the_kernel_in_or_out():
+    def small(size, kernel, stride, pad):
+        return models.smaller_than_kernel((1, size, size, 1), (kernel, kernel, 1, 1), (stride, stride),
+                                          ((pad, pad), (pad, pad)))
+
+    assert small(2, 3, 1, 1) and small(1, 3, 1, 1)  # ResNet-18's layer4 at 64 px / 32 px
+    assert small(4, 3, 2, 1)  # 4x4 -> 2x2: its input gradient is a convolution of a 2x2 map
+    assert not small(3, 3, 1, 1) and not small(8, 3, 2, 1) and not small(2, 1, 2, 0) and not small(64, 7, 2, 3)
+    assert models.smaller_than_kernel((1, 16, 2, 1), (3, 3, 1, 1), (1, 1), ((1, 1), (1, 1)))
+
+
+def test_auto_resolves_to_xla_off_cpu_and_to_the_cpu_choice_on_cpu():
+    assert models.resolve_conv_impl("auto", "cpu") == "cpu"
+    assert models.resolve_conv_impl("auto", "gpu") == "xla"
+    assert models.resolve_conv_impl("auto", "tpu") == "xla"
+    assert models.resolve_conv_impl("auto") == ("cpu" if jax.default_backend() == "cpu" else "xla")
+    for impl in ("xla", "im2col"):
+        assert models.resolve_conv_impl(impl, "gpu") == models.resolve_conv_impl(impl, "cpu") == impl
+    config = ml_collections.ConfigDict(dict(backbone="resnet18", width=TINY, embedding_dim=8, bn_frozen=False,
+                                            dtype="float32", pooling="avg_max", conv_impl="auto"))
+    assert models.create_model(config, platform="gpu").conv_impl == "xla"
+    assert models.create_model(config, platform="cpu").conv_impl == "cpu"
+
+
+def test_xla_conv_impl_lowers_exactly_like_flax_default_convolution():
+    """The GPU/TPU path is flax's plain nn.Conv (what every earlier checkpoint trained with), op for op."""
+    x = random_images(2, size=16)
+    ours = models.conv(8, 3, 2, 1, jnp.float32, "conv", conv_impl="xla")
+    plain = nn.Conv(8, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False, dtype=jnp.float32,
+                    param_dtype=jnp.float32, kernel_init=models.conv_kernel_init, name="conv")
+    variables = plain.init(jax.random.key(0), x)
+    jax.tree.map(np.testing.assert_array_equal, ours.init(jax.random.key(0), x), variables)
+
+    def lowered(module):
+        return jax.jit(jax.grad(lambda v, x: jnp.sum(module.apply(v, x) ** 2), argnums=(0, 1))).lower(
+            variables, x).as_text()
+
+    assert lowered(ours) == lowered(plain)
+
+
+def test_conv_impls_share_parameters_and_give_the_same_embeddings_and_gradients():
+    """One checkpoint for every implementation: the same variable tree, the same embeddings and gradients.
+    (The torchvision-equivalence tests of test_convert_weights.py check every backbone under every one.)"""
+    images = random_images(4, size=32)  # layer3 and layer4 maps are smaller than 3x3: 'auto' mixes both ways
+    models_by_impl = {impl: models.Embedder("resnet18", embedding_dim=8, width=0.125, conv_impl=impl)
+                      for impl in models.CONV_IMPLS}
+    variables = random_variables(models_by_impl["xla"], images)
+    expected_grads = expected = None
+    for impl, model in models_by_impl.items():
+        shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
+        assert jax.tree.structure(shapes) == jax.tree.structure(variables)
+        # Running statistics: train-mode BatchNorm of 1x1 maps over 4 images would amplify rounding.
+        grads, embeddings = jax.jit(jax.grad(
+            lambda params: (lambda e: (jnp.sum(e[:, 0]), e))(
+                model.apply({**variables, "params": params}, images, train=False)), has_aux=True))(variables["params"])
+        if expected is None:
+            expected_grads, expected = grads, embeddings
+            continue
+        np.testing.assert_allclose(embeddings, expected, rtol=1e-5, atol=1e-5, err_msg=impl)
+        for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+            np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max(), err_msg=impl)
+
+
+@functools.lru_cache(maxsize=1)
+def lowering_setup():
+    """The default config at width 0.125 and 32 px, its train state (the same under every conv_impl) as
+    per-device shapes, and a per-device batch's shapes."""
+    config = default.get_config()
+    config.model.width = 0.125
+    config.hpl.num_coarse = (4,)
+    config.hpl.kmeans_restarts = 1
+    info = data.DatasetInfo(name="synthetic", num_train_classes=12, num_train_examples=64, image_shape=(32, 32, 3),
+                            eval_splits=("test",), num_eval_examples={"test": 64})
+    state = train_state.create_train_state(jax.random.PRNGKey(0), config, models.create_model(config.model), info)
+    devices = jax.local_device_count()
+
+    def per_device(tree):
+        return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct((devices,) + leaf.shape, leaf.dtype), tree)
+
+    batch = {"image": jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.float32), "label": jax.ShapeDtypeStruct((4,), jnp.int32)}
+    return config, state, per_device(state), per_device(batch)
+
+
+def convolutions_in_lowered_steps(conv_impl, platform):
+    """Number of convolution ops in the StableHLO of the pmapped train step and eval (embed) step of the
+    default config (ResNet-18, 32 px), with conv_impl resolved as on `platform`; lowered, never compiled."""
+    config, state, state_shapes, batch_shapes = lowering_setup()
+    config = config.copy_and_resolve_references()
+    config.model.conv_impl = conv_impl
+    model = models.create_model(config.model, bn_axis_name=train.AXIS, platform=platform)
+    labels, groups = optim.parameter_groups(train_state.trainable(state.params, state.hierarchy), config.optim)
+    train_step = jax.pmap(functools.partial(train.train_step, model=model, config=config, labels=labels,
+                                            groups=groups, in_warmup=False), axis_name=train.AXIS)
+    embed_step = jax.pmap(functools.partial(evaluation.embed_step, model=model), axis_name=train.AXIS)
+    return tuple(step.lower(state_shapes, batch_shapes).as_text().count("stablehlo.convolution")
+                 for step in (train_step, embed_step))
+
+
+def test_lowered_steps_keep_xla_convolutions_off_cpu_and_im2col_has_none():
+    # ResNet-18 has 20 convolutions: each runs forward and has a kernel gradient; all but the first (whose
+    # input is the image) have an input gradient. (conv_impl 'auto' is 'xla' on TPUs too: see the test above.)
+    assert convolutions_in_lowered_steps("auto", "gpu") == (3 * 20 - 1, 20)
+    assert convolutions_in_lowered_steps("im2col", "gpu") == (0, 0)
+    # On a CPU at 32 px, layer3 (2x2 maps) and layer4 (1x1) leave their 3x3 convolutions to im2col: XLA keeps
+    # the stem, layer1 and layer2 (4 each) and the three 1x1 downsampling convolutions.
+    assert convolutions_in_lowered_steps("auto", "cpu") == (3 * 12 - 1, 12)
+
+
+def test_conv_impl_is_checked_and_may_change_on_resume():
+    config = default.get_config()
+    config.model.conv_impl = "winograd"
+    with pytest.raises(config_checks.ConfigError, match=r"config\.model\.conv_impl: 'winograd'; use one of"):
+        config_checks.validate_config(config, device_count=1, process_count=1)
+    saved = default.get_config().to_dict()
+    for impl in ("xla", "im2col"):
+        config.model.conv_impl = impl
+        checkpointing.check_resumed_config(saved, config, "config.json")

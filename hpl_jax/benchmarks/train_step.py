@@ -36,11 +36,11 @@ def main(argv):
     config = FLAGS.config
     config_checks.validate_config(config, device_count=jax.device_count(), process_count=jax.process_count())
     if config.dataset.name == data.SYNTHETIC:
-        # Enough images for the timed steps at any batch size.
-        config.dataset.synthetic.images_per_class = max(
-            config.dataset.synthetic.images_per_class,
-            -(-config.batch_size * (FLAGS.steps + 2) // (config.dataset.synthetic.num_families
-                                                        * config.dataset.synthetic.classes_per_family // 2)))
+        # Enough images for the timed steps at any batch size (half the classes train, less those held out).
+        synthetic = config.dataset.synthetic
+        train_classes = synthetic.num_families * synthetic.classes_per_family // 2 - config.dataset.num_val_classes
+        synthetic.images_per_class = max(synthetic.images_per_class,
+                                         -(-config.batch_size * (FLAGS.steps + 2) // train_classes))
     dataset = datasets.get_dataset(config, local_batch_size=config.batch_size // jax.process_count(),
                                local_eval_batch_size=config.eval.batch_size // jax.process_count(),
                                process_index=jax.process_index(), process_count=jax.process_count())
