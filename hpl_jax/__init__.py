@@ -15,13 +15,15 @@ The functional API, for your own training loop (docs/own_training_loop.py runs i
     hierarchy_metrics(hierarchy, super_labels=...) -> how well the coarse level matches a known one
   Evaluation (retrieval of unseen classes, METHOD.md "Evaluation"):
     retrieval_metrics(embeddings, labels) -> Recall@K, P@1, R-Precision, MAP@R, NMI
-    kmeans(points, num_clusters, seed=...) -> KMeansResult, jit-compiled on the default device
+    hpl_jax.kmeans.kmeans(points, num_clusters, seed=...) -> KMeansResult, jit-compiled on the default device
 
 The trainer (`python -m hpl_jax.main`), its configs and the experiment commands are in README.md and docs/.
 """
 from hpl_jax.hierarchy import (ProxyHierarchy, class_means, hierarchy_metrics, init_hierarchy, lift_labels,
                                refresh_hierarchy)
-from hpl_jax.kmeans import KMeansResult, kmeans
+# The k-means function stays hpl_jax.kmeans.kmeans: exported here, its name would hide the module `hpl_jax.kmeans`
+# from every later `from hpl_jax import kmeans`.
+from hpl_jax.kmeans import KMeansResult
 from hpl_jax.losses import hierarchical_proxy_loss, proxy_anchor_loss, proxy_nca_loss
 from hpl_jax.metrics import retrieval_metrics
 
@@ -29,6 +31,6 @@ __version__ = "0.3.0"
 
 __all__ = [
     "KMeansResult", "ProxyHierarchy", "class_means", "hierarchical_proxy_loss", "hierarchy_metrics",
-    "init_hierarchy", "kmeans", "lift_labels", "proxy_anchor_loss", "proxy_nca_loss", "refresh_hierarchy",
+    "init_hierarchy", "lift_labels", "proxy_anchor_loss", "proxy_nca_loss", "refresh_hierarchy",
     "retrieval_metrics",
 ]

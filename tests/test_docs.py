@@ -139,3 +139,14 @@ def test_own_training_loop_example_learns(capsys):
     untrained, trained = example.main(epochs=3)
     assert trained > untrained + 0.05, (untrained, trained)
     assert "test Recall@1 (unseen classes)" in capsys.readouterr().out
+
+
+def test_the_package_exports_hide_no_submodule():
+    """An export named like a submodule (a function `kmeans` beside the module `hpl_jax.kmeans`) would hand every
+    later `from hpl_jax import <name>` the function instead of the module."""
+    import pkgutil
+
+    import hpl_jax
+
+    submodules = {info.name for info in pkgutil.iter_modules(hpl_jax.__path__)}
+    assert not submodules & set(hpl_jax.__all__)
