@@ -6,7 +6,7 @@ Run (no download, CPU is enough):
   python -m hpl_jax.main --config=configs/default.py --workdir=/tmp/hpl_default
 Flat Proxy-Anchor on the same data, for comparison:
   python -m hpl_jax.main --config=configs/default.py --workdir=/tmp/pa_default --config.hpl.weights='(1.0,)'
-Expected: see README.md, "The default run" (runtime and Recall@1 measured on a 2-core CPU).
+Expected: see README.md, "What the main run prints" (runtime and Recall@1 measured on a 2-core CPU).
 """
 import ml_collections
 
@@ -97,7 +97,7 @@ def get_config():
     # run may resume or be evaluated under another. 'auto': XLA's convolution op on GPUs and TPUs (cuDNN, the MXU);
     # on CPUs patches + one matmul (im2col) for the convolutions whose feature map is smaller than their kernel,
     # where XLA:CPU's convolution runs 20-100x below its usual speed, and XLA's op elsewhere (faster than im2col
-    # there). 'xla': XLA's op everywhere. 'im2col': patches + matmul everywhere. Measured: README, "Benchmarks"
+    # there). 'xla': XLA's op everywhere. 'im2col': patches + matmul everywhere. Measured: docs/benchmarks.md
     # (python -m hpl_jax.benchmarks.cpu_vs_torch).
     model.conv_impl = "auto"
 
@@ -112,7 +112,7 @@ def get_config():
     loss.exclude_positive = False
 
     config.hpl = hpl = ml_collections.ConfigDict()
-    # Chosen on validation for the embedded default data (README, "Does HPL help? The embedded study"; 5 seeds a
+    # Chosen on validation for the embedded default data (docs/study.md; 5 seeds a
     # setting): no w_1 in {0, 0.01, 0.03, 0.3, 1.0}, K_1 in {2, 4, 16}, rematch, 4 refreshes an epoch, first
     # grouping from the proxies or ground-truth level 1 beats the values below on val MAP@R with a paired 95%
     # interval above 0, so they stay (the study's rule); nor does HPL beat flat Proxy-Anchor there.
@@ -137,7 +137,7 @@ def get_config():
     # float64) or 'jax' (hpl_jax.kmeans, jit-compiled, on the default device in float32: k-means++ seeding in
     # rounds, Lloyd, the same empty-cluster repair; its own seeding, so other groupings than 'sklearn' for the
     # same seed; inertia within 0.02 % of scikit-learn's). At SOP scale one restart took 1.2 s against 79.3 s on a
-    # 2-core CPU, and the devices idle while the host clusters (README, "Benchmarks"), so the real-dataset configs
+    # 2-core CPU, and the devices idle while the host clusters (docs/benchmarks.md), so the real-dataset configs
     # (configs/imagenet_recipe.py) use 'jax'; the embedded datasets keep 'sklearn', with which their study ran.
     hpl.kmeans_backend = "sklearn"
     # Use the dataset's ground-truth super-classes for level 1 instead of k-means (ablation).
@@ -188,16 +188,16 @@ def get_config():
     # K of the Recall@K table.
     eval_config.recall_at = (1, 2, 4, 8)
     # Also compute NMI: hpl_jax.kmeans (on the default device) of the test embeddings into as many clusters as
-    # classes, against the labels. Its cost per evaluation per dataset: README, "Benchmarks".
+    # classes, against the labels. Its cost per evaluation per dataset: docs/benchmarks.md.
     eval_config.nmi = True
     # Also the retrieval metrics at the ground-truth super-class level ('super/...'), where the dataset has
     # super-classes. They rank each query's first R items on the host, R in the thousands for SOP: about 53 s more
-    # per SOP evaluation on a loaded 2-core CPU (README, "Benchmarks").
+    # per SOP evaluation on a loaded 2-core CPU (docs/benchmarks.md).
     eval_config.super_metrics = True
     # The costly metrics (eval.nmi, eval.super_metrics) only every this many epochs (and at epoch 0 and the last
     # epoch); the other evaluations leave them out. Their cost at SOP scale, per evaluation: NMI (k-means of
     # 60,502 embeddings into 11,316) 105 s and the super-class metrics about 53 s on a 2-core CPU, device work on a
-    # GPU or TPU (README, "Benchmarks"). checkpoint.best_metric 'nmi' needs 1.
+    # GPU or TPU (docs/benchmarks.md). checkpoint.best_metric 'nmi' needs 1.
     eval_config.costly_metrics_every_epochs = 1
     # Side of the similarity blocks of self-retrieval, or queries searched at once against the whole gallery
     # (hpl_jax.metrics.retrieval_metrics); memory is a few chunk_size x chunk_size (or x gallery) blocks.

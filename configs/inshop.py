@@ -6,7 +6,7 @@ Eval/list_eval_partition.txt next to it. Train: 3,997 items (25,882 images); eva
 images against the 12,612 gallery images of the other 3,985 items, Recall@1,10,20,30,40,50 plus P@1 /
 R-Precision / MAP@R, NMI of the gallery, and the retrieval metrics over the categories (super-classes, `super/`;
 the category in the image path, 'WOMEN/Dresses'). Evaluation cost beyond embedding, measured on planted data of
-about this size on a loaded 2-core CPU (README, "Benchmarks"): retrieval metrics 2.3 s, 3.1 s with the super-class
+about this size on a loaded 2-core CPU (docs/benchmarks.md): retrieval metrics 2.3 s, 3.1 s with the super-class
 metrics; NMI (hpl_jax.kmeans, 12,612 gallery items into 3,985 clusters) 7.4 s. The published
 recipe is for BN-Inception at batch 180; with ResNet-50 this config keeps batch 120, lr 6e-4, 1 warm-up epoch,
 BatchNorm in train mode (synchronised over devices), decay 0.25 every 20 epochs.

@@ -5,7 +5,7 @@ ftp://cs.stanford.edu/cs/cvgl/; if that fails place the zip in --config.dataset.
 (11,318 products, 59,551 images) trains, its test split (11,316 products, 60,502 images) is the test set,
 self-retrieval, Recall@1,10,100,1000 plus P@1 / R-Precision / MAP@R, NMI, and the same retrieval metrics over the
 12 product types (super-classes, `super/`). Evaluation cost beyond embedding, measured on planted data of this size
-on a loaded 2-core CPU (README, "Benchmarks"): retrieval metrics 17 s, super-class metrics about 53 s more,
+on a loaded 2-core CPU (docs/benchmarks.md): retrieval metrics 17 s, super-class metrics about 53 s more,
 NMI (hpl_jax.kmeans into 11,316 clusters) 105 s (one run); on a GPU the k-means and the similarities run there;
 both only every 5th epoch (eval.costly_metrics_every_epochs), at epoch 0 and at the last. The published recipe is for BN-Inception at batch 180; with
 ResNet-50 this config keeps batch 120, lr 6e-4, 1 warm-up epoch, BatchNorm in train mode (synchronised over
@@ -47,6 +47,6 @@ def get_config():
     config.eval.recall_at = (1, 10, 100, 1000)
     config.eval.costly_metrics_every_epochs = 5
     # One k-means restart per refresh (hpl.kmeans_backend 'jax', configs/imagenet_recipe.py): 11,318 proxies into
-    # 512 took 1.2 s on a 2-core CPU (scikit-learn: 79.3 s; README, "Benchmarks").
+    # 512 took 1.2 s on a 2-core CPU (scikit-learn: 79.3 s; docs/benchmarks.md).
     config.hpl.kmeans_restarts = 1
     return config

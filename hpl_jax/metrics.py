@@ -106,7 +106,7 @@ def retrieval_metrics(
         value c in `labels` (and `query_labels`). Adds the retrieval metrics at the super-class level under
         keys prefixed `super/`, from the same similarities. Self-retrieval then searches query chunks against
         the whole gallery instead of symmetric blocks: at SOP test scale on 2 loaded CPU cores 70.7 s against
-        17.3 s without (README, Benchmarks).
+        17.3 s without (docs/benchmarks.md).
       nmi: also cluster the (gallery) embeddings with k-means (hpl_jax.kmeans, on the device), k = number of
         classes, and report the NMI of the clusters against the labels.
       chunk_size: side of the similarity blocks (rounded up to a multiple of 128); with super_labels, classes

@@ -271,7 +271,7 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
 
     # jit + shard_map over every device of every process, the per-device steps written as for pmap: pmap would
     # convert every leaf of the train state between host-local and global arrays at every step of a
-    # multi-process run (README, "Scaling out").
+    # multi-process run (docs/scaling.md).
     mesh = device_mesh(AXIS)
     embed = over_devices(functools.partial(evaluation.embed_step, model=model), mesh)
     p_embed = lambda state, batch: as_local(embed(state, as_global(batch, mesh)))  # noqa: E731

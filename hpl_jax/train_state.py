@@ -89,7 +89,7 @@ def over_devices(fn, mesh: jax.sharding.Mesh, *, donate_argnums=()):
     """`fn`, written for one device as pmap runs it (collectives by the mesh's axis name), run on every device of
     `mesh` by jax.jit of jax.shard_map: arguments and results carry a leading axis of one entry per device, as
     pmap's do, but as global arrays (`as_global`). In a multi-process run pmap converts every leaf of its inputs
-    and outputs between host-local and global arrays in Python at every call (README, "Scaling out");
+    and outputs between host-local and global arrays in Python at every call (docs/scaling.md);
     jit dispatches global arrays without that."""
     spec = jax.sharding.PartitionSpec(mesh.axis_names[0])
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The study behind README's "Does HPL help? The embedded study": HPL against its base loss, Figure 5's two sweeps
+# The study behind docs/study.md: HPL against its base loss, Figure 5's two sweeps
 # and the refresh choices, on the two embedded datasets, every setting with the same training seeds.
 #
 # Needs:   the project's environment (pip install -r requirements.txt), run from the repository root; a CPU is

@@ -588,7 +588,7 @@ def test_dataset_configs_follow_the_published_recipe(name, tmp_path):
     assert (config.loss.base, config.loss.alpha, config.loss.delta) == ("proxy_anchor", 32.0, 0.1)
     assert tuple(config.hpl.weights) == (1.0, 0.1) and len(config.hpl.num_coarse) == 1
     assert tuple(config.eval.recall_at) == recall_at
-    # Every dataset evaluates NMI and, where it has super-classes, the super-class metrics (README, Benchmarks).
+    # Every dataset evaluates NMI and, where it has super-classes, the super-class metrics (docs/benchmarks.md).
     assert config.eval.nmi and config.eval.super_metrics
     assert f"--config=configs/{name}.py" in module.__doc__ and "launch/tpu_pod.sh" in module.__doc__
 

@@ -2,7 +2,7 @@
 
 Data: TFDS `cars196` from a manual directory (see configs/cars.py); classes 1-98 are cut into 4 folds of 24 or
 25 (blocks start at floor(98 p / 4): 1-24, 25-49, 50-73, 74-98), classes 99-196 are the test set. BN-Inception
-weights: `python -m hpl_jax.convert_weights --arch bn_inception ...` (README, "ImageNet-pretrained weights").
+weights: `python -m hpl_jax.convert_weights --arch bn_inception ...` (docs/datasets.md, "ImageNet-pretrained weights").
 
 The 4 folds one after another on one GPU host, then the tables:
   python -m hpl_jax.mlrc run --config=configs/mlrc/cars.py --workdir=/data/runs/mlrc_cars \

@@ -2,7 +2,7 @@
 
 Data: TFDS `caltech_birds2011` (see configs/cub.py); classes 1-100 are cut into 4 folds of 25 (fold p validates
 on classes 25p+1..25p+25 and trains on the other 75), classes 101-200 are the test set. BN-Inception weights:
-`python -m hpl_jax.convert_weights --arch bn_inception ...` (README, "ImageNet-pretrained weights").
+`python -m hpl_jax.convert_weights --arch bn_inception ...` (docs/datasets.md, "ImageNet-pretrained weights").
 
 The 4 folds one after another on one GPU host, then the tables:
   python -m hpl_jax.mlrc run --config=configs/mlrc/cub.py --workdir=/data/runs/mlrc_cub \

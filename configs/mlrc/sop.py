@@ -3,7 +3,7 @@ Table 1.
 
 Data: TFDS `stanford_online_products` (see configs/sop.py); its 11,318 training products are cut into 4 folds
 of about 2,830 (by product id), its 11,316 test products are the test set. BN-Inception weights:
-`python -m hpl_jax.convert_weights --arch bn_inception ...` (README, "ImageNet-pretrained weights").
+`python -m hpl_jax.convert_weights --arch bn_inception ...` (docs/datasets.md, "ImageNet-pretrained weights").
 
 The 4 folds one after another on one GPU host, then the tables:
   python -m hpl_jax.mlrc run --config=configs/mlrc/sop.py --workdir=/data/runs/mlrc_sop \

@@ -12,7 +12,7 @@ clipping or decay, validation MAP@R every 2 epochs, early stopping after 9 epoch
 validation checkpoint of each fold reported. Scaled down: a ResNet-18 of width 0.25 from random init at 32 x 32
 (so BatchNorm trains, and the learning rate is 1e-3, not 1e-6), 10 iterations per epoch, at most 40 epochs;
 plain shuffled batches (the embedded dataset has no class-balanced sampler).
-Expected: see README.md, "Reproducing the paper's tables" (runtime and table measured on a 2-core CPU).
+Expected: see docs/reproducing.md (runtime and table measured on a 2-core CPU).
 """
 from configs import default
 from configs.mlrc import protocol

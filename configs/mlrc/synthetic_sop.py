@@ -15,7 +15,7 @@ ResNet-18 of width 0.25 from random init at 32 x 32 (BatchNorm trains), 20 itera
 epochs; plain shuffled batches. K_1 = 36: the sub-families a fold trains on. Learning rate 1e-4, chosen on fold
 0's validation MAP@R (never on test): at 1e-3 it fell from 0.031 untrained to 0.004-0.011 over 30 epochs; at
 1e-4 it dipped to 0.017 and was back at 0.033 after 8 epochs (measured; 3e-4 and AdamW 1e-3 behaved alike).
-Expected: see README.md, "Reproducing the paper's tables" (runtime and table measured on a 2-core CPU).
+Expected: see docs/reproducing.md (runtime and table measured on a 2-core CPU).
 """
 from configs.mlrc import synthetic
 
