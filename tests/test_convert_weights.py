@@ -213,6 +213,7 @@ def flax_features(arch, params, batch_stats, images, conv_impl="auto"):
 
 # At 224 and 227 px no ResNet map is smaller than 3x3, so 'auto' there is XLA's convolution throughout; at 64 px
 # ResNet's layer4 maps are 2x2, where 'auto' takes im2col on a CPU (BN-Inception's branches need 224 or 227).
+@pytest.mark.slow
 @pytest.mark.parametrize("conv_impl", models.CONV_IMPLS)
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "bn_inception"])
 def test_converted_backbone_reproduces_pytorch_features(arch, conv_impl):

@@ -82,6 +82,7 @@ def _known_flags(module):
     return frozenset(FLAG.findall(finished.stdout + finished.stderr))
 
 
+@pytest.mark.slow
 def test_every_command_shown_names_a_module_and_its_flags():
     commands = [(page, module, tokens) for page in PAGES for module, tokens in _commands(open(page).read())]
     assert len(commands) > 20, "README and docs/ show the commands"
@@ -132,6 +133,7 @@ def test_public_api_imports_without_tensorflow():
     assert finished.stdout.split("\n")[0] == "[] False"
 
 
+@pytest.mark.slow
 def test_own_training_loop_example_learns(capsys):
     spec = importlib.util.spec_from_file_location("own_training_loop", os.path.join(ROOT, "docs", "own_training_loop.py"))
     example = importlib.util.module_from_spec(spec)

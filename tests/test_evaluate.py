@@ -70,6 +70,7 @@ def assert_same_metrics(metrics, expected):
         assert metrics[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-7), key
 
 
+@pytest.mark.slow
 def test_evaluate_equals_the_metrics_recorded_at_that_epoch(workdir, evaluated, restored):
     stdout, export = evaluated
     assert "recorded at epoch 2" in stdout and "test, latest (epoch 2, step 4)" in stdout
@@ -83,6 +84,7 @@ def test_evaluate_equals_the_metrics_recorded_at_that_epoch(workdir, evaluated, 
     assert_same_metrics(evaluate.evaluate_run(first, "test")[0], recorded(workdir, 1))
 
 
+@pytest.mark.slow
 def test_export_round_trips_and_ids_name_the_examples(evaluated, restored):
     exported = np.load(evaluated[1])
     assert set(exported.files) == {"embeddings", "labels", "ids", "split", "super_labels", "step", "epoch"}
@@ -105,6 +107,7 @@ def test_export_round_trips_and_ids_name_the_examples(evaluated, restored):
     np.testing.assert_array_equal(exported["labels"], [label_of[int(i)] for i in exported["ids"]])
 
 
+@pytest.mark.slow
 def test_asking_for_a_missing_run_checkpoint_or_split_stops_with_one_line(tmp_path, workdir, restored):
     best_step = 2 * checkpointing.load_metrics(workdir)["best"]["epoch"]  # 2 steps per epoch
     with pytest.raises(checkpointing.RunError, match=rf"no checkpoint of step 3; it has the steps \[2, 4\] in "
@@ -117,6 +120,7 @@ def test_asking_for_a_missing_run_checkpoint_or_split_stops_with_one_line(tmp_pa
     assert checkpointing.checkpoint_location(workdir, "best")[1] == best_step
 
 
+@pytest.mark.slow
 def test_commands_reject_bad_arguments_in_one_line(workdir):
     result = command("hpl_jax.evaluate", f"--workdir={workdir}", "--checkpoint=first")
     assert result.returncode == 1 and "--checkpoint is 'latest', 'best' or a step number" in result.stderr
@@ -129,6 +133,7 @@ def png_shape(path):
     return matplotlib.image.imread(path).shape[:2]
 
 
+@pytest.mark.slow
 def test_pictures_have_the_expected_size(tmp_path, workdir, restored):
     out = str(tmp_path)
     png, csv_path = visualize.tsne_command(restored, "test", out, num_classes=4, seed=0)

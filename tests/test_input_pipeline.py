@@ -596,6 +596,7 @@ def test_dataset_configs_follow_the_published_recipe(name, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # End to end: the training loop on an image folder.
 
+@pytest.mark.slow
 def test_training_runs_end_to_end_on_an_image_folder(tmp_path, capsys):
     """One epoch of train_and_evaluate on an image folder (a small ResNet-18 keeps the compile short); the
     broken image's skips are counted in the result, metrics.json and under the final table."""
@@ -617,6 +618,7 @@ def test_training_runs_end_to_end_on_an_image_folder(tmp_path, capsys):
     assert f"images that failed to decode and were skipped: {result['skipped_images']}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_train_class_whose_images_all_fail_to_decode_is_one_data_error(tmp_path):
     import subprocess
     import sys
@@ -648,6 +650,7 @@ E2E_OVERRIDES = {
     "batch_size": 4, "eval.batch_size": 4, "eval.nmi": False, "num_epochs": 1}
 
 
+@pytest.mark.slow
 def test_every_dataset_config_trains_end_to_end_on_mock_data(tmp_path, inshop_dirs):
     """The real configs (CUB, Cars, SOP, CIFAR-100 via mock TFDS; In-Shop via its builder on a tiny tree),
     each with a tiny model, through train_and_evaluate: the same call the training uses."""
@@ -711,6 +714,7 @@ GROUND_TRUTH_LAYOUTS = {  # train classes with a shared super-class: 2 <= S < C 
 INSHOP_GT_ROWS = INSHOP_ROWS + [("img/WOMEN/Dresses/id_00000009/01_1_front.jpg", "id_00000009", "train")]
 
 
+@pytest.mark.slow
 def test_ground_truth_level1_trains_end_to_end_on_every_dataset_config(tmp_path):
     """hpl.ground_truth_level1 through train_and_evaluate for every dataset config on its mock data, with a K_1
     that differs from the number of super-classes; CUB has none and stops with a Config error."""

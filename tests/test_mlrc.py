@@ -182,6 +182,7 @@ def four_folds(tmp_path_factory, compile_once):
     return root, results, mlrc_report.write_report(str(root))
 
 
+@pytest.mark.slow
 def test_four_folds_stop_early_and_the_runner_prints_them(four_folds):
     root, results, _ = four_folds
     for fold, result in enumerate(results):
@@ -201,6 +202,7 @@ def test_four_folds_stop_early_and_the_runner_prints_them(four_folds):
         assert "--config.batch_size=8" in line and line.endswith(f"--config.dataset.val_fold={fold}")
 
 
+@pytest.mark.slow
 def test_the_report_restores_each_folds_best_epoch_and_concatenates_them(four_folds):
     root, results, report = four_folds
     assert (report["dataset"], report["embedding_dim"], report["test_images"]) == ("synthetic", 8, 8 * 6)
@@ -224,6 +226,7 @@ def test_the_report_restores_each_folds_best_epoch_and_concatenates_them(four_fo
         os.rename(root / "moved", root / "fold_3")
 
 
+@pytest.mark.slow
 def test_restore_state_finds_the_latest_the_best_and_a_step(four_folds):
     root, _, _ = four_folds
     workdir = mlrc.fold_workdir(str(root), 0)

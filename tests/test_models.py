@@ -78,6 +78,7 @@ def test_variable_tree_top_level_keys():
     assert "layer4_1" in shapes["params"]["backbone"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone, feature_dim", [("resnet18", 128), ("resnet50", 512), ("bn_inception", 256)])
 def test_embeddings_have_shape_and_unit_norm(backbone, feature_dim):
     model = models.Embedder(backbone, embedding_dim=16, width=TINY)
@@ -153,6 +154,7 @@ def test_bfloat16_compute_keeps_float32_params_and_output():
     np.testing.assert_allclose(embeddings, reference, atol=0.05)
 
 
+@pytest.mark.slow
 def test_synchronised_batch_norm_over_two_devices_equals_one_device_on_whole_batch():
     assert jax.local_device_count() >= 2
     images = random_images(8)
@@ -295,6 +297,7 @@ def test_xla_conv_impl_lowers_exactly_like_flax_default_convolution():
     assert lowered(ours) == lowered(plain)
 
 
+@pytest.mark.slow
 def test_conv_impls_share_parameters_and_give_the_same_embeddings_and_gradients():
     """One checkpoint for every implementation: the same variable tree, the same embeddings and gradients.
     (The torchvision-equivalence tests of test_convert_weights.py check every backbone under every one.)"""
@@ -353,6 +356,7 @@ def convolutions_in_lowered_steps(conv_impl, platform):
                  for step in (train_step, embed_step))
 
 
+@pytest.mark.slow
 def test_lowered_steps_keep_xla_convolutions_off_cpu_and_im2col_has_none():
     # ResNet-18 has 20 convolutions: each runs forward and has a kernel gradient; all but the first (whose
     # input is the image) have an input gradient. (conv_impl 'auto' is 'xla' on TPUs too: see the test above.)

@@ -76,6 +76,7 @@ def _assert_same_up_to_rounding(two, one):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * scale + 1e-7, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_and_resume_exactly_after_sigterm(tmp_path):
     # One test, not two: the uninterrupted two-process run is the reference of both halves, and pytest-xdist
     # could otherwise run it once per worker.
@@ -219,6 +220,7 @@ def uninterrupted(tmp_path_factory):
     return str(workdir / "run")
 
 
+@pytest.mark.slow
 def test_a_killed_process_stops_the_other_within_the_timeout_and_a_rerun_resumes_exactly(tmp_path, uninterrupted):
     workdir, log_dir = tmp_path / "run", tmp_path / "logs"
     log_dir.mkdir()
@@ -246,6 +248,7 @@ def test_a_killed_process_stops_the_other_within_the_timeout_and_a_rerun_resumes
     _resume_exactly(workdir, log_dir, uninterrupted, resume)
 
 
+@pytest.mark.slow
 def test_a_failed_save_on_process_0_stops_both_at_once_and_a_rerun_resumes_exactly(tmp_path, uninterrupted):
     workdir, log_dir = tmp_path / "run", tmp_path / "logs"
     log_dir.mkdir()
@@ -277,6 +280,7 @@ def test_a_failed_save_on_process_0_stops_both_at_once_and_a_rerun_resumes_exact
     _resume_exactly(workdir, log_dir, uninterrupted, 2)
 
 
+@pytest.mark.slow
 def test_a_heartbeat_timeout_below_the_minimum_is_refused_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "hpl_jax.main", *FLAGS, f"--workdir={tmp_path}",
                              "--heartbeat_timeout_s=2"], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)

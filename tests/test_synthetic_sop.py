@@ -142,6 +142,7 @@ def test_each_field_is_checked(field, value):
         config_checks.validate_config(config, device_count=2, process_count=1)
 
 
+@pytest.mark.slow
 def test_the_config_trains_with_ground_truth_sub_families(tmp_path):
     """configs/synthetic_sop.py through train_and_evaluate, small: level 1 is the 12 sub-families."""
     config = small_config(**{

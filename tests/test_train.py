@@ -84,8 +84,9 @@ def _run_steps(config, num_devices, num_steps, in_warmup=False, wrapper="pmap"):
     return jax.device_get(train_state.unreplicate(state)), losses
 
 
-@pytest.mark.parametrize("base, wrapper", [("proxy_anchor", "pmap"), ("proxy_nca", "pmap"),
-                                           ("proxy_anchor", "shard_map"), ("proxy_nca", "shard_map")])
+@pytest.mark.slow
+# Under the trainer's wrapper; pmap takes the same 2-device steps (test_over_devices_takes_the_steps_pmap_takes).
+@pytest.mark.parametrize("base, wrapper", [("proxy_anchor", "shard_map"), ("proxy_nca", "shard_map")])
 def test_two_devices_take_the_same_step_as_one(base, wrapper):
     config = tiny_config(**{"loss.base": base, "optim.warmup_epochs": 0})
     one, _ = _run_steps(config, 1, 2, wrapper=wrapper)
@@ -95,6 +96,7 @@ def test_two_devices_take_the_same_step_as_one(base, wrapper):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_over_devices_takes_the_steps_pmap_takes():
     config = tiny_config(**{"optim.warmup_epochs": 0})
     by_pmap, pmap_losses = _run_steps(config, 2, 2)
@@ -106,6 +108,7 @@ def test_over_devices_takes_the_steps_pmap_takes():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_warmup_leaves_backbone_and_its_optimizer_state_untouched():
     config = tiny_config()
     _, _, initial, _, _ = _setup(config)
@@ -124,6 +127,7 @@ def test_warmup_leaves_backbone_and_its_optimizer_state_untouched():
             assert not np.any(np.asarray(leaf))
 
 
+@pytest.mark.slow
 def test_proxies_learn_100x_faster_than_the_embedding():
     config = tiny_config(**{"optim.warmup_epochs": 0})
     _, _, state, labels, groups = _setup(config)
@@ -132,6 +136,7 @@ def test_proxies_learn_100x_faster_than_the_embedding():
     assert groups["lr_x1_after_warmup"] == (1.0, False)
 
 
+@pytest.mark.slow
 def test_tiny_run_overfits_training_classes():
     # No augmentation (train and eval see the same whole 16x16 images), the same few images every epoch.
     config = tiny_config(**{"optim.warmup_epochs": 0, "optim.lr": 3e-3, "hpl.weights": (1.0,),
@@ -146,6 +151,7 @@ def test_tiny_run_overfits_training_classes():
     assert metrics.retrieval_metrics(embeddings, labels, nmi=False)["recall@1"] > 0.9
 
 
+@pytest.mark.slow
 def test_evaluation_embeds_every_example_exactly_once():
     config = tiny_config(**{"eval.batch_size": 10})  # 42 test images: not a multiple of 10
     dataset, model, state, _, _ = _setup(config)
@@ -159,6 +165,7 @@ def test_evaluation_embeds_every_example_exactly_once():
     np.testing.assert_array_equal(np.sort(labels), np.repeat(np.arange(6), 7))
 
 
+@pytest.mark.slow
 def test_refresh_regroups_without_empty_groups_and_resets_moments():
     config = tiny_config(**{"optim.warmup_epochs": 0})
     state, _ = _run_steps(config, 2, 3)
@@ -175,6 +182,7 @@ def test_refresh_regroups_without_empty_groups_and_resets_moments():
     assert int(fine.count) == 3 and np.any(np.asarray(fine.mu["proxies"][0]))
 
 
+@pytest.mark.slow
 def test_the_state_starts_without_kmeans_and_the_jax_backend_makes_the_first_and_the_refreshed_groupings(
         monkeypatch):
     config = tiny_config(**{"hpl.kmeans_backend": "jax"})
@@ -199,6 +207,7 @@ def test_the_state_starts_without_kmeans_and_the_jax_backend_makes_the_first_and
     np.testing.assert_array_equal(refreshed.hierarchy.parents[0], expected)
 
 
+@pytest.mark.slow
 def test_a_reset_coarse_proxy_takes_the_step_of_a_fresh_adamw():
     """After a refresh resets level 1, its first update is a fresh AdamW step (step count 1, zero moments), not
     one bias-corrected with the steps the fine proxies took."""
@@ -233,6 +242,7 @@ def _gradients(config, num_devices):
     return float(total[0]), jax.device_get(train_state.unreplicate(grads))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", ["proxy_anchor", "proxy_nca"])
 def test_two_devices_get_exactly_the_global_batch_gradient(base):
     """all_gather + pmean over 2 devices gives the gradient 1 device computes on the whole batch: a gradient
@@ -297,6 +307,7 @@ def _final_state(workdir):
     return manager.restore(manager.latest_step())
 
 
+@pytest.mark.slow
 def test_the_compilation_cache_keeps_the_programs_a_restart_loads(tmp_path):
     cache = tmp_path / "compile_cache"
     # Every program is kept (the default keeps those that took >= 1 s to compile).
@@ -313,6 +324,7 @@ def test_the_compilation_cache_keeps_the_programs_a_restart_loads(tmp_path):
     assert set(os.listdir(cache)) == kept  # every program came from the cache
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     assert _main(straight, "--config.num_epochs=2").returncode == 0
@@ -328,12 +340,14 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
         assert set(json.load(f)["history"]) == {"0", "1", "2"}
 
 
+@pytest.mark.slow
 def test_main_reports_a_bad_config_in_one_line(tmp_path):
     result = _main(str(tmp_path), "--config.hpl.num_coarse=(50,)")
     assert result.returncode != 0
     assert "config.hpl.num_coarse" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_pretrained_weights_start_the_backbone_and_set_the_input_normalisation(tmp_path):
     from hpl_jax import convert_weights
     model = models.Embedder("resnet18", embedding_dim=16)
@@ -358,6 +372,7 @@ def test_pretrained_weights_start_the_backbone_and_set_the_input_normalisation(t
         _setup(wrong)
 
 
+@pytest.mark.slow
 def test_main_reports_unusable_data_in_one_line(tmp_path):
     (tmp_path / "images").mkdir()  # an image folder with no class folders
     result = _main(str(tmp_path / "workdir"), "--config.dataset.name=image_folder",
@@ -402,6 +417,7 @@ def test_validation_classes_are_held_out_class_disjointly_and_deterministically(
                              local_eval_batch_size=16)
 
 
+@pytest.mark.slow
 def test_the_costly_metrics_are_computed_at_their_cadence_at_epoch_0_and_at_the_last_epoch(tmp_path):
     config = tiny_config(**{"num_epochs": 4, "steps_per_epoch": 1, "optim.warmup_epochs": 0, "eval.nmi": True,
                             "eval.costly_metrics_every_epochs": 3})
@@ -412,6 +428,7 @@ def test_the_costly_metrics_are_computed_at_their_cadence_at_epoch_0_and_at_the_
         assert "map@r" in values
 
 
+@pytest.mark.slow
 def test_validation_chooses_the_best_epoch_and_each_refresh_is_recorded(tmp_path):
     config = tiny_config(**{"dataset.num_val_classes": 2, "num_epochs": 3, "optim.warmup_epochs": 0})
     result = train.train_and_evaluate(config, str(tmp_path))
@@ -431,6 +448,7 @@ def test_validation_chooses_the_best_epoch_and_each_refresh_is_recorded(tmp_path
         assert json.load(f)["dataset"]["num_val_classes"] == 2
 
 
+@pytest.mark.slow
 def test_ground_truth_level1_sizes_level1_from_the_super_classes(tmp_path):
     """K_1 = 2 asked, 3 families present: level 1 has 3 proxies, and the optimiser and checkpoints fit it."""
     config = tiny_config(**{"hpl.ground_truth_level1": True, "hpl.num_coarse": (2,), "num_epochs": 1,
@@ -455,6 +473,7 @@ def _all_finite(tree):
     return all(np.all(np.isfinite(leaf)) for leaf in leaves if np.issubdtype(leaf.dtype, np.floating))
 
 
+@pytest.mark.slow
 def test_a_nonfinite_step_stops_the_run_and_the_latest_checkpoint_stays_good(tmp_path):
     # lr 1e30 without clipping: step 1 leaves huge but finite parameters (saved: a checkpoint every step),
     # step 2's forward pass overflows.
@@ -470,6 +489,7 @@ def test_a_nonfinite_step_stops_the_run_and_the_latest_checkpoint_stays_good(tmp
     assert _all_finite(manager.restore(1))
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_steps_leaves_the_state_as_it_was_but_for_the_step():
     config = tiny_config(**{"optim.warmup_epochs": 0, "optim.skip_nonfinite_steps": True})
     dataset, model, state, labels, groups = _setup(config)
@@ -491,6 +511,7 @@ def test_skip_nonfinite_steps_leaves_the_state_as_it_was_but_for_the_step():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_a_resume_refuses_a_config_that_changes_the_train_state(tmp_path):
     checkpointing.save_config(checkpointing.workdir_path(str(tmp_path)), tiny_config())
     changed = tiny_config(**{"hpl.num_coarse": (4,), "model.embedding_dim": 8, "num_epochs": 3})
@@ -525,6 +546,7 @@ def test_a_config_json_from_before_a_field_existed_loads_with_its_default(tmp_pa
     checkpointing.prepare_workdir(str(tmp_path), tiny_config(), write=False)  # the resume check passes
 
 
+@pytest.mark.slow
 def test_a_workdir_that_is_a_file_or_read_only_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(checkpointing.WorkdirError, match="is a file"):
@@ -540,6 +562,7 @@ def test_a_workdir_that_is_a_file_or_read_only_is_one_line(tmp_path, monkeypatch
         train.train_and_evaluate(tiny_config(), str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_main_reports_a_typo_a_bad_tuple_and_a_file_workdir_in_one_line(tmp_path):
     line = _one_error_line(_main(str(tmp_path / "w"), "--config.optim.lrr=1"), "Config error:")
     assert line == "Config error: config.optim.lrr: no such field ('lrr'); did you mean 'lr'?"
@@ -566,6 +589,7 @@ app.run(main.main, flags_parser=cli.parse_flags)
 """
 
 
+@pytest.mark.slow
 def test_a_failed_save_stops_the_run_and_a_rerun_resumes_with_best_consistent(tmp_path):
     import orbax.checkpoint as ocp
     flags = ["--config.batch_size=8", "--config.num_epochs=3", "--config.optim.warmup_epochs=0",

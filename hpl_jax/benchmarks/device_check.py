@@ -167,7 +167,10 @@ def jax_train_step(sizes: Sizes, num_classes: int, num_coarse: int, batch: int,
     host_batch = {"image": rng.normal(size=(batch, sizes.image_size, sizes.image_size, 3)).astype(np.float32),
                   "label": rng.integers(0, num_classes, size=batch).astype(np.int32)}
     device_batch = next(data.prefetch_to_devices(iter([host_batch]), size=1, devices=devices))
-    replicated = train_state.replicate(state, train.AXIS)
+    # The state on the one device timed, with the leading device axis both wrappers take.
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (train.AXIS,)),
+                                          jax.sharding.PartitionSpec(train.AXIS))
+    replicated = jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x)[None], sharding), state)
     if wrapper == "over_devices":
         mesh = train_state.device_mesh(train.AXIS, devices)
         step = train_state.over_devices(per_device, mesh, donate_argnums=(0,))
