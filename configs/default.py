@@ -18,8 +18,9 @@ def get_config():
     config.seed = 0
 
     config.dataset = dataset = ml_collections.ConfigDict()
-    # Which data: 'synthetic' (embedded, no files), 'synthetic_sop' (embedded, SOP-like), 'cub', 'cars', 'sop',
-    # 'inshop', 'cifar100', 'image_folder'.
+    # Which data: 'synthetic' (embedded, no files), 'synthetic_sop' (embedded, SOP-like), 'synthetic_source' (embedded,
+    # the pretraining source of configs/pretrain_synthetic.py), 'cub', 'cars', 'sop', 'inshop', 'cifar100',
+    # 'image_folder'.
     dataset.name = "synthetic"
     # Seed of the data: the embedded dataset's images and which training classes are held out for validation.
     dataset.seed = 0
@@ -76,6 +77,12 @@ def get_config():
     # hpl.ground_truth_level1): 'sub_family' (the level above the classes; DatasetInfo.super_parents then maps
     # the sub-families to their super-classes) or 'super_class' (only the top level, as real SOP).
     synthetic_sop.super_level = "sub_family"
+    # The embedded pretraining source (dataset.name='synthetic_source', configs/pretrain_synthetic.py): independent
+    # draws of the two generators above, with their settings, one per data seed listed; a target drawn with one of
+    # these seeds shares the source's classes and is refused for fine-tuning (hpl_jax/synthetic_source.py).
+    dataset.synthetic_source = synthetic_source = ml_collections.ConfigDict()
+    synthetic_source.sop_seeds = (1000, 1001, 1002, 1003, 1004, 1005)  # SOP-like draws
+    synthetic_source.default_seeds = (1000, 1001, 1002, 1003, 1004, 1005)  # draws of the default generator
 
     config.model = model = ml_collections.ConfigDict()
     # 'resnet18', 'resnet34', 'resnet50' (torchvision v1.5 layout).
@@ -91,7 +98,10 @@ def get_config():
     model.bn_frozen = False
     # Compute dtype of the backbone ('float32' or 'bfloat16'); parameters stay float32.
     model.dtype = "float32"
-    # Path of converted ImageNet weights (python -m hpl_jax.convert_weights); '' = random init.
+    # Path of pretrained backbone weights: converted ImageNet weights (python -m hpl_jax.convert_weights), or the
+    # backbone/ a run with export_backbone=True wrote (configs/pretrain_synthetic.py); '' = random init. Its
+    # metadata.json sets the input normalisation (dataset.mean, std, color_order, pixel_scale) and must name this
+    # model.backbone and model.width; weights pretrained on the target's own classes are refused.
     model.pretrained = ""
     # How the backbone's convolutions are computed; the parameters and checkpoints are the same under each, so a
     # run may resume or be evaluated under another. 'auto': XLA's convolution op on GPUs and TPUs (cuDNN, the MXU);
@@ -214,6 +224,10 @@ def get_config():
 
     # Progress line and TensorBoard scalars every this many steps.
     config.log_every_steps = 10
+    # Pretraining: at the end of the run, write the backbone of its last state to WORKDIR/backbone in the format of
+    # hpl_jax.convert_weights (orbax checkpoint + metadata.json with the preprocessing and the source dataset), which
+    # --config.model.pretrained=WORKDIR/backbone loads in another run (configs/pretrain_synthetic.py).
+    config.export_backbone = False
     # JAX's persistent compilation cache: compiled programs are kept in this directory (local, or gs:// beside the
     # workdir, e.g. gs://BUCKET/hpl_sop_compile_cache) and a restarted process loads them instead of compiling
     # again, which a Spot TPU or GPU pays at every preemption. Every host may share one directory. '' = off.

@@ -14,6 +14,7 @@ import numpy as np
 from hpl_jax import data
 from hpl_jax import hierarchy
 from hpl_jax import models
+from hpl_jax import pretraining
 
 BASE_LOSSES = ("proxy_anchor", "proxy_nca")
 BACKBONES = models.BACKBONES
@@ -165,6 +166,15 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
              "must be > 0 (< 1: fewer large classes, 1: uniform).")
     _require(sop.super_level in SUPER_LEVELS, "dataset.synthetic_sop.super_level",
              f"{sop.super_level!r}; use one of {SUPER_LEVELS}.")
+    source = dataset.synthetic_source
+    seeds = [*source.sop_seeds, *source.default_seeds]
+    _require(all(isinstance(seed, int) and seed >= 0 for seed in seeds), "dataset.synthetic_source",
+             f"sop_seeds {tuple(source.sop_seeds)} and default_seeds {tuple(source.default_seeds)} must be integers >= 0.")
+    _require(len(set(source.sop_seeds)) == len(source.sop_seeds)
+             and len(set(source.default_seeds)) == len(source.default_seeds), "dataset.synthetic_source",
+             "lists a seed twice; each draw needs a seed of its own.")
+    if dataset.name == data.SYNTHETIC_SOURCE:
+        _require(len(seeds) >= 1, "dataset.synthetic_source", "has no draws; list at least one seed.")
 
     model = config.model
     _require(model.backbone in BACKBONES, "model.backbone", f"{model.backbone!r}; use one of {BACKBONES}.")
@@ -173,12 +183,10 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
     _require(model.dtype in DTYPES, "model.dtype", f"{model.dtype!r}; use one of {DTYPES}.")
     _require(model.pooling in POOLINGS, "model.pooling", f"{model.pooling!r}; use one of {POOLINGS}.")
     _require(model.conv_impl in CONV_IMPLS, "model.conv_impl", f"{model.conv_impl!r}; use one of {CONV_IMPLS}.")
-    if model.pretrained and not model.pretrained.startswith("gs://"):
-        _require(os.path.isdir(model.pretrained), "model.pretrained",
-                 f"{model.pretrained!r} does not exist; convert weights with `python -m hpl_jax.convert_weights` "
-                 "and pass the output directory.")
-    _require(not model.pretrained or model.width == 1.0, "model.width",
-             f"{model.width}: pretrained weights exist for the published widths only; set it to 1.0.")
+    problem = pretraining.pretrained_problem(config)
+    if problem:
+        _require(False, *problem)
+    _require(isinstance(config.export_backbone, bool), "export_backbone", f"{config.export_backbone!r}: True or False.")
 
     loss = config.loss
     _require(loss.base in BASE_LOSSES, "loss.base", f"{loss.base!r}; use one of {BASE_LOSSES}.")

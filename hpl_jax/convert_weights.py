@@ -122,9 +122,9 @@ TORCH_LEAF_NAMES = {
 }
 
 
-def backbone_variable_shapes(arch: str) -> Dict[str, Any]:
-    """{'params': ..., 'batch_stats': ...} of `arch` at the published width, as ShapeDtypeStructs."""
-    model = models.Embedder(arch, embedding_dim=1)
+def backbone_variable_shapes(arch: str, width: float = 1.0) -> Dict[str, Any]:
+    """{'params': ..., 'batch_stats': ...} of `arch` at `width` (1.0: the published one), as ShapeDtypeStructs."""
+    model = models.Embedder(arch, embedding_dim=1, width=width)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False))
     return {collection: shapes[collection]["backbone"] for collection in ("params", "batch_stats")}
 
@@ -203,18 +203,18 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def save_converted(output_dir: str, params: Dict[str, Any], batch_stats: Dict[str, Any],
-                   metadata: Mapping[str, Any]) -> None:
-    """Write `output_dir/checkpoint` (orbax) and `output_dir/metadata.json`."""
-    output_dir = os.path.abspath(output_dir)
-    if os.path.exists(output_dir) and os.listdir(output_dir):
+def save_converted(output_dir, params: Dict[str, Any], batch_stats: Dict[str, Any],
+                   metadata: Mapping[str, Any], *, write_metadata: bool = True) -> None:
+    """Write `output_dir/checkpoint` (orbax) and then `output_dir/metadata.json` (local or gs://; in a
+    multi-process run every process calls it and one writes the metadata)."""
+    output_dir = _weights_dir(str(output_dir))
+    if output_dir.exists() and list(output_dir.iterdir()):
         raise ValueError(f"--output {output_dir} exists and is not empty; choose a new directory.")
-    os.makedirs(output_dir, exist_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(output_dir, CHECKPOINT_SUBDIR),
-                          {"params": params, "batch_stats": batch_stats})
-    with open(os.path.join(output_dir, METADATA_FILE), "w") as file:
-        json.dump(metadata, file, indent=2)
+        checkpointer.save(output_dir / CHECKPOINT_SUBDIR, {"params": params, "batch_stats": batch_stats})
+    if write_metadata:
+        (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
 
 
 def convert_file(arch: str, input_path: str, output_dir: str) -> Dict[str, Any]:
@@ -251,22 +251,27 @@ def read_metadata(path: str) -> Dict[str, Any]:
     return json.loads(metadata_path.read_text())
 
 
-def load_pretrained(path: str, backbone: str) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
-    """Converted weights for the trainer: (backbone params, backbone batch_stats, metadata).
+def load_pretrained(path: str, backbone: str, width: float = 1.0
+                    ) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
+    """Converted (or pretrained here: pretraining.export_backbone) weights for the trainer: (backbone params,
+    backbone batch_stats, metadata).
 
     The trees replace `variables['params']['backbone']` and `variables['batch_stats']['backbone']` of an
-    `Embedder(backbone, ..., width=1.0)`; `metadata['preprocessing']` says how images must be normalised.
+    `Embedder(backbone, ..., width=width)`; `metadata['preprocessing']` says how images must be normalised.
 
     Raises:
-      ValueError if `path` is not a directory written by this module, or holds another architecture.
+      ValueError if `path` is not a directory written by this module, or holds another architecture or width.
     """
     metadata = read_metadata(path)
     if metadata["architecture"] != backbone:
         raise ValueError(f"config.model.pretrained = {path!r} holds {metadata['architecture']} weights but "
                          f"config.model.backbone is {backbone!r}; make them agree.")
+    if float(metadata.get("width", 1.0)) != width:
+        raise ValueError(f"config.model.pretrained = {path!r} holds a backbone of width {metadata.get('width', 1.0)} "
+                         f"but config.model.width is {width}; make them agree.")
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(_weights_dir(path) / CHECKPOINT_SUBDIR)
-    expected = backbone_variable_shapes(backbone)
+    expected = backbone_variable_shapes(backbone, width)
     for collection in ("params", "batch_stats"):
         got = jax.tree.map(np.shape, restored[collection])
         want = jax.tree.map(lambda leaf: leaf.shape, expected[collection])

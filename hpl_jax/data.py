@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-from typing import Dict, Iterator, Optional, Protocol, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -27,8 +27,22 @@ Batch = Dict[str, np.ndarray]
 
 SYNTHETIC = "synthetic"
 SYNTHETIC_SOP = "synthetic_sop"
+SYNTHETIC_SOURCE = "synthetic_source"  # the embedded pretraining source (synthetic_source.py)
 TFDS_DATASETS = ("cub", "cars", "sop", "inshop", "cifar100", "image_folder")
-DATASETS = (SYNTHETIC, SYNTHETIC_SOP) + TFDS_DATASETS
+EMBEDDED_DATASETS = (SYNTHETIC, SYNTHETIC_SOP, SYNTHETIC_SOURCE)
+DATASETS = EMBEDDED_DATASETS + TFDS_DATASETS
+
+
+def embedded_draws(dataset_config) -> List[Tuple[str, int]]:
+    """The generator draws an embedded dataset is made of, [(generator, data seed), ...] in label order; [] for
+    data read from files. The pretraining source (synthetic_source.py) is one draw per seed it lists."""
+    if dataset_config.name == SYNTHETIC_SOURCE:
+        source = dataset_config.synthetic_source
+        return ([(SYNTHETIC_SOP, int(seed)) for seed in source.sop_seeds]
+                + [(SYNTHETIC, int(seed)) for seed in source.default_seeds])
+    if dataset_config.name in (SYNTHETIC, SYNTHETIC_SOP):
+        return [(dataset_config.name, int(dataset_config.seed))]
+    return []
 
 
 class DataError(ValueError):

@@ -1,6 +1,6 @@
 """Which dataset a config names: the one place that imports the data sources.
 
-`data.py` defines what a dataset is; `synthetic.py`, `synthetic_sop.py` and `input_pipeline.py` implement it and
+`data.py` defines what a dataset is; `synthetic.py`, `synthetic_sop.py`, `synthetic_source.py` and `input_pipeline.py` implement it and
 import `data`; this module imports them, so there is no import cycle, and TensorFlow is imported only for a TFDS
 dataset.
 """
@@ -9,14 +9,16 @@ from __future__ import annotations
 from hpl_jax import data
 from hpl_jax import synthetic
 from hpl_jax import synthetic_sop
+from hpl_jax import synthetic_source
 
 
 def get_dataset(config, *, local_batch_size: int, local_eval_batch_size: int,
                 process_index: int = 0, process_count: int = 1) -> data.Dataset:
     """Builds the dataset named by `config.dataset.name` for this host."""
     name = config.dataset.name
-    if name in (data.SYNTHETIC, data.SYNTHETIC_SOP):
-        source = synthetic.SyntheticDataset if name == data.SYNTHETIC else synthetic_sop.SyntheticSopDataset
+    if name in data.EMBEDDED_DATASETS:
+        source = {data.SYNTHETIC: synthetic.SyntheticDataset, data.SYNTHETIC_SOP: synthetic_sop.SyntheticSopDataset,
+                  data.SYNTHETIC_SOURCE: synthetic_source.SyntheticSourceDataset}[name]
         return source(
             config, local_batch_size=local_batch_size, local_eval_batch_size=local_eval_batch_size,
             process_index=process_index, process_count=process_count)

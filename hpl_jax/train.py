@@ -31,6 +31,7 @@ from hpl_jax import losses
 from hpl_jax import models
 from hpl_jax import optim
 from hpl_jax import preemption as preemption_lib
+from hpl_jax import pretraining
 from hpl_jax import reporting
 from hpl_jax.train_state import TrainState
 from hpl_jax.train_state import create_train_state, host_copy, replicate, trainable, unreplicate
@@ -378,6 +379,9 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
         if preempted:
             break
     checkpoints.wait()
+    if config.export_backbone and not preempted:
+        exported = pretraining.export_backbone(host_copy(state), config, workdir, info=info)
+        logging.info("Backbone written to %s (use it with --config.model.pretrained=%s).", exported, exported)
 
     summary = reporter.summary()
     notes = {"skipped_images": data.total_over_hosts(dataset.num_skipped_images),

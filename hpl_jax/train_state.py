@@ -148,7 +148,8 @@ def create_train_state(rng, config, model, info: data.DatasetInfo) -> TrainState
     hierarchy = initial_hierarchy(proxy_rng, config, info)
     params = variables["params"]
     if config.model.pretrained:
-        backbone_params, backbone_stats, _ = convert_weights.load_pretrained(config.model.pretrained, config.model.backbone)
+        backbone_params, backbone_stats, _ = convert_weights.load_pretrained(
+            config.model.pretrained, config.model.backbone, config.model.width)
         params = {**params, "backbone": backbone_params}
         variables = {**variables, "batch_stats": {**variables["batch_stats"], "backbone": backbone_stats}}
     labels, groups = optim.parameter_groups(trainable(params, hierarchy), config.optim)

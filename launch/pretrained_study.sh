@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# The study behind docs/study.md, "From pretrained features": HPL against Proxy-Anchor when both fine-tune a backbone
+# pretrained on a disjoint, larger source of the same domain (hpl_jax/synthetic_source.py), with the Proxy-Anchor
+# recipe (configs/finetune_default.py: frozen BN, a warm-up epoch, lr 1e-4, proxies at 100x); on the two embedded
+# datasets, the same training seeds for both arms, three data seeds.
+#
+# Needs:   the project's environment (pip install -r requirements.txt), run from the repository root; a CPU is
+#          enough (on this project's 2-core machine the pretraining takes about 15 min, a fine-tuning run 1-3 min).
+# Usage:   launch/pretrained_study.sh ROOT [STAGE ...]       (default: every stage, in the order below)
+# Example: nohup nice launch/pretrained_study.sh /tmp/hpl_pstudy > /tmp/hpl_pstudy.log 2>&1 &
+#          two streams side by side on 2 cores (after the pretrain stage):
+#          launch/pretrained_study.sh /tmp/hpl_pstudy sop_sanity sop_pa sop_gt sop_w1 &
+#          launch/pretrained_study.sh /tmp/hpl_pstudy default_sanity default_pa default_gt &
+# Running the script again resumes: the pretraining from its checkpoint, each sweep's finished runs are skipped and
+# an interrupted run resumes from its checkpoint. The stages:
+#   pretrain        python -m hpl_jax.main --config=configs/pretrain_synthetic.py --workdir=ROOT/pretrain: writes
+#                   ROOT/pretrain/backbone, which every fine-tuning run below loads
+#   *_sanity        fine-tuned against from scratch (each with its own recipe: the from-scratch study's config at its
+#                   epochs), flat Proxy-Anchor, data seed 0, into ROOT/<dataset>_sanity
+#   *_pa            HPL-PA (the config's own w and K_1) against flat Proxy-Anchor, both fine-tuned, data seeds 0-2,
+#                   seed by seed (so an interrupted stage leaves pairs), into ROOT/<dataset>_pa
+#   *_gt            level 1 = the ground-truth super-classes against k-means (data seed 0; k-means runs copied from *_pa)
+#   sop_w1          Figure 5's w_1 sweep, fine-tuned (data seed 0; w_1 = 0.1 copied from sop_pa)
+#   report          results.md / results.csv / plots of every root
+# Environment:
+#   SEEDS        training seeds of every setting (default 0,1,2,3,4)
+#   DATA_SEEDS   data seeds of the *_pa stages (default 0,1,2)
+set -euo pipefail
+
+ROOT="${1:?usage: launch/pretrained_study.sh ROOT [STAGE ...]}"
+shift
+SEEDS="${SEEDS:-0,1,2,3,4}"
+DATA_SEEDS="${DATA_SEEDS:-0,1,2}"
+PYTHON="${PYTHON:-python}"
+BACKBONE="$ROOT/pretrain/backbone"
+PRETRAINED=("--set=model.pretrained=$BACKBONE")
+PAIR='hpl.weights=(1.0,),(1.0,0.1)'
+
+need_backbone() {
+  [[ -f "$BACKBONE/metadata.json" ]] || { echo "no $BACKBONE yet: run the pretrain stage first" >&2; exit 1; }
+}
+
+sweep() {  # sweep CONFIG ROOT_NAME SWEEP-FLAGS...
+  local config="$1" name="$2"
+  shift 2
+  echo "== $(date '+%F %T') $name $*"
+  "$PYTHON" -m hpl_jax.sweep --config="configs/${config}.py" --workdir="$ROOT/$name" "$@"
+}
+
+reuse() {  # reuse FROM_ROOT FROM_NAME TO_ROOT TO_NAME: a finished run copied into another root under another name
+  mkdir -p "$ROOT/$3"
+  "$PYTHON" - "$ROOT/$1/$2" "$ROOT/$3/$4" <<'PY'
+import os, shutil, sys
+from hpl_jax import reporting
+source, target = sys.argv[1:]
+if not os.path.exists(target) and reporting.run_has_ended(source):
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("checkpoints", "best", "tensorboard"))
+PY
+}
+
+stage_pretrain() {
+  echo "== $(date '+%F %T') pretrain"
+  "$PYTHON" -m hpl_jax.main --config=configs/pretrain_synthetic.py --workdir="$ROOT/pretrain"
+}
+
+# From scratch with the from-scratch study's recipe (10 / 12 epochs) against fine-tuned, flat PA, data seed 0: both
+# trained here with this code, then the fine-tuned runs copied beside the scratch ones (the report pairs them by seed).
+sanity() {  # sanity DATASET SCRATCH_CONFIG SCRATCH-FLAGS...
+  local dataset="$1" config="$2" seed
+  shift 2
+  need_backbone
+  sweep "$config" "${dataset}_scratch" --grid='hpl.weights=(1.0,)' --seeds="$SEEDS" "$@"
+  sweep "finetune_$dataset" "${dataset}_pa" --grid='hpl.weights=(1.0,)' --seeds="$SEEDS" --data_seeds=0 \
+    "${PRETRAINED[@]}"
+  for seed in ${SEEDS//,/ }; do
+    reuse "${dataset}_scratch" "hpl.weights=1.0__seed=$seed" "${dataset}_sanity" "scratch__seed=$seed"
+    reuse "${dataset}_pa" "hpl.weights=1.0__seed=${seed}__data_seed=0" "${dataset}_sanity" "pretrained__seed=$seed"
+  done
+}
+stage_sop_sanity() { sanity synthetic_sop synthetic_sop --set=num_epochs=10; }
+stage_default_sanity() { sanity default default; }
+
+pairs() {  # pairs DATASET: HPL-PA and PA, seed by seed and data seed by data seed, then the whole sweep's plan
+  local dataset="$1" data_seed seed
+  need_backbone
+  for data_seed in ${DATA_SEEDS//,/ }; do
+    for seed in ${SEEDS//,/ }; do
+      sweep "finetune_$dataset" "${dataset}_pa" --grid="$PAIR" --seeds="$seed" --data_seeds="$data_seed" \
+        "${PRETRAINED[@]}"
+    done
+  done
+  sweep "finetune_$dataset" "${dataset}_pa" --grid="$PAIR" --seeds="$SEEDS" --data_seeds="$DATA_SEEDS" \
+    "${PRETRAINED[@]}"
+}
+stage_sop_pa() { pairs synthetic_sop; }
+stage_default_pa() { pairs default; }
+
+ground_truth() {  # ground_truth DATASET
+  local dataset="$1" seed
+  need_backbone
+  for seed in ${SEEDS//,/ }; do
+    reuse "${dataset}_pa" "hpl.weights=1.0,0.1__seed=${seed}__data_seed=0" "${dataset}_gt" \
+      "hpl.ground_truth_level1=False__seed=$seed"
+  done
+  sweep "finetune_$dataset" "${dataset}_gt" --grid='hpl.ground_truth_level1=False,True' --seeds="$SEEDS" \
+    "${PRETRAINED[@]}"
+}
+stage_sop_gt() { ground_truth synthetic_sop; }
+stage_default_gt() { ground_truth default; }
+
+stage_sop_w1() {
+  local seed
+  need_backbone
+  for seed in ${SEEDS//,/ }; do
+    reuse synthetic_sop_pa "hpl.weights=1.0,0.1__seed=${seed}__data_seed=0" synthetic_sop_w1 \
+      "hpl.weights=1.0,0.1__seed=$seed"
+  done
+  sweep finetune_synthetic_sop synthetic_sop_w1 \
+    --grid='hpl.weights=(1.0,0.0),(1.0,0.01),(1.0,0.1),(1.0,0.3),(1.0,1.0)' --seeds="$SEEDS" "${PRETRAINED[@]}"
+}
+
+stage_report() {
+  local root baseline
+  for root in "$ROOT"/*/; do
+    root="${root%/}"
+    case "${root##*/}" in
+      pretrain) continue ;;
+      *_sanity) baseline="model.pretrained=" ;;
+      *_w1) baseline='hpl.weights=(1.0,0.0)' ;;
+      *_gt) baseline='hpl.ground_truth_level1=False' ;;
+      *_scratch) continue ;;
+      *) baseline='hpl.weights=(1.0,)' ;;
+    esac
+    "$PYTHON" -m hpl_jax.report "$root" --metrics=map@r,recall@1,val/map@r --baseline="$baseline" ||
+      echo "(no report for $root)" >&2
+  done
+}
+
+ALL_STAGES=(pretrain sop_sanity default_sanity sop_pa default_pa sop_gt default_gt sop_w1 report)
+STAGES=("${ALL_STAGES[@]}")
+if (($# > 0)); then STAGES=("$@"); fi
+start=$(date +%s)
+for stage in "${STAGES[@]}"; do
+  if ! declare -F "stage_$stage" >/dev/null; then
+    echo "unknown stage '$stage'; the stages are: ${ALL_STAGES[*]}" >&2
+    exit 2
+  fi
+done
+for stage in "${STAGES[@]}"; do
+  "stage_$stage"
+done
+echo "== $(date '+%F %T') done: ${STAGES[*]} in $(($(date +%s) - start)) s"
