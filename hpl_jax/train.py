@@ -34,7 +34,7 @@ from hpl_jax import preemption as preemption_lib
 from hpl_jax import reporting
 from hpl_jax.train_state import TrainState
 from hpl_jax.train_state import create_train_state, host_copy, replicate, trainable, unreplicate
-from hpl_jax.train_state import as_global, as_local, device_mesh, over_devices
+from hpl_jax.train_state import as_global, device_mesh, over_devices
 
 AXIS = "batch"  # the device axis of the steps; collectives span every device of every host
 
@@ -279,8 +279,7 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
     # convert every leaf of the train state between host-local and global arrays at every step of a
     # multi-process run (docs/scaling.md).
     mesh = device_mesh(AXIS)
-    embed = over_devices(functools.partial(evaluation.embed_step, model=model), mesh)
-    p_embed = lambda state, batch: as_local(embed(state, as_global(batch, mesh)))  # noqa: E731
+    p_embed = evaluation.embed_on_devices(model, mesh)
     step_fns = {
         warm: over_devices(functools.partial(train_step, model=model, config=config, labels=labels, groups=groups,
                                              in_warmup=warm), mesh, donate_argnums=(0,))
@@ -307,7 +306,7 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
                 steps_per_epoch=steps_per_epoch, resumed_step=int(state.step), template=jax.device_get(state))
     else:
         replicated = as_global(replicate(state, AXIS), mesh)
-        untrained = evaluation.evaluate(p_embed, replicated, dataset, config)
+        untrained = evaluation.evaluate(p_embed, replicated, dataset, config, mesh=mesh)
         # The first grouping (the ground-truth level 1 is already in place: create_train_state).
         if state.hierarchy.num_levels > 1 and not config.hpl.ground_truth_level1:
             level1_vectors = None
@@ -373,7 +372,7 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
         values = None
         if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
             values = {**evaluation.evaluate(p_embed, state, dataset, config,
-                                            costly=evaluation.costly_metrics_due(config, epoch + 1)),
+                                            costly=evaluation.costly_metrics_due(config, epoch + 1), mesh=mesh),
                       **hierarchy_values}
             reporter.evaluation(epoch + 1, int(host_state.step), values)
         checkpoints.save(int(host_state.step), host_state)
