@@ -25,6 +25,10 @@ sorts each chunk's keys and returns three numbers per query; on a CPU the host f
 in the gallery) in rows copied back. Such a level makes self-retrieval search chunks of
 queries against the whole gallery (chunk_size x gallery similarities), as query mode always does.
 
+`sharded_retrieval_metrics` computes the same metrics with the queries split across the devices of a mesh (every
+process's): each device searches its share in chunks against the whole gallery, counts or ranks every level on
+the device, and sums its queries' scores; the host adds the sums. `retrieval_metrics` stays the reference.
+
 Equal embeddings give bitwise-equal similarities within one run (one block shape, and a block product that
 does not depend on the operands' order), so exact ties stay exact. Against another implementation, results
 can differ where two similarities lie within float32 rounding of each other: matrix-product rounding depends
