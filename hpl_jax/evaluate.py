@@ -15,7 +15,6 @@ import functools
 from typing import Dict, Optional, Tuple
 
 import jax
-import flax.jax_utils
 import numpy as np
 from absl import app
 from absl import flags
@@ -24,8 +23,11 @@ from hpl_jax import checkpointing
 from hpl_jax import cli
 from hpl_jax import data
 from hpl_jax import evaluation
+from hpl_jax.train_state import device_mesh
 
 FLAGS = flags.FLAGS
+# The device axis, named as the trainer's (train.AXIS); the embedding step has no collectives.
+AXIS = "batch"
 
 
 def define_flags() -> None:
@@ -45,22 +47,25 @@ def checkpoint_name_is_valid(which: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def embed_function(model):
-    """pmap'd embedding of one eval batch (no collectives, so no axis name); one per model, compiled once."""
-    return jax.pmap(functools.partial(evaluation.embed_step, model=model))
+def embed_function(model, mesh: jax.sharding.Mesh):
+    """The trainer's embedding step (evaluation.embed_on_devices) of `model` over `mesh`; compiled once per model."""
+    return evaluation.embed_on_devices(model, mesh)
 
 
 def embed_run(run: checkpointing.RestoredRun, split: str = "test") -> Dict[str, evaluation.Embedded]:
-    """The eval splits the protocol of `split` reads (In-Shop 'test': query and gallery), embedded."""
-    return evaluation.embed_protocol_splits(embed_function(run.model), flax.jax_utils.replicate(run.state),
-                                            run.dataset, split)
+    """The eval splits the protocol of `split` reads (In-Shop 'test': query and gallery), embedded on every device
+    of every process, as the trainer embeds them."""
+    mesh = device_mesh(AXIS)
+    return evaluation.embed_protocol_splits(embed_function(run.model, mesh),
+                                            evaluation.state_on_devices(run.state, mesh), run.dataset, split)
 
 
 def evaluate_run(run: checkpointing.RestoredRun,
                  split: str = "test") -> Tuple[Dict[str, float], Dict[str, evaluation.Embedded]]:
-    """The metrics of `split` under the dataset's protocol, and the embedded eval splits they came from."""
+    """The metrics of `split` under the dataset's protocol (the queries split across the devices, as in training),
+    and the embedded eval splits they came from."""
     embedded = embed_run(run, split)
-    return evaluation.split_metrics(embedded, run.dataset.info, run.config, split), embedded
+    return evaluation.split_metrics(embedded, run.dataset.info, run.config, split, mesh=device_mesh(AXIS)), embedded
 
 
 def recorded_metrics(run: checkpointing.RestoredRun, split: str) -> Optional[Dict[str, float]]:

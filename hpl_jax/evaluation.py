@@ -5,6 +5,7 @@ Used by the training loop and by the commands that restore a run without trainin
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
@@ -13,12 +14,29 @@ from jax.experimental import multihost_utils
 
 from hpl_jax import data
 from hpl_jax import metrics as metrics_lib
-from hpl_jax.train_state import TrainState
+from hpl_jax.train_state import TrainState, as_global, as_local, over_devices, replicate
 
 
 def embed_step(state: TrainState, batch, *, model):
     """Embeddings of one eval batch on one device: f32[per_device, embedding_dim]."""
     return model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+
+
+def embed_on_devices(model, mesh: jax.sharding.Mesh):
+    """`embed_step` on every device of `mesh` as the trainer runs its steps (jit + shard_map,
+    train_state.over_devices): the embedding function `embed_examples` takes, one per entry point and model.
+
+    Returns p_embed(state, batch): state as global arrays over `mesh` (`state_on_devices`); batch per local device
+    {'image': [local devices, per_device, H, W, 3]} (data.prefetch_to_devices); embeddings of this process's
+    devices, f32[local devices, per_device, embedding_dim].
+    """
+    embed = over_devices(functools.partial(embed_step, model=model), mesh)
+    return lambda state, batch: as_local(embed(state, as_global(batch, mesh)))
+
+
+def state_on_devices(state: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
+    """A host state copied to every device of `mesh`, as the global arrays `embed_on_devices` takes."""
+    return as_global(replicate(state, mesh.axis_names[0]), mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,21 +108,27 @@ def costly_metrics_due(config, epoch: int) -> bool:
 
 
 def split_metrics(embedded: Dict[str, Embedded], info: data.DatasetInfo, config, split: str, *,
-                  costly: bool = True) -> Dict[str, float]:
+                  costly: bool = True, mesh: Optional[jax.sharding.Mesh] = None) -> Dict[str, float]:
     """The dataset's retrieval protocol on `split` (METHOD.md, "Benchmarks"), from its embedded eval splits.
 
     embedded: {name: Embedded} for every name in `protocol_splits(info, split)`.
     costly: False leaves out NMI and the super-class metrics even where `config.eval` asks for them.
+    mesh: where it spans more than one device, the queries are split across its devices (of every process;
+      metrics.sharded_retrieval_metrics, called by every process alike); else metrics.retrieval_metrics on the
+      default device.
     """
     super_labels = split_super_labels(info, split) if config.eval.super_metrics and costly else None
     options = dict(recall_at=tuple(config.eval.recall_at), super_labels=super_labels,
                    nmi=config.eval.nmi and costly, chunk_size=config.eval.chunk_size, seed=config.seed)
+    if mesh is not None and mesh.size > 1:
+        metric_fn = functools.partial(metrics_lib.sharded_retrieval_metrics, mesh=mesh)
+    else:
+        metric_fn = metrics_lib.retrieval_metrics
     if "query" in embedded:
         gallery, queries = embedded["gallery"], embedded["query"]
-        return metrics_lib.retrieval_metrics(gallery.embeddings, gallery.labels,
-                                             query_embeddings=queries.embeddings,
-                                             query_labels=queries.labels, **options)
-    return metrics_lib.retrieval_metrics(embedded[split].embeddings, embedded[split].labels, **options)
+        return metric_fn(gallery.embeddings, gallery.labels, query_embeddings=queries.embeddings,
+                         query_labels=queries.labels, **options)
+    return metric_fn(embedded[split].embeddings, embedded[split].labels, **options)
 
 
 def embed_protocol_splits(p_embed, state, dataset: data.Dataset, split: str) -> Dict[str, Embedded]:
@@ -127,17 +151,18 @@ def selection_metric(config, info: data.DatasetInfo) -> str:
     return f"{VAL}/{metric}" if has_validation(info) else metric
 
 
-def evaluate(p_embed, state, dataset: data.Dataset, config, *, costly: bool = True) -> Dict[str, float]:
+def evaluate(p_embed, state, dataset: data.Dataset, config, *, costly: bool = True,
+             mesh: Optional[jax.sharding.Mesh] = None) -> Dict[str, float]:
     """The dataset's retrieval protocol (METHOD.md, "Benchmarks") on the unseen test classes, and on the
-    held-out validation classes when there are any (keys prefixed 'val/'); `costly`: see `split_metrics`.
+    held-out validation classes when there are any (keys prefixed 'val/'); `costly`, `mesh`: see `split_metrics`.
 
     Validation is always self-retrieval over its images (the training classes have no query/gallery split).
     """
     values = split_metrics(embed_protocol_splits(p_embed, state, dataset, "test"), dataset.info, config, "test",
-                           costly=costly)
+                           costly=costly, mesh=mesh)
     if has_validation(dataset.info):
         val_values = split_metrics(embed_protocol_splits(p_embed, state, dataset, VAL), dataset.info, config, VAL,
-                                   costly=costly)
+                                   costly=costly, mesh=mesh)
         values.update({f"{VAL}/{name}": value for name, value in val_values.items()})
     return values
 

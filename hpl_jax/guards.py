@@ -8,7 +8,7 @@ nothing non-finite is ever saved, so the latest checkpoint stays the resume poin
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -41,36 +41,47 @@ def describe(step: int, epoch: int, values: Dict[str, Any]) -> str:
 class StepMetrics:
     """The device-side metrics of the steps the host has not looked at yet.
 
-    `add` keeps a step's metrics without waiting for the device; `fetch` transfers all of them at once (the
-    transfer the progress line makes anyway) and checks each step's `finite` flag in order, so the step named
-    is the first bad one even when the host looks only every `log_every_steps`.
+    `add` keeps a step's metrics without waiting for the device; `fetch` transfers them (the transfer the progress
+    line makes anyway) and checks each step's `finite` flag in order, so the step named is the first bad one even
+    when the host looks only every `log_every_steps`. `fetch(behind=1)` leaves the newest step alone: the host reads
+    the metrics of steps the device has finished (or is about to), never waits for the step it has just dispatched,
+    and the device keeps a step queued while the host writes the line.
     """
 
     def __init__(self, *, skip_nonfinite: bool):
         self._skip_nonfinite = skip_nonfinite
-        self._pending: List[Tuple[int, int, Any]] = []
+        # (step, epoch, replicated metrics, whether a progress line shows them)
+        self._pending: List[Tuple[int, int, Any, bool]] = []
         self.num_skipped = 0
 
-    def add(self, step: int, epoch: int, replicated_metrics) -> None:
-        self._pending.append((step, epoch, replicated_metrics))
+    def add(self, step: int, epoch: int, replicated_metrics, *, report: bool = False) -> None:
+        """Keeps a step's metrics (no transfer); `report`: a progress line shows them once they are fetched."""
+        self._pending.append((step, epoch, replicated_metrics, report))
 
-    def fetch(self) -> Optional[Dict[str, float]]:
-        """The latest step's metrics on the host (None if none is pending); raises NonFiniteError on a bad step
-        unless skipping."""
-        if not self._pending:
-            return None
-        fetched = jax.device_get([unreplicate(metrics) for _, _, metrics in self._pending])
-        steps, self._pending = self._pending, []
-        for (step, epoch, _), values in zip(steps, fetched):
-            if bool(values["finite"]):
-                continue
-            if not self._skip_nonfinite:
-                raise NonFiniteError(
-                    f"{describe(step, epoch, values)}. Nothing non-finite was saved: running the same command "
-                    "again resumes from the latest checkpoint. Lower optim.lr, keep optim.grad_clip_value > 0, or "
-                    "set optim.skip_nonfinite_steps=True to skip such steps.")
-            self.num_skipped += 1
-            logging.warning("Skipped the step: %s (optim.skip_nonfinite_steps).", describe(step, epoch, values))
-        values = dict(fetched[-1])
-        del values["finite"]
-        return values
+    def fetch(self, *, behind: int = 0) -> List[Tuple[int, int, Dict[str, float]]]:
+        """Transfers the metrics of every pending step but the newest `behind` and checks them; raises
+        NonFiniteError on a bad step unless skipping.
+
+        behind 0 (before the host reads or saves the state) transfers every step, whatever it shows. behind > 0
+        transfers nothing unless one of the steps it would transfer is to be reported.
+
+        Returns (step, epoch, values without 'finite') of each transferred step marked `report`, in order.
+        """
+        ready = self._pending[:len(self._pending) - behind] if behind else self._pending
+        if not ready or (behind and not any(report for *_, report in ready)):
+            return []
+        fetched = jax.device_get([unreplicate(metrics) for _, _, metrics, _ in ready])
+        self._pending = self._pending[len(ready):]
+        lines = []
+        for (step, epoch, _, report), values in zip(ready, fetched):
+            if not bool(values["finite"]):
+                if not self._skip_nonfinite:
+                    raise NonFiniteError(
+                        f"{describe(step, epoch, values)}. Nothing non-finite was saved: running the same command "
+                        "again resumes from the latest checkpoint. Lower optim.lr, keep optim.grad_clip_value > 0, "
+                        "or set optim.skip_nonfinite_steps=True to skip such steps.")
+                self.num_skipped += 1
+                logging.warning("Skipped the step: %s (optim.skip_nonfinite_steps).", describe(step, epoch, values))
+            if report:
+                lines.append((step, epoch, {k: v for k, v in values.items() if k != "finite"}))
+        return lines

@@ -25,6 +25,10 @@ sorts each chunk's keys and returns three numbers per query; on a CPU the host f
 in the gallery) in rows copied back. Such a level makes self-retrieval search chunks of
 queries against the whole gallery (chunk_size x gallery similarities), as query mode always does.
 
+`sharded_retrieval_metrics` computes the same metrics with the queries split across the devices of a mesh (every
+process's): each device searches its share in chunks against the whole gallery, counts or ranks every level on
+the device, and sums its queries' scores; the host adds the sums. `retrieval_metrics` stays the reference.
+
 Equal embeddings give bitwise-equal similarities within one run (one block shape, and a block product that
 does not depend on the operands' order), so exact ties stay exact. Against another implementation, results
 can differ where two similarities lie within float32 rounding of each other: matrix-product rounding depends
@@ -123,6 +127,105 @@ def retrieval_metrics(
       R = 0, left out of every mean), the same under `super/` when super_labels is given, and `nmi` when nmi
       is True.
     """
+    gallery, gallery_labels, queries, levels, recall_at = _prepared(
+        embeddings, labels, query_embeddings, query_labels, recall_at, super_labels, chunk_size)
+    self_retrieval = query_embeddings is None
+    if self_retrieval and len(levels) == 1 and levels[0].num_positives.max() <= _MAX_COUNTED_POSITIVES:
+        per_level = [_symmetric_block_scores(gallery, levels[0], int(chunk_size))]
+    else:
+        if rank_on_device is None:
+            rank_on_device = jax.devices()[0].platform != "cpu"
+        per_level = _query_chunk_scores(queries, gallery, levels, self_retrieval, int(chunk_size),
+                                        max(recall_at), bool(rank_on_device))
+    metrics: Dict[str, float] = {}
+    for level, scores in zip(levels, per_level):
+        metrics.update(_mean_scores(*scores, recall_at, level.prefix))
+    if nmi:
+        metrics["nmi"] = _kmeans_nmi(gallery, gallery_labels, seed)
+    return metrics
+
+
+def sharded_retrieval_metrics(
+    embeddings,
+    labels,
+    *,
+    mesh: jax.sharding.Mesh,
+    query_embeddings=None,
+    query_labels=None,
+    recall_at: Sequence[int] = (1, 2, 4, 8),
+    super_labels=None,
+    nmi: bool = True,
+    chunk_size: int = 1024,
+    seed: int = 0,
+) -> Dict[str, float]:
+    """`retrieval_metrics` with the queries split across every device of `mesh` (of every process): each device
+    searches its share of the queries, chunk by chunk, against the whole gallery and sums its queries' scores;
+    the host adds the devices' sums. The same counts as `retrieval_metrics` (Recall@K and P@1 exactly, for the
+    same similarities), R-Precision and MAP@R to float32 rounding; NMI as there, on the default device.
+
+    Every level, the class level too, is searched in query chunks (no symmetric blocks: with D devices each
+    computes 1/D of the full product, against 1/2 on one device) and ranked on the device where its R is large.
+    Each device holds the whole gallery and a chunk_size x gallery block of similarities at a time. In a
+    multi-process run every process calls it with the same arguments (a collective; the training loop's hosts
+    all hold every embedding).
+
+    Args:
+      mesh: a one-axis jax.sharding.Mesh (train_state.device_mesh); the rest as `retrieval_metrics`.
+
+    Returns:
+      What `retrieval_metrics` returns.
+    """
+    gallery, gallery_labels, queries, levels, recall_at = _prepared(
+        embeddings, labels, query_embeddings, query_labels, recall_at, super_labels, chunk_size)
+    self_retrieval = query_embeddings is None
+    num_queries, num_gallery = len(queries), len(gallery)
+    # Queries padded (zero vectors without positives, left out of every sum) to whole chunks on every device.
+    per_device = -(-num_queries // mesh.size)
+    chunk = min(int(chunk_size), per_device)
+    per_device = chunk * -(-per_device // chunk)
+    padding = mesh.size * per_device - num_queries
+    gallery_padding = -num_gallery % _GROUP
+    counted = bool(levels[0].num_positives.max() <= _MAX_COUNTED_POSITIVES)
+    ranked = levels[1:] if counted else levels
+    query_ids = np.arange(num_queries)
+    indices, valid = _positives(levels[0], query_ids, self_retrieval,
+                                _num_slots(levels[0].num_positives.max()) if counted else 0)
+    ranked_depths = tuple(min(max(int(level.num_positives.max()), max(recall_at)), num_gallery - int(self_retrieval))
+                          for level in ranked)
+    hit_at = tuple(sorted(set(recall_at) | {1}))
+    scores = _sharded_scorer(mesh, chunk=chunk, counted=counted, gallery_padding=gallery_padding,
+                             ranked_depths=ranked_depths, hit_at=hit_at)
+
+    axis = jax.sharding.PartitionSpec(mesh.axis_names[0])
+
+    def rows(x, fill=0):
+        return _on_mesh(np.pad(x, [(0, padding)] + [(0, 0)] * (x.ndim - 1), constant_values=fill), mesh, axis)
+
+    def everywhere(x):
+        return _on_mesh(x, mesh, jax.sharding.PartitionSpec())
+    hits, sums = scores(
+        rows(queries), rows(indices.astype(np.int32)), rows(valid),
+        rows((query_ids if self_retrieval else np.full(num_queries, -1)).astype(np.int32), fill=-1),
+        tuple(rows(level.query_classes.astype(np.int32)) for level in ranked),
+        tuple(rows(level.num_positives.astype(np.int32)) for level in ranked),
+        everywhere(np.pad(gallery, ((0, gallery_padding), (0, 0)))),
+        tuple(everywhere(np.pad(level.gallery_classes, (0, gallery_padding), constant_values=-1).astype(np.int32))
+              for level in ranked))
+    # Replicated on every device: this process's first copy, summed over the chunks in 64 bits.
+    hits = np.asarray(hits.addressable_shards[0].data).astype(np.int64).sum(axis=0)
+    sums = np.asarray(sums.addressable_shards[0].data).astype(np.float64).sum(axis=0)
+    metrics: Dict[str, float] = {}
+    for level, level_hits, level_sums in zip(levels, hits, sums):
+        metrics.update(_means_of_sums(level_hits, level_sums, level, hit_at, recall_at))
+    if nmi:
+        metrics["nmi"] = _kmeans_nmi(gallery, gallery_labels, seed)
+    return metrics
+
+
+def _prepared(embeddings, labels, query_embeddings, query_labels, recall_at, super_labels, chunk_size):
+    """The checked inputs of `retrieval_metrics`: (unit gallery f32[gallery, dim], gallery labels, unit queries
+    f32[num_queries, dim] (the gallery in self-retrieval), its levels [class level, super level if asked], recall_at
+    as a tuple)."""
     gallery, gallery_labels, queries, queries_labels = _checked_inputs(
         embeddings, labels, query_embeddings, query_labels)
     self_retrieval = query_embeddings is None
@@ -139,20 +242,7 @@ def retrieval_metrics(
     if super_labels is not None:
         query_super, gallery_super = _super_classes(super_labels, queries_labels, gallery_labels)
         levels.append(_level("super/", query_super, gallery_super, self_retrieval))
-
-    if self_retrieval and len(levels) == 1 and levels[0].num_positives.max() <= _MAX_COUNTED_POSITIVES:
-        per_level = [_symmetric_block_scores(gallery, levels[0], int(chunk_size))]
-    else:
-        if rank_on_device is None:
-            rank_on_device = jax.devices()[0].platform != "cpu"
-        per_level = _query_chunk_scores(queries, gallery, levels, self_retrieval, int(chunk_size),
-                                        max(recall_at), bool(rank_on_device))
-    metrics: Dict[str, float] = {}
-    for level, scores in zip(levels, per_level):
-        metrics.update(_mean_scores(*scores, recall_at, level.prefix))
-    if nmi:
-        metrics["nmi"] = _kmeans_nmi(gallery, gallery_labels, seed)
-    return metrics
+    return gallery, gallery_labels, queries, levels, recall_at
 
 
 def _checked_inputs(embeddings, labels, query_embeddings, query_labels):
@@ -570,6 +660,109 @@ def _mean_scores(r, above_best, r_precision, average_precision, recall_at: Tuple
     metrics[f"{prefix}map@r"] = float(np.mean(average_precision[has_positive]))
     metrics[f"{prefix}num_queries"] = int(len(r))
     metrics[f"{prefix}num_queries_without_positive"] = int(np.sum(~has_positive))
+    return metrics
+
+
+def _on_mesh(x: np.ndarray, mesh: jax.sharding.Mesh, spec: jax.sharding.PartitionSpec) -> jax.Array:
+    """A host array every process holds whole, as a global array over `mesh` laid out by `spec`."""
+    return jax.make_array_from_callback(x.shape, jax.sharding.NamedSharding(mesh, spec), lambda index: x[index])
+
+
+# A count no query reaches: an empty slot's negatives (int32; adding the slot's rank must not overflow).
+_NO_POSITIVE = 2**30
+
+
+def _counted_scores(counts: jax.Array, thresholds: jax.Array, valid: jax.Array, self_similarities: jax.Array,
+                    num_padding: int):
+    """`_negatives_at_least` and `_scores_from_counts` on the device, for one chunk: (R i32[rows], negatives above
+    the best positive i32[rows], R-Precision f32[rows], AP@R f32[rows]).
+
+    counts: i32[rows, slots]; thresholds: f32[rows, slots] (+inf in empty slots); valid: bool[rows, slots];
+    self_similarities: f32[rows] (-inf in query mode); num_padding: the gallery's zero vectors.
+    """
+    positives = jnp.sum(valid[:, None, :] & (thresholds[:, None, :] >= thresholds[:, :, None]), axis=2)
+    itself = self_similarities[:, None] >= thresholds
+    padding = num_padding * (thresholds <= 0)
+    negatives = jnp.where(valid, counts - positives - itself - padding, _NO_POSITIVE)
+    r = jnp.sum(valid, axis=1)
+    k = jnp.arange(1, counts.shape[1] + 1)
+    sorted_counts = jnp.sort(negatives, axis=1)
+    ranks = sorted_counts + k
+    within_r = ranks <= r[:, None]
+    safe_r = jnp.maximum(r, 1).astype(jnp.float32)
+    r_precision = jnp.sum(within_r, axis=1) / safe_r
+    # MAP@R: (1/R) * sum over ranks i <= R holding a positive of precision@i = k / rank_k.
+    average_precision = jnp.sum(jnp.where(within_r, k / ranks, 0.0), axis=1) / safe_r
+    return r, sorted_counts[:, 0], r_precision, average_precision
+
+
+def _chunk_sums(r, above_best, r_precision, average_precision, hit_at: Tuple[int, ...]):
+    """One chunk's sums over its queries with R >= 1: (i32[len(hit_at) + 1]: hits within each K of hit_at, then
+    the number of such queries; f32[2]: sums of R-Precision and of AP@R)."""
+    has_positive = r > 0
+    hits = [jnp.sum(has_positive & (above_best < k)) for k in hit_at] + [jnp.sum(has_positive)]
+    sums = [jnp.sum(jnp.where(has_positive, r_precision, 0.0)), jnp.sum(jnp.where(has_positive, average_precision,
+                                                                                    0.0))]
+    return jnp.stack(hits).astype(jnp.int32), jnp.stack(sums).astype(jnp.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _sharded_scorer(mesh: jax.sharding.Mesh, *, chunk: int, counted: bool, gallery_padding: int,
+                    ranked_depths: Tuple[int, ...], hit_at: Tuple[int, ...]):
+    """The device program of `sharded_retrieval_metrics`, compiled once per mesh and shape (hence the cache).
+
+    Takes, split over the mesh's devices: unit queries f32[queries, dim], positive_indices i32[queries, slots] and
+    positive_valid bool[queries, slots] of the class level (no slots when it is ranked), self_indices i32[queries]
+    (-1: none), per ranked level query classes and R (i32[queries] each); on every device: the padded gallery
+    f32[gallery, dim] and per ranked level its classes i32[gallery] (-1 on padding). Returns, replicated, per
+    chunk of every device: hits i32[chunks, levels, len(hit_at) + 1] and sums f32[chunks, levels, 2]
+    (`_chunk_sums`).
+    """
+    axis = mesh.axis_names[0]
+
+    def per_device(queries, indices, valid, self_indices, query_classes, r, gallery, gallery_classes):
+        def one_chunk(chunk_inputs):
+            queries, indices, valid, self_indices, query_classes, r = chunk_inputs
+            thresholds, self_similarities, counts, keys = _query_chunk(
+                queries, gallery, indices, valid, self_indices, query_classes, gallery_classes)
+            per_level = []
+            if counted:
+                per_level.append(_chunk_sums(*_counted_scores(counts, thresholds.T, valid, self_similarities,
+                                                              gallery_padding), hit_at))
+            for level_keys, level_r, depth in zip(keys, r, ranked_depths):
+                per_level.append(_chunk_sums(level_r, *_ranked_chunk(level_keys, level_r, num_ranked=depth),
+                                             hit_at))
+            return jnp.stack([hits for hits, _ in per_level]), jnp.stack([sums for _, sums in per_level])
+
+        # Chunk by chunk (lax.map: one chunk's similarities in memory at a time).
+        num_chunks = queries.shape[0] // chunk
+        chunks = jax.tree_util.tree_map(lambda x: x.reshape((num_chunks, chunk) + x.shape[1:]),
+                                        (queries, indices, valid, self_indices, query_classes, r))
+        hits, sums = jax.lax.map(one_chunk, chunks)
+        return gathered(hits), gathered(sums)
+
+    def gathered(x):
+        """[chunks, ...] of this device -> [devices * chunks, ...] on every device: a psum of each device's
+        chunks placed among zeros (exact; all_gather's result would not count as replicated)."""
+        placed = jnp.zeros((mesh.size,) + x.shape, x.dtype).at[jax.lax.axis_index(axis)].set(x)
+        return jax.lax.psum(placed, axis).reshape((-1,) + x.shape[1:])
+
+    split, replicated = jax.sharding.PartitionSpec(axis), jax.sharding.PartitionSpec()
+    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(split,) * 6 + (replicated,) * 2,
+                                 out_specs=(replicated, replicated)))
+
+
+def _means_of_sums(hits: np.ndarray, sums: np.ndarray, level: _Level, hit_at: Tuple[int, ...],
+                   recall_at: Tuple[int, ...]) -> Dict[str, float]:
+    """`_mean_scores` from one level's summed counts (`_chunk_sums`, summed over every chunk)."""
+    num_with_positive = np.float64(hits[-1])
+    hits_within = dict(zip(hit_at, hits[:-1]))
+    metrics = {f"{level.prefix}recall@{k}": float(hits_within[k] / num_with_positive) for k in recall_at}
+    metrics[f"{level.prefix}precision@1"] = float(hits_within[1] / num_with_positive)
+    metrics[f"{level.prefix}r_precision"] = float(sums[0] / num_with_positive)
+    metrics[f"{level.prefix}map@r"] = float(sums[1] / num_with_positive)
+    metrics[f"{level.prefix}num_queries"] = int(len(level.num_positives))
+    metrics[f"{level.prefix}num_queries_without_positive"] = int(np.sum(level.num_positives == 0))
     return metrics
 
 

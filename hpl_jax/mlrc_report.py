@@ -21,7 +21,6 @@ import re
 import sys
 from typing import Any, Dict, List, Sequence, Tuple
 
-import flax.jax_utils
 import jax
 import numpy as np
 
@@ -30,7 +29,7 @@ from hpl_jax import datasets
 from hpl_jax import evaluation
 from hpl_jax import metrics as metrics_lib
 from hpl_jax import models
-from hpl_jax.train_state import create_train_state
+from hpl_jax.train_state import create_train_state, device_mesh
 
 METRICS = ("precision@1", "r_precision", "map@r")
 TITLES = ("P@1", "R-Precision", "MAP@R")
@@ -91,9 +90,10 @@ def fold_workdirs(root: str) -> Dict[int, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _embed_function(model):
-    """pmap(embed_step) of `model`, compiled once for all the folds that share the model's config."""
-    return jax.pmap(functools.partial(evaluation.embed_step, model=model))
+def _embed_function(model, mesh: jax.sharding.Mesh):
+    """The trainer's embedding step (evaluation.embed_on_devices) of `model`, compiled once for all the folds that
+    share the model's config."""
+    return evaluation.embed_on_devices(model, mesh)
 
 
 def embed_test_split(workdir: str, config) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
@@ -117,8 +117,9 @@ def embed_test_split(workdir: str, config) -> Tuple[np.ndarray, np.ndarray, Dict
     template_config.hpl.kmeans_restarts = 1
     template = create_train_state(jax.random.PRNGKey(config.seed), template_config, model, info)
     state = checkpointing.restore_state(workdir, template, "best")
-    embeddings, labels = evaluation.embed_split(_embed_function(model), flax.jax_utils.replicate(state), dataset,
-                                                "test")
+    mesh = device_mesh("batch")
+    embeddings, labels = evaluation.embed_split(_embed_function(model, mesh), evaluation.state_on_devices(state, mesh),
+                                                dataset, "test")
 
     with open(os.path.join(workdir, "metrics.json")) as f:
         saved = json.load(f)

@@ -35,7 +35,7 @@ from hpl_jax import pretraining
 from hpl_jax import reporting
 from hpl_jax.train_state import TrainState
 from hpl_jax.train_state import create_train_state, host_copy, replicate, trainable, unreplicate
-from hpl_jax.train_state import as_global, as_local, device_mesh, over_devices
+from hpl_jax.train_state import as_global, device_mesh, over_devices
 
 AXIS = "batch"  # the device axis of the steps; collectives span every device of every host
 
@@ -187,6 +187,12 @@ def refresh_on_host(replicated_state: TrainState, config, reporter, info, *, end
     return (replicated if mesh is None else as_global(replicated, mesh)), state, values
 
 
+def report_progress(reporter: reporting.Reporter, config, lines) -> None:
+    """Progress lines of the steps guards.StepMetrics.fetch returned: [(step, epoch from 1, values)]."""
+    for step, epoch, values in lines:
+        reporter.progress(epoch - 1, config.num_epochs, step, config.batch_size, values)
+
+
 def hierarchies_agree(hierarchy) -> None:
     """Fails loudly if the hosts hold different groupings."""
     if jax.process_count() == 1:
@@ -274,8 +280,7 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
     # convert every leaf of the train state between host-local and global arrays at every step of a
     # multi-process run (docs/scaling.md).
     mesh = device_mesh(AXIS)
-    embed = over_devices(functools.partial(evaluation.embed_step, model=model), mesh)
-    p_embed = lambda state, batch: as_local(embed(state, as_global(batch, mesh)))  # noqa: E731
+    p_embed = evaluation.embed_on_devices(model, mesh)
     step_fns = {
         warm: over_devices(functools.partial(train_step, model=model, config=config, labels=labels, groups=groups,
                                              in_warmup=warm), mesh, donate_argnums=(0,))
@@ -302,7 +307,7 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
                 steps_per_epoch=steps_per_epoch, resumed_step=int(state.step), template=jax.device_get(state))
     else:
         replicated = as_global(replicate(state, AXIS), mesh)
-        untrained = evaluation.evaluate(p_embed, replicated, dataset, config)
+        untrained = evaluation.evaluate(p_embed, replicated, dataset, config, mesh=mesh)
         # The first grouping (the ground-truth level 1 is already in place: create_train_state).
         if state.hierarchy.num_levels > 1 and not config.hpl.ground_truth_level1:
             level1_vectors = None
@@ -320,7 +325,8 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
     start_epoch = int(state.epoch)
     start_step = int(state.step) - start_epoch * steps_per_epoch
     state = as_global(replicate(state, AXIS), mesh)
-    # Every step's metrics, with its `finite` flag, are fetched before the host reads or saves the state.
+    # Every step's metrics, with its `finite` flag, are fetched before the host reads or saves the state; the
+    # progress lines read them one step behind (guards.StepMetrics).
     step_metrics_seen = guards.StepMetrics(skip_nonfinite=config.optim.skip_nonfinite_steps)
     preempted = False
     for epoch in range(start_epoch, config.num_epochs):
@@ -340,19 +346,21 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
                 # Compiling (after warm-up, after a resume) and the epoch boundary's host work are behind us:
                 # the speed and ETA count from here.
                 reporter.restart_clock(step)
-            step_metrics_seen.add(step, epoch + 1, step_metrics)
-            checkpoints.raise_if_a_save_failed()
-            if step % config.log_every_steps == 0 or step_in_epoch == steps_per_epoch - 1:
-                reporter.progress(epoch, config.num_epochs, step, config.batch_size, step_metrics_seen.fetch())
             last_of_epoch = step_in_epoch == steps_per_epoch - 1
+            step_metrics_seen.add(step, epoch + 1, step_metrics,
+                                  report=step % config.log_every_steps == 0 or last_of_epoch)
+            checkpoints.raise_if_a_save_failed()
+            # A log step's line is written once the next step is dispatched: the host reads metrics one step behind
+            # and never drains the device queue to log. At an epoch's end it waits for the state anyway.
+            report_progress(reporter, config, step_metrics_seen.fetch(behind=0 if last_of_epoch else 1))
             if config.hpl.refresh_every_steps and step % config.hpl.refresh_every_steps == 0 and not last_of_epoch:
-                step_metrics_seen.fetch()
+                report_progress(reporter, config, step_metrics_seen.fetch())
                 state, _, _ = refresh_on_host(state, config, reporter, info, end_of_epoch=False, mesh=mesh)
             # The last step of an epoch is asked after the epoch's checkpoint, so a stop there needs no save.
             preempted = not last_of_epoch and preemption.reached(step)
             if preempted or (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
                              and not last_of_epoch):
-                step_metrics_seen.fetch()
+                report_progress(reporter, config, step_metrics_seen.fetch())
                 checkpoints.save(step, host_copy(state))
             if preempted:
                 break
@@ -365,7 +373,7 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
         values = None
         if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
             values = {**evaluation.evaluate(p_embed, state, dataset, config,
-                                            costly=evaluation.costly_metrics_due(config, epoch + 1)),
+                                            costly=evaluation.costly_metrics_due(config, epoch + 1), mesh=mesh),
                       **hierarchy_values}
             reporter.evaluation(epoch + 1, int(host_state.step), values)
         checkpoints.save(int(host_state.step), host_state)

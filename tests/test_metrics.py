@@ -4,10 +4,15 @@ The brute force (a full sort of every query's similarities, ties broken against 
 is the behaviour of the earlier top-k implementation, which matched it exactly on these cases.
 """
 
+import os
+import subprocess
+import sys
+
+import jax
 import numpy as np
 import pytest
 
-from hpl_jax.metrics import retrieval_metrics
+from hpl_jax.metrics import retrieval_metrics, sharded_retrieval_metrics
 
 RETRIEVAL_KEYS = ("precision@1", "r_precision", "map@r", "num_queries", "num_queries_without_positive")
 
@@ -290,6 +295,71 @@ def test_ranking_on_the_device_equals_ranking_on_the_host(self_retrieval):
                 assert on[True][key] == value, key  # from exact counts
             else:
                 assert on[True][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key  # float32 sums
+
+
+def sharded_cases(seed):
+    """(name, gallery, gallery labels, extra arguments) of the sharded-vs-single-device comparisons: sign vectors
+    (many exact ties) with small classes (counted) and with super-classes, query mode, classes of ~37 (the class
+    level ranked), Gaussian vectors; query counts that no device count divides."""
+    rng = np.random.default_rng(seed)
+    signs, sign_labels = random_signs(rng, 301, 16), random_labels(rng, 301, 70)
+    super_labels = rng.integers(0, 5, size=70)
+    large, large_labels = random_signs(rng, 299, 16), random_labels(rng, 299, 8)
+    gaussian, gaussian_labels = rng.normal(size=(257, 24)), random_labels(rng, 257, 60)
+    return [
+        ("ties", signs, sign_labels, {}),
+        ("ties + super", signs, sign_labels, {"super_labels": super_labels}),
+        ("query mode + super", signs, sign_labels, {"query_embeddings": random_signs(rng, 103, 16),
+                                                    "query_labels": random_labels(rng, 103, 70),
+                                                    "super_labels": super_labels}),
+        ("large classes", large, large_labels, {}),
+        ("large classes, query mode", large, large_labels, {"query_embeddings": large[:77] + 0.1,
+                                                            "query_labels": large_labels[:77]}),
+        ("gaussian", gaussian, gaussian_labels, {"super_labels": rng.integers(0, 3, size=60)}),
+    ]
+
+
+def assert_sharded_equals_single(sharded, single, name):
+    """The same keys; counts exactly equal, the float means to float32 rounding."""
+    assert sharded.keys() == single.keys(), name
+    for key, value in single.items():
+        if "recall" in key or "precision@1" in key or "num_" in key:
+            assert sharded[key] == value, (name, key)
+        else:
+            assert sharded[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (name, key)
+
+
+@pytest.mark.parametrize("num_devices", [pytest.param(1, marks=pytest.mark.slow), 2])
+def test_sharded_metrics_equal_the_single_device_metrics(num_devices):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:num_devices]), ("batch",))
+    assert mesh.size == num_devices  # tests/conftest.py simulates 2 CPU devices
+    for name, gallery, labels, options in sharded_cases(12):
+        for chunk_size in (32, 1024):  # several chunks per device (the last padded), and one
+            single = retrieval_metrics(gallery, labels, recall_at=(1, 2, 4, 100), nmi=False, chunk_size=chunk_size,
+                                       **options)
+            sharded = sharded_retrieval_metrics(gallery, labels, mesh=mesh, recall_at=(1, 2, 4, 100), nmi=False,
+                                                chunk_size=chunk_size, **options)
+            assert_sharded_equals_single(sharded, single, (name, chunk_size))
+
+
+@pytest.mark.slow
+def test_sharded_metrics_on_four_devices_equal_the_single_device_metrics():
+    # Four simulated devices need a process of their own (the device count is fixed at JAX's start).
+    code = (
+        "import jax, numpy as np, tests.test_metrics as t\n"
+        "mesh = jax.sharding.Mesh(np.array(jax.devices()), ('batch',)); assert mesh.size == 4\n"
+        "for name, gallery, labels, options in t.sharded_cases(12):\n"
+        "    single = t.retrieval_metrics(gallery, labels, recall_at=(1, 2, 4, 100), nmi=True, chunk_size=32,"
+        " **options)\n"
+        "    sharded = t.sharded_retrieval_metrics(gallery, labels, mesh=mesh, recall_at=(1, 2, 4, 100), nmi=True,"
+        " chunk_size=32, **options)\n"
+        "    t.assert_sharded_equals_single(sharded, single, name)\n"
+        "print('compared', len(t.sharded_cases(12)))\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and "compared 6" in result.stdout, result.stderr[-3000:]
 
 
 def numpy_nmi(labels, clusters):

@@ -20,9 +20,11 @@ from hpl_jax import config_checks
 from hpl_jax import data
 from hpl_jax import datasets
 from hpl_jax import evaluation
+from hpl_jax import guards
 from hpl_jax import hierarchy as hierarchy_lib
 from hpl_jax import models
 from hpl_jax import optim
+from hpl_jax import reporting
 from hpl_jax import train
 from hpl_jax import train_state
 
@@ -487,6 +489,27 @@ def test_a_nonfinite_step_stops_the_run_and_the_latest_checkpoint_stays_good(tmp
     manager = ocp.CheckpointManager(os.path.join(tmp_path, "checkpoints"))
     assert manager.all_steps() == [1]  # the save in flight when step 2 failed completed; step 2 was not saved
     assert _all_finite(manager.restore(1))
+
+
+@pytest.mark.slow
+def test_progress_lines_read_the_metrics_one_step_behind(tmp_path, monkeypatch):
+    """A log step's line is written after the next step is dispatched (the host never waits for the step it has
+    just dispatched to log), the epoch's last line at the epoch's end; every log step once, in order."""
+    events = []
+    add = guards.StepMetrics.add
+
+    def recorded_add(self, step, epoch, metrics, **kwargs):
+        events.append(("dispatched", step))
+        return add(self, step, epoch, metrics, **kwargs)
+
+    monkeypatch.setattr(guards.StepMetrics, "add", recorded_add)
+    monkeypatch.setattr(reporting.Reporter, "progress",
+                        lambda self, epoch, num_epochs, step, images, values: events.append(("line", step)))
+    config = tiny_config(**{"num_epochs": 1, "steps_per_epoch": 4, "log_every_steps": 2, "hpl.weights": (1.0,),
+                            "optim.warmup_epochs": 0})
+    train.train_and_evaluate(config, str(tmp_path))
+    assert events == [("dispatched", 1), ("dispatched", 2), ("dispatched", 3), ("line", 2), ("dispatched", 4),
+                      ("line", 4)]
 
 
 @pytest.mark.slow

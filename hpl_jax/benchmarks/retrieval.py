@@ -13,6 +13,11 @@ processes' load on a shared machine):
 - the similarity products `retrieval_metrics` computes without super_labels, alone: each pair of blocks once;
 - when faiss-cpu is importable (not a dependency of hpl-jax): IndexFlatIP add + search at k = 1001, the
   neighbours Recall@1000 needs with the query itself among them;
+- with more than one device (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=4 on a CPU): the same metrics
+  by `sharded_retrieval_metrics`, the queries split across every device (what the training loop evaluates with
+  there), with and without super_labels, and how far they are from the single-device results (counts must be
+  equal; the means within float32 rounding). Simulated CPU devices share the same cores: this checks the result
+  and shows the cost of the structure, it cannot show a speed-up;
 then the ratio of `retrieval_metrics` (without super_labels) to the faiss search, of the medians.
 Peak memory is the process's resident high-water mark during the first `retrieval_metrics` call (Linux,
 reset just before it), and the device's peak where the backend reports one (GPU/TPU).
@@ -30,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hpl_jax.metrics import retrieval_metrics
+from hpl_jax.metrics import retrieval_metrics, sharded_retrieval_metrics
 
 RECALL_AT = (1, 10, 100, 1000)
 FAISS_NAME = "faiss IndexFlatIP"
@@ -49,6 +54,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no_super", action="store_true", help="skip the run with super_labels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no_sharded", action="store_true", help="skip the sharded runs (with several devices)")
     return parser.parse_args()
 
 
@@ -152,6 +158,17 @@ def main() -> None:
     if not args.no_super:
         runs["retrieval_metrics + super"] = functools.partial(run_metrics, super_metrics,
                                                               super_labels=super_labels)
+    sharded, sharded_super = {}, {}
+    if jax.device_count() > 1 and not args.no_sharded:
+        mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
+
+        def run_sharded(output, **options):
+            output.update(sharded_retrieval_metrics(embeddings, labels, mesh=mesh, recall_at=RECALL_AT, nmi=False,
+                                                    chunk_size=args.chunk_size, **options))
+
+        runs[f"sharded over {mesh.size} devices"] = functools.partial(run_sharded, sharded)
+        if not args.no_super:
+            runs["sharded + super"] = functools.partial(run_sharded, sharded_super, super_labels=super_labels)
     runs["similarity blocks only"] = functools.partial(_symmetric_products_only, embeddings, args.chunk_size)
     k = min(max(RECALL_AT) + 1, args.num_items)
     if faiss is not None:
@@ -179,6 +196,14 @@ def main() -> None:
         if values:
             print(f"{name}: " + ", ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
                                           for key, value in values.items() if not key.startswith("num_")))
+    for name, single, split in (("sharded", metrics, sharded), ("sharded super", super_metrics, sharded_super)):
+        if split:
+            counts = [key for key in single if "recall" in key or "precision@1" in key or "num_" in key]
+            means = [key for key in single if key not in counts]
+            equal = all(split[k] == single[k] for k in counts)
+            print(f"{name} vs single device: counts {'equal' if equal else 'DIFFER'}, largest relative difference "
+                  f"of the means "
+                  f"{max(abs(split[k] - single[k]) / max(abs(single[k]), 1e-12) for k in means):.1e}")
     print(memory_line)
     print(f"seconds over {args.repeats} repeats (the first run of each compiles): median wall, median CPU "
           f"(all threads of this process), then each run's wall:")
