@@ -113,14 +113,15 @@ def split_metrics(embedded: Dict[str, Embedded], info: data.DatasetInfo, config,
 
     embedded: {name: Embedded} for every name in `protocol_splits(info, split)`.
     costly: False leaves out NMI and the super-class metrics even where `config.eval` asks for them.
-    mesh: where it spans more than one device, the queries are split across its devices (of every process;
-      metrics.sharded_retrieval_metrics, called by every process alike); else metrics.retrieval_metrics on the
-      default device.
+    mesh: where it spans more than one device on GPUs or TPUs, or several processes, the queries are split across
+      its devices (of every process; metrics.sharded_retrieval_metrics, called by every process alike); else
+      metrics.retrieval_metrics on the default device.
     """
     super_labels = split_super_labels(info, split) if config.eval.super_metrics and costly else None
     options = dict(recall_at=tuple(config.eval.recall_at), super_labels=super_labels,
                    nmi=config.eval.nmi and costly, chunk_size=config.eval.chunk_size, seed=config.seed)
-    if mesh is not None and mesh.size > 1:
+    # On one CPU process the devices share the host's cores: splitting only adds the collectives (docs/benchmarks.md).
+    if mesh is not None and mesh.size > 1 and (jax.default_backend() != "cpu" or jax.process_count() > 1):
         metric_fn = functools.partial(metrics_lib.sharded_retrieval_metrics, mesh=mesh)
     else:
         metric_fn = metrics_lib.retrieval_metrics

@@ -35,6 +35,10 @@ from matplotlib.figure import Figure
 
 FLAGS = flags.FLAGS
 SEED_KEYS = ("seed", "dataset.seed")
+# Fields that say how a run ran, not what it trained: runs that differ only in them are one setting (a sweep resumed
+# with a compilation cache, say).
+HOW_IT_RAN = ("compilation_cache_dir", "log_every_steps", "checkpoint.keep", "checkpoint.every_steps",
+              "dataset.data_dir", "dataset.manual_dir", "model.conv_impl")
 # Names of METHOD.md for the swept components that Figure 5 plots.
 AXIS_NAMES = {"hpl.weights[1]": "w_1 (weight of level 1)", "hpl.num_coarse[0]": "K_1 (coarse proxies of level 1)"}
 DPI = 80
@@ -115,9 +119,10 @@ def read_runs(root: str) -> List[RunResult]:
 
 
 def swept_keys(runs: Sequence[RunResult], grid_order: Sequence[str] = ()) -> List[str]:
-    """The config fields whose values differ between runs (seeds aside), the sweep's grid order first."""
+    """The config fields whose values differ between runs (seeds and HOW_IT_RAN aside), the sweep's grid order
+    first."""
     keys = sorted({key for run in runs for key in run.config})
-    differing = [key for key in keys if key not in SEED_KEYS
+    differing = [key for key in keys if key not in SEED_KEYS and key not in HOW_IT_RAN
                  and len({json.dumps(run.config.get(key)) for run in runs}) > 1]
     return [k for k in grid_order if k in differing] + [k for k in differing if k not in grid_order]
 

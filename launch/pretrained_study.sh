@@ -12,7 +12,8 @@
 #          launch/pretrained_study.sh /tmp/hpl_pstudy sop_sanity sop_pa sop_gt sop_w1 &
 #          launch/pretrained_study.sh /tmp/hpl_pstudy default_sanity default_pa default_gt &
 # Running the script again resumes: the pretraining from its checkpoint, each sweep's finished runs are skipped and
-# an interrupted run resumes from its checkpoint. The stages:
+# an interrupted run resumes from its checkpoint. Every run keeps its compiled programs in ROOT/compile_cache
+# (config.compilation_cache_dir), where the next run of the same shapes finds them. The stages:
 #   pretrain        python -m hpl_jax.main --config=configs/pretrain_synthetic.py --workdir=ROOT/pretrain: writes
 #                   ROOT/pretrain/backbone, which every fine-tuning run below loads
 #   *_sanity        fine-tuned against from scratch (each with its own recipe: the from-scratch study's config at its
@@ -44,7 +45,8 @@ sweep() {  # sweep CONFIG ROOT_NAME SWEEP-FLAGS...
   local config="$1" name="$2"
   shift 2
   echo "== $(date '+%F %T') $name $*"
-  "$PYTHON" -m hpl_jax.sweep --config="configs/${config}.py" --workdir="$ROOT/$name" "$@"
+  "$PYTHON" -m hpl_jax.sweep --config="configs/${config}.py" --workdir="$ROOT/$name" "$@" \
+    --set=compilation_cache_dir="$ROOT/compile_cache"
 }
 
 reuse() {  # reuse FROM_ROOT FROM_NAME TO_ROOT TO_NAME: a finished run copied into another root under another name
@@ -60,7 +62,8 @@ PY
 
 stage_pretrain() {
   echo "== $(date '+%F %T') pretrain"
-  "$PYTHON" -m hpl_jax.main --config=configs/pretrain_synthetic.py --workdir="$ROOT/pretrain"
+  "$PYTHON" -m hpl_jax.main --config=configs/pretrain_synthetic.py --workdir="$ROOT/pretrain" \
+    --config.compilation_cache_dir="$ROOT/compile_cache"
 }
 
 # From scratch with the from-scratch study's recipe (10 / 12 epochs) against fine-tuned, flat PA, data seed 0: both

@@ -158,3 +158,21 @@ def test_report_command_prints_the_table_and_a_missing_root_is_one_line(w1_sweep
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
         f"Report error: {w1_sweep}/nothing is not a directory; give the ROOT a sweep wrote into."]
+
+
+def test_fields_that_say_how_a_run_ran_do_not_split_a_setting(w1_sweep):
+    # A run resumed with a compilation cache (or other logging) is the same setting as the others.
+    path = os.path.join(w1_sweep, "w0__seed=1", "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update(compilation_cache_dir="/tmp/cache", log_every_steps=5)
+    with open(path, "w") as f:
+        json.dump(config, f)
+    written = report.report(w1_sweep, ["map@r"])
+    assert written["keys"] == ["hpl.weights"]
+    assert [len(s.runs) for s in written["settings"]] == [3, 3, 2]
+    # A field that changes what is trained still does.
+    config["optim"] = {"lr": 0.01}
+    with open(path, "w") as f:
+        json.dump(config, f)
+    assert report.report(w1_sweep, ["map@r"])["keys"] == ["hpl.weights", "optim.lr"]
