@@ -10,7 +10,7 @@
 # Example: nohup nice launch/pretrained_study.sh /tmp/hpl_pstudy > /tmp/hpl_pstudy.log 2>&1 &
 #          two streams side by side on 2 cores (after the pretrain stage):
 #          launch/pretrained_study.sh /tmp/hpl_pstudy sop_sanity sop_pa sop_gt sop_w1 &
-#          launch/pretrained_study.sh /tmp/hpl_pstudy default_sanity default_pa default_gt &
+#          launch/pretrained_study.sh /tmp/hpl_pstudy default_sanity default_pa default_gt default_w1 &
 # Running the script again resumes: the pretraining from its checkpoint, each sweep's finished runs are skipped and
 # an interrupted run resumes from its checkpoint. Every run keeps its compiled programs in ROOT/compile_cache
 # (config.compilation_cache_dir), where the next run of the same shapes finds them. The stages:
@@ -21,7 +21,7 @@
 #   *_pa            HPL-PA (the config's own w and K_1) against flat Proxy-Anchor, both fine-tuned, data seeds 0-2,
 #                   seed by seed (so an interrupted stage leaves pairs), into ROOT/<dataset>_pa
 #   *_gt            level 1 = the ground-truth super-classes against k-means (data seed 0; k-means runs copied from *_pa)
-#   sop_w1          Figure 5's w_1 sweep, fine-tuned (data seed 0; w_1 = 0.1 copied from sop_pa)
+#   *_w1            Figure 5's w_1 sweep, fine-tuned (data seed 0; w_1 = 0.1 copied from *_pa)
 #   report          results.md / results.csv / plots of every root
 # Environment:
 #   SEEDS        training seeds of every setting (default 0,1,2,3,4)
@@ -111,16 +111,18 @@ ground_truth() {  # ground_truth DATASET
 stage_sop_gt() { ground_truth synthetic_sop; }
 stage_default_gt() { ground_truth default; }
 
-stage_sop_w1() {
-  local seed
+figure5_w1() {  # figure5_w1 DATASET
+  local dataset="$1" seed
   need_backbone
   for seed in ${SEEDS//,/ }; do
-    reuse synthetic_sop_pa "hpl.weights=1.0,0.1__seed=${seed}__data_seed=0" synthetic_sop_w1 \
+    reuse "${dataset}_pa" "hpl.weights=1.0,0.1__seed=${seed}__data_seed=0" "${dataset}_w1" \
       "hpl.weights=1.0,0.1__seed=$seed"
   done
-  sweep finetune_synthetic_sop synthetic_sop_w1 \
+  sweep "finetune_$dataset" "${dataset}_w1" \
     --grid='hpl.weights=(1.0,0.0),(1.0,0.01),(1.0,0.1),(1.0,0.3),(1.0,1.0)' --seeds="$SEEDS" "${PRETRAINED[@]}"
 }
+stage_sop_w1() { figure5_w1 synthetic_sop; }
+stage_default_w1() { figure5_w1 default; }
 
 stage_report() {
   local root baseline
@@ -139,7 +141,7 @@ stage_report() {
   done
 }
 
-ALL_STAGES=(pretrain sop_sanity default_sanity sop_pa default_pa sop_gt default_gt sop_w1 report)
+ALL_STAGES=(pretrain sop_sanity default_sanity sop_pa default_pa sop_gt default_gt sop_w1 default_w1 report)
 STAGES=("${ALL_STAGES[@]}")
 if (($# > 0)); then STAGES=("$@"); fi
 start=$(date +%s)
