@@ -16,6 +16,7 @@ from typing import Dict, Optional, Tuple
 
 import jax
 import flax.jax_utils
+import ml_collections
 import numpy as np
 from absl import app
 from absl import flags
@@ -45,15 +46,17 @@ def checkpoint_name_is_valid(which: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def embed_function(model):
-    """pmap'd embedding of one eval batch (no collectives, so no axis name); one per model, compiled once."""
-    return jax.pmap(functools.partial(evaluation.embed_step, model=model))
+def embed_function(model, dataset_config: ml_collections.FrozenConfigDict):
+    """pmap'd embedding of one eval batch (no collectives, so no axis name), its pixels normalised by
+    `dataset_config` on the device; one per model and normalisation, compiled once (hence the frozen, hashable
+    config)."""
+    return jax.pmap(functools.partial(evaluation.embed_step, model=model, dataset_config=dataset_config))
 
 
 def embed_run(run: checkpointing.RestoredRun, split: str = "test") -> Dict[str, evaluation.Embedded]:
     """The eval splits the protocol of `split` reads (In-Shop 'test': query and gallery), embedded."""
-    return evaluation.embed_protocol_splits(embed_function(run.model), flax.jax_utils.replicate(run.state),
-                                            run.dataset, split)
+    embed = embed_function(run.model, ml_collections.FrozenConfigDict(run.config.dataset))
+    return evaluation.embed_protocol_splits(embed, flax.jax_utils.replicate(run.state), run.dataset, split)
 
 
 def evaluate_run(run: checkpointing.RestoredRun,

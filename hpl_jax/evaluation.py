@@ -16,9 +16,14 @@ from hpl_jax import metrics as metrics_lib
 from hpl_jax.train_state import TrainState
 
 
-def embed_step(state: TrainState, batch, *, model):
-    """Embeddings of one eval batch on one device: f32[per_device, embedding_dim]."""
-    return model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+def embed_step(state: TrainState, batch, *, model, dataset_config):
+    """Embeddings of one eval batch on one device: f32[per_device, embedding_dim].
+
+    batch['image']: u8[per_device, H, W, 3], normalised here, on the device, by `dataset_config` (the run's
+    config.dataset; data.normalize_pixels).
+    """
+    images = data.normalize_pixels(batch["image"], dataset_config)
+    return model.apply({"params": state.params, "batch_stats": state.batch_stats}, images, train=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,7 +39,8 @@ only one that is not counted.
 Augmentation (the public Proxy-Anchor recipe, METHOD.md "Training recipe"): train = random resized crop with
 area fraction `crop_scale` and aspect ratio `crop_ratio` (uniform in the ratio, TensorFlow's sampler) to
 `image_size`, horizontal flip; test = resize the shorter side to `resize_size` and centre-crop `image_size`.
-Both crop before they resize, so JPEG bytes decode only the crop window (tf.image.decode_and_crop_jpeg).
+Both crop before they resize, so JPEG bytes decode only the crop window (tf.image.decode_and_crop_jpeg). The
+resized crops are rounded to u8 pixels, and the device normalises them (data.normalize_pixels).
 """
 from __future__ import annotations
 
@@ -64,7 +65,6 @@ from hpl_jax import config_checks  # noqa: E402
 from hpl_jax import data  # noqa: E402
 from hpl_jax import inshop  # noqa: E402  (registers the inshop_clothes builder)
 
-COLOR_ORDERS = ("rgb", "bgr")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 HIERARCHY_FILE = "hierarchy.csv"
 TRAIN_CLASSES_FILE = "train_classes.txt"
@@ -77,20 +77,10 @@ MAX_READ_FACTOR = 2
 # ----------------------------------------------------------------------------------------------------------
 # Pixels.
 
-def normalize(image: tf.Tensor, *, mean: Sequence[float], std: Sequence[float], color_order: str = "rgb",
-              pixel_scale: float = 1.0) -> tf.Tensor:
-    """The network's input from RGB pixels: ((x / 255 * pixel_scale)[channels in color_order] - mean) / std.
-
-    image: f32 or u8[..., 3], RGB in 0..255. ImageNet ResNets: 'rgb', pixel_scale 1, the ImageNet mean/std.
-    BN-Inception weights: 'bgr', pixel_scale 255, mean (104, 117, 128), std (1, 1, 1) (METHOD.md, "Training
-    recipe"). Returns f32[..., 3].
-    """
-    if color_order not in COLOR_ORDERS:
-        raise ValueError(f"color_order={color_order!r} is unknown; use one of {COLOR_ORDERS}.")
-    image = tf.cast(image, tf.float32) * (pixel_scale / 255.0)
-    if color_order == "bgr":
-        image = image[..., ::-1]
-    return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+def to_pixels(image: tf.Tensor) -> tf.Tensor:
+    """f32[..., 3] in 0..255 (a resized crop) -> u8[..., 3], rounded: what the batches carry to the devices (a
+    quarter of float32's bytes), where data.normalize_pixels makes the network's input."""
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
 def random_crop_window(shape: tf.Tensor, seed: tf.Tensor, *, scale: Tuple[float, float],
@@ -566,7 +556,7 @@ def image_folder_splits(root: str):
 
 def train_dataset(records: tf.data.Dataset, *, epoch_seed_value: int, local_batch_size: int, num_steps: int,
                   start_step: int, transform, sampler: str, samples_per_class: int) -> tf.data.Dataset:
-    """Batches {'image': f32[local_batch, H, W, 3], 'label': i32[local_batch], 'index': i64[local_batch]}.
+    """Batches {'image': u8[local_batch, H, W, 3], 'label': i32[local_batch], 'index': i64[local_batch]}.
 
     records: this host's records in the epoch's order. 'index' is each image's position in the stream (after
     class-balanced grouping), the seed of its augmentation together with the epoch seed; gaps in it are images
@@ -599,7 +589,7 @@ def eval_dataset(records: tf.data.Dataset, *, num_batches: int, local_batch_size
         lambda record: {"image": transform(_encoded_image(record)), "label": record["label"],
                         "mask": tf.constant(True), "index": record["index"]},
         num_parallel_calls=AUTOTUNE).ignore_errors()
-    padding = tf.data.Dataset.from_tensors({"image": tf.zeros(image_shape, tf.float32), "label": tf.constant(0),
+    padding = tf.data.Dataset.from_tensors({"image": tf.zeros(image_shape, tf.uint8), "label": tf.constant(0),
                                             "mask": tf.constant(False),
                                             "index": tf.constant(-1, tf.int64)}).repeat()
     examples = examples.concatenate(padding).take(num_batches * local_batch_size)
@@ -624,13 +614,12 @@ class TfDataset:
         self._process_count = process_count
         self._steps_per_epoch = data.steps_per_epoch(info.num_train_examples, local_batch_size * process_count,
                                                      config.steps_per_epoch)
-        pixels = dict(mean=tuple(dataset.mean), std=tuple(dataset.std), color_order=dataset.color_order,
-                      pixel_scale=dataset.pixel_scale)
-        self._train_transform = lambda image_bytes, seed: normalize(train_image(
+        # u8 pixels: the device normalises them (data.normalize_pixels).
+        self._train_transform = lambda image_bytes, seed: to_pixels(train_image(
             image_bytes, seed, image_size=dataset.image_size, crop_scale=tuple(dataset.crop_scale),
-            crop_ratio=tuple(dataset.crop_ratio), horizontal_flip=dataset.horizontal_flip), **pixels)
-        self._eval_transform = lambda image_bytes: normalize(eval_image(
-            image_bytes, image_size=dataset.image_size, resize_size=dataset.resize_size), **pixels)
+            crop_ratio=tuple(dataset.crop_ratio), horizontal_flip=dataset.horizontal_flip))
+        self._eval_transform = lambda image_bytes: to_pixels(eval_image(
+            image_bytes, image_size=dataset.image_size, resize_size=dataset.resize_size))
 
     def _count_skipped(self, what: str, num_skipped: int) -> None:
         if num_skipped:

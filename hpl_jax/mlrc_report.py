@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import flax.jax_utils
 import jax
+import ml_collections
 import numpy as np
 
 from hpl_jax import checkpointing
@@ -91,9 +92,10 @@ def fold_workdirs(root: str) -> Dict[int, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _embed_function(model):
-    """pmap(embed_step) of `model`, compiled once for all the folds that share the model's config."""
-    return jax.pmap(functools.partial(evaluation.embed_step, model=model))
+def _embed_function(model, dataset_config: ml_collections.FrozenConfigDict):
+    """pmap(embed_step) of `model`, its pixels normalised by `dataset_config`, compiled once for all the folds
+    that share the model's config and normalisation."""
+    return jax.pmap(functools.partial(evaluation.embed_step, model=model, dataset_config=dataset_config))
 
 
 def embed_test_split(workdir: str, config) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
@@ -117,8 +119,8 @@ def embed_test_split(workdir: str, config) -> Tuple[np.ndarray, np.ndarray, Dict
     template_config.hpl.kmeans_restarts = 1
     template = create_train_state(jax.random.PRNGKey(config.seed), template_config, model, info)
     state = checkpointing.restore_state(workdir, template, "best")
-    embeddings, labels = evaluation.embed_split(_embed_function(model), flax.jax_utils.replicate(state), dataset,
-                                                "test")
+    embed = _embed_function(model, ml_collections.FrozenConfigDict(config.dataset))
+    embeddings, labels = evaluation.embed_split(embed, flax.jax_utils.replicate(state), dataset, "test")
 
     with open(os.path.join(workdir, "metrics.json")) as f:
         saved = json.load(f)

@@ -47,8 +47,8 @@ def jpeg_of(example_id: int, shape=(20, 26)) -> bytes:
 
 
 def ids_of(images: np.ndarray) -> np.ndarray:
-    """The example ids of normalised flat-colour images f32[n, H, W, 3] (ImageNet mean/std, RGB)."""
-    rgb = (images.mean(axis=(1, 2)) * STD + MEAN) * 255.0
+    """The example ids of flat-colour images u8[n, H, W, 3] (RGB pixels, as the batches carry them)."""
+    rgb = images.mean(axis=(1, 2), dtype=np.float64)
     return np.round((rgb[:, 0] - 8) / 16).astype(int) + 16 * np.round((rgb[:, 1] - 8) / 16).astype(int)
 
 
@@ -117,15 +117,39 @@ def make_image_folder(root, classes, images_per_class, corrupt_in=None):
 # ----------------------------------------------------------------------------------------------------------
 # Pixels.
 
-def test_normalize_matches_the_formula():
-    image = np.random.default_rng(0).integers(0, 256, (2, 4, 5, 3)).astype(np.uint8)
-    rgb = input_pipeline.normalize(image, mean=MEAN, std=STD).numpy()
-    np.testing.assert_allclose(rgb, (image / 255.0 - MEAN) / STD, rtol=1e-5, atol=1e-5)
-    bgr = input_pipeline.normalize(image, mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0), color_order="bgr",
-                                   pixel_scale=255.0).numpy()
-    np.testing.assert_allclose(bgr, image[..., ::-1] - np.array([104.0, 117.0, 128.0]), atol=1e-4)
+def host_normalize(images, mean, std, color_order="rgb", pixel_scale=1.0):
+    """The host-side float32 normalisation the batches had before the device took it over (data.normalize_pixels)."""
+    images = images.astype(np.float32) * (pixel_scale / 255.0)
+    if color_order == "bgr":
+        images = images[..., ::-1]
+    return (images - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(mean=tuple(MEAN), std=tuple(STD), color_order="rgb", pixel_scale=1.0),  # ImageNet ResNets
+    dict(mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0), color_order="bgr", pixel_scale=255.0),  # BN-Inception
+])
+def test_device_normalisation_equals_the_former_host_normalisation(settings):
+    import functools
+
+    import jax
+
+    dataset_config = types.SimpleNamespace(**settings)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (2, 4, 5, 3)).astype(np.uint8)
+    crops = rng.uniform(0.0, 255.0, (2, 4, 5, 3)).astype(np.float32)  # the embedded datasets' train crops
+    on_device = jax.jit(functools.partial(data.normalize_pixels, dataset_config=dataset_config))
+    for images in (pixels, crops):
+        expected = host_normalize(images, **settings)
+        # XLA may divide by a constant as a multiplication by its reciprocal: the last bit may differ.
+        np.testing.assert_allclose(np.asarray(on_device(images)), expected, rtol=2e-7, atol=1e-6)
+    formula = np.asarray(on_device(pixels))
+    if settings["color_order"] == "rgb":
+        np.testing.assert_allclose(formula, (pixels / 255.0 - MEAN) / STD, rtol=1e-5, atol=1e-5)
+    else:
+        np.testing.assert_allclose(formula, pixels[..., ::-1] - np.array([104.0, 117.0, 128.0]), atol=1e-4)
     with pytest.raises(ValueError, match="color_order"):
-        input_pipeline.normalize(image, mean=MEAN, std=STD, color_order="hsv")
+        data.normalize_pixels(pixels, types.SimpleNamespace(**{**settings, "color_order": "hsv"}))
 
 
 def test_eval_image_is_resize_then_centre_crop():
@@ -192,7 +216,7 @@ def test_image_folder_split_labels_shapes_and_a_corrupt_jpeg(tmp_path):
     batches, ids = train_epoch(dataset)
     assert len(batches) == 3
     for batch in batches:
-        assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.float32
+        assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.uint8
         assert batch["label"].shape == (4,) and batch["label"].dtype == np.int32
         expected = [["ant", "bee", "cat"].index(owner[i]) for i in ids_of(batch["image"])]
         np.testing.assert_array_equal(batch["label"], expected)
@@ -368,7 +392,7 @@ def test_tfds_benchmark_splits_labels_and_supers(name):
         batches, ids = train_epoch(dataset)
         assert len(batches) == num_train // 4 and len(set(ids)) == len(ids)
         for batch in batches:
-            assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.float32
+            assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.uint8
             assert batch["label"].dtype == np.int32
             # Class-disjoint, and labels are the rank of the original class id among the training classes.
             expected = [train_classes.index(owner[i]) for i in ids_of(batch["image"])]
