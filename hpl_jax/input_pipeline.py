@@ -18,7 +18,8 @@ which In-Shop's query and gallery share) in the order of the original class ids;
 space over train and test.
 
 How each host reads its share, every example exactly once over the hosts:
-- TFDS: a one-time pass reads the labels of every record (not the images) in file order; the kept records of a
+- TFDS: a one-time pass reads the labels of every record (not the images) in file order, cached beside the
+  prepared data for the next starts (`split_columns`, keyed by the files' fingerprint); the kept records of a
   split are cut into `process_count` contiguous blocks (sizes differ by at most one) and each host reads only
   its block, as TFDS sub-splits 'train[a:b]' (TFDS shuffles records when it writes a dataset, so a block is a
   random subset). Training shuffles the files and a `shuffle_buffer` of records with a seed from
@@ -46,8 +47,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
+import json
 import os
+import uuid
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -72,6 +76,8 @@ TEST_CLASSES_FILE = "test_classes.txt"
 AUTOTUNE = tf.data.AUTOTUNE
 # Training tries at most this many times the images it needs before it gives up on a broken dataset.
 MAX_READ_FACTOR = 2
+# The label columns of prepared TFDS splits, cached beside the data: {builder.data_dir}/LABEL_CACHE_DIR/.
+LABEL_CACHE_DIR = "hpl_jax_labels"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -202,6 +208,88 @@ def read_columns(builder: tfds.core.DatasetBuilder, split: str, features: Sequen
         for name in features:
             columns[name].append(batch[name])
     return {name: np.concatenate(values) if values else np.zeros(0, np.int64) for name, values in columns.items()}
+
+
+def _as_stored(column: np.ndarray) -> np.ndarray:
+    """A column as the label cache stores it: text (TF strings, NumPy objects) as fixed-width bytes, which .npz
+    keeps without pickling; numbers unchanged."""
+    return column.astype(bytes) if column.dtype.kind == "O" else column
+
+
+def split_fingerprint(builder: tfds.core.DatasetBuilder, split: str) -> Optional[str]:
+    """What identifies the records of a prepared TFDS split: the dataset's name and version, the split, its size,
+    and the name, size and modification time of each of its files (local or gs://); None where TFDS knows no
+    files (not prepared)."""
+    try:
+        split_info = builder.info.splits[split]
+        paths = [os.fspath(path) for path in split_info.filepaths]
+    except (KeyError, ValueError):
+        return None
+    try:
+        files = [(os.path.basename(path), stat.length, stat.mtime_nsec)
+                 for path in paths for stat in [tf.io.gfile.stat(path)]]
+    except tf.errors.OpError:
+        return None
+    key = json.dumps([builder.name, str(builder.version), split, split_info.num_examples, files])
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def label_cache_path(builder: tfds.core.DatasetBuilder, split: str, fingerprint: str,
+                     features: Sequence[str]) -> str:
+    """Where the label columns of (split, features) of the prepared data with `fingerprint` are cached: beside
+    the data, named by all of them, so a changed dataset (another fingerprint) never finds stale labels."""
+    name = hashlib.sha256(json.dumps([fingerprint, list(features)]).encode()).hexdigest()[:24]
+    return os.path.join(os.fspath(builder.data_dir), LABEL_CACHE_DIR, f"{split}-{name}.npz")
+
+
+def _read_label_cache(path: str, fingerprint: str, features: Sequence[str]) -> Optional[Dict[str, np.ndarray]]:
+    """The cached columns, or None where there is no cache file or it is not the one asked for."""
+    try:
+        if not tf.io.gfile.exists(path):
+            return None
+        with tf.io.gfile.GFile(path, "rb") as f:
+            stored = np.load(io.BytesIO(f.read()), allow_pickle=False)
+            if str(stored["fingerprint"]) != fingerprint or list(stored["features"]) != list(features):
+                return None
+            return {name: stored[f"column/{name}"] for name in features}
+    except Exception as error:  # A damaged or foreign file is ignored and overwritten, never trusted.
+        logging.warning("Ignoring the label cache %s (%s: %s).", path, type(error).__name__, error)
+        return None
+
+
+def _write_label_cache(path: str, fingerprint: str, features: Sequence[str],
+                       columns: Mapping[str, np.ndarray]) -> None:
+    """Writes the cache atomically: a file of this process's own, renamed into place, so hosts that start
+    together each rename a complete file (with the same contents) and a reader never sees half of one."""
+    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        tf.io.gfile.makedirs(os.path.dirname(path))
+        buffer = io.BytesIO()
+        np.savez(buffer, fingerprint=np.array(fingerprint), features=np.array(list(features)),
+                 **{f"column/{name}": columns[name] for name in features})
+        with tf.io.gfile.GFile(temporary, "wb") as f:
+            f.write(buffer.getvalue())
+        tf.io.gfile.rename(temporary, path, overwrite=True)
+    except tf.errors.OpError as error:  # A read-only data_dir: every start scans the labels, as before.
+        logging.warning("Could not cache the TFDS labels in %s (%s); the next start reads them again.", path,
+                        error)
+        if tf.io.gfile.exists(temporary):
+            tf.io.gfile.remove(temporary)
+
+
+def split_columns(builder: tfds.core.DatasetBuilder, split: str, features: Sequence[str]) -> Dict[str, np.ndarray]:
+    """`read_columns` of a prepared split, read once and then from a cache beside the data (`label_cache_path`):
+    a start no longer reads every record's label. Text columns come as fixed-width bytes either way."""
+    fingerprint = split_fingerprint(builder, split)
+    path = None if fingerprint is None else label_cache_path(builder, split, fingerprint, features)
+    if path is not None:
+        cached = _read_label_cache(path, fingerprint, features)
+        if cached is not None:
+            return cached
+    columns = {name: _as_stored(column) for name, column in read_columns(builder, split, features).items()}
+    if path is not None:
+        _write_label_cache(path, fingerprint, features, columns)
+    return columns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,7 +497,8 @@ def _class_supers(labels: np.ndarray, supers: np.ndarray, num_classes: int, what
 
 
 def tfds_splits(name: str, builder: tfds.core.DatasetBuilder, shuffle_buffer: int):
-    """The class-disjoint splits of a TFDS benchmark, from one pass over its labels.
+    """The class-disjoint splits of a TFDS benchmark, from its labels: one pass over the records the first time,
+    the label cache beside the data after that (`split_columns`).
 
     Returns (train: TfdsExamples, evals: {split: TfdsExamples}, train_super_labels, test_super_labels), the
     super-label maps i32[num classes] or None.
@@ -423,7 +512,7 @@ def tfds_splits(name: str, builder: tfds.core.DatasetBuilder, shuffle_buffer: in
     features = (benchmark.label_key,) + ((benchmark.super_key,) if benchmark.super_key else ())
     tfds_split_names = list(dict.fromkeys(
         split for names, _ in (benchmark.train,) + tuple(benchmark.evals.values()) for split in names))
-    columns = {split: read_columns(builder, split, features) for split in tfds_split_names}
+    columns = {split: split_columns(builder, split, features) for split in tfds_split_names}
 
     vocabulary = None
     if benchmark.super_key and columns[tfds_split_names[0]][benchmark.super_key].dtype.kind in "OSU":

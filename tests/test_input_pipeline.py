@@ -428,6 +428,86 @@ def test_tfds_host_sharding(process_count):
             assert split_index_of_image(results) == split_index_of_image([eval_ids(one_host, split)])
 
 
+def counting_label_reads(monkeypatch):
+    """Counts the full passes over a split's labels (input_pipeline.read_columns): the list of splits read."""
+    reads, read_columns = [], input_pipeline.read_columns
+
+    def counted(builder, split, features):
+        reads.append(split)
+        return read_columns(builder, split, features)
+
+    monkeypatch.setattr(input_pipeline, "read_columns", counted)
+    return reads
+
+
+def test_tfds_labels_are_scanned_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    """mock_data has no files to fingerprint: the fingerprints are set here, and the cache, which lives beside
+    the prepared data (builder.data_dir), goes under tmp_path."""
+    records, _ = benchmark_records("sop")
+    fingerprints = {"train": "train-v1", "test": "test-v1"}
+    monkeypatch.setattr(input_pipeline, "split_fingerprint", lambda builder, split: fingerprints[split])
+    cache_path = input_pipeline.label_cache_path
+    monkeypatch.setattr(input_pipeline, "label_cache_path", lambda *args: str(tmp_path) + cache_path(*args))
+    reads = counting_label_reads(monkeypatch)
+    with fake_tfds(records):
+        def start():
+            dataset = input_pipeline.create_dataset(tiny(sop_config), local_batch_size=2, local_eval_batch_size=2)
+            return vars(dataset.info), {name: split.record_labels for name, split in dataset._splits.items()}
+
+        scanned = start()
+        assert reads == ["train", "test"]
+        cached = start()
+        assert reads == ["train", "test"]  # the second start read no record
+        np.testing.assert_equal(cached, scanned)
+        builder = input_pipeline.prepared_builder("sop", "", "")
+        features = ("class_id", "super_class_id/num")
+        for split in ("train", "test"):
+            columns = input_pipeline.split_columns(builder, split, features)
+            np.testing.assert_equal(columns, input_pipeline.read_columns(builder, split, features))
+        del reads[:]
+
+        fingerprints["train"] = "train-v2"  # the train files changed: their cache is stale
+        np.testing.assert_equal(start(), scanned)
+        assert reads == ["train"]
+        # A cache file that holds another fingerprint's labels, or is damaged, is ignored and replaced.
+        path = input_pipeline.label_cache_path(builder, "test", "test-v1", features)
+        input_pipeline._write_label_cache(path, "test-v0", features, {name: np.zeros(1) for name in features})
+        np.testing.assert_equal(start(), scanned)
+        with open(path, "wb") as f:
+            f.write(b"not an npz")
+        np.testing.assert_equal(start(), scanned)
+        assert reads == ["train", "test", "test"]
+        start()
+        assert reads == ["train", "test", "test"]
+        assert not [name for name in os.listdir(os.path.dirname(path)) if ".tmp-" in name]
+
+
+def test_the_label_cache_of_prepared_files_follows_their_fingerprint(tmp_path, monkeypatch):
+    """In-Shop prepared for real (the project's builder): the fingerprint of its files, unmocked."""
+    manual_dir, data_dir = str(tmp_path / "files"), str(tmp_path / "tfds")
+    write_inshop_tree(manual_dir)
+    config = tiny(inshop_config, **{"dataset.data_dir": data_dir, "dataset.manual_dir": manual_dir})
+    reads = counting_label_reads(monkeypatch)
+
+    def start():
+        dataset = input_pipeline.create_dataset(config, local_batch_size=2, local_eval_batch_size=2)
+        return vars(dataset.info), {name: split.record_labels for name, split in dataset._splits.items()}
+
+    scanned = start()
+    assert sorted(reads) == ["gallery", "query", "train"]
+    np.testing.assert_equal(start(), scanned)
+    assert sorted(reads) == ["gallery", "query", "train"]
+    builder = input_pipeline.prepared_builder("inshop", data_dir, manual_dir)
+    cached_files = os.listdir(os.path.join(builder.data_dir, input_pipeline.LABEL_CACHE_DIR))
+    assert sorted(name.split("-")[0] for name in cached_files) == ["gallery", "query", "train"]
+    # Rewriting a train file (same records, a new modification time) makes the train labels stale.
+    [train_file] = builder.info.splits["train"].filepaths
+    stat = os.stat(train_file)
+    os.utime(train_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
+    np.testing.assert_equal(start(), scanned)
+    assert sorted(reads) == ["gallery", "query", "train", "train"]
+
+
 def test_host_record_ranges_cover_every_kept_record_once():
     labels = {"train": np.array([0, -1, 1, 2, -1, 0, -1]), "test": np.array([-1, 3, 3, -1, 4])}
     for process_count in (1, 2, 3, 4):
