@@ -54,6 +54,9 @@ def ids_of(images: np.ndarray) -> np.ndarray:
 
 def tiny(config_module, **overrides):
     config = config_module.get_config()
+    # One epoch: no next epoch is drawn ahead on a thread (TfDataset.train_batches) that could outlive the
+    # test's tfds.testing.mock_data, whose patches are global.
+    config.num_epochs = 1
     config.dataset.image_size = 16
     config.dataset.resize_size = 18
     config.dataset.shuffle_buffer = 64
@@ -312,6 +315,51 @@ def test_train_order_is_seeded_and_resumable(tmp_path):
     for original, replayed in zip(first[1:], resumed):
         np.testing.assert_array_equal(original["image"], replayed["image"])  # same crops and flips
         np.testing.assert_array_equal(original["label"], replayed["label"])
+
+
+def test_the_next_epoch_is_drawn_ahead_and_equals_a_fresh_pipeline(tmp_path, monkeypatch):
+    """Once an epoch's last batch is out, the next epoch's pipeline is built and its first batch drawn on a
+    background thread; the batches are those a pipeline built for that epoch alone gives (resumption needs it)."""
+    import threading
+
+    make_image_folder(str(tmp_path), ["a", "b", "c", "d"], [6, 6, 2, 2])
+    config = tiny(image_folder_config, **{"dataset.data_dir": str(tmp_path), "num_epochs": 3})
+    built, train_iterator = [], input_pipeline.TfDataset._train_iterator
+
+    def recorded(self, epoch, start_step):
+        built.append((epoch, start_step, threading.current_thread() is threading.main_thread()))
+        return train_iterator(self, epoch, start_step)
+
+    monkeypatch.setattr(input_pipeline.TfDataset, "_train_iterator", recorded)
+    dataset = input_pipeline.create_dataset(config, local_batch_size=4, local_eval_batch_size=4)
+    epochs = [train_epoch(dataset, epoch) for epoch in range(3)]
+    # Epochs 1 and 2 were built on the background thread; nothing is drawn beyond the last epoch (num_epochs).
+    assert built == [(0, 0, True), (1, 0, False), (2, 0, False)] and dataset._ahead is None
+    for epoch, (batches, ids) in enumerate(epochs):
+        fresh = input_pipeline.create_dataset(config, local_batch_size=4, local_eval_batch_size=4)
+        fresh_batches, fresh_ids = train_epoch(fresh, epoch)
+        np.testing.assert_array_equal(ids, fresh_ids)
+        np.testing.assert_array_equal(np.stack([b["image"] for b in batches]),
+                                      np.stack([b["image"] for b in fresh_batches]))
+    # A resume mid-epoch (or any other epoch than the one drawn ahead) builds its own pipeline.
+    del built[:]
+    train_epoch(dataset, 0)
+    resumed, _ = train_epoch(dataset, 1, start_step=1)
+    dataset._ahead._thread.join()  # epoch 2, drawn ahead again
+    assert sorted(built) == [(0, 0, True), (1, 0, False), (1, 1, True), (2, 0, False)]
+    for original, replayed in zip(epochs[1][0][1:], resumed):
+        np.testing.assert_array_equal(original["image"], replayed["image"])
+
+
+def test_an_error_drawing_ahead_is_raised_where_the_batches_are_asked_for():
+    def broken():
+        raise data.DataError("no images")
+
+    ahead = input_pipeline.EpochAhead(5, broken)
+    with pytest.raises(data.DataError, match="no images"):
+        ahead.batches()
+    ahead = input_pipeline.EpochAhead(5, lambda: iter([{"x": 1}, {"x": 2}]))
+    assert [batch["x"] for batch in ahead.batches()] == [1, 2]
 
 
 def test_class_balanced_sampler_groups_classes(tmp_path):
