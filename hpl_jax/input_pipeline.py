@@ -706,7 +706,7 @@ class EpochAhead:
             iterator = make_iterator()
             self._outcome["first"] = list(itertools.islice(iterator, 1))
             self._outcome["iterator"] = iterator
-        except BaseException as error:  # Raised where the batches are asked for, on the caller's thread.
+        except Exception as error:  # Raised where the batches are asked for, on the caller's thread.
             self._outcome["error"] = error
 
     def batches(self) -> Iterator[Dict[str, np.ndarray]]:
@@ -767,7 +767,7 @@ class TfDataset:
         Each epoch has a pipeline of its own (TFDS takes the file order's seed when the pipeline is built), but
         once this host yields an epoch's last batch, the next epoch's pipeline is built and its shuffle buffer
         filled on a background thread (`EpochAhead`), while the host works at the epoch boundary (refresh,
-        evaluation, checkpoint): the fill (about 5 s for 16,384 records of ~70 KB, docs/benchmarks.md) is then
+        evaluation, checkpoint): the fill (seconds for 16,384 records of ~70 KB, docs/benchmarks.md) is then
         off the critical path.
         """
         if not 0 <= start_step <= self._steps_per_epoch:
