@@ -7,9 +7,12 @@ the only module that imports TensorFlow); `datasets.get_dataset` picks one. This
 both can import it.
 
 Batches are dicts of host-local NumPy arrays:
-  train:  {'image': f32[local_batch, H, W, 3], 'label': i32[local_batch]}
-  eval:   {'image': f32[local_batch, H, W, 3], 'label': i32[local_batch], 'mask': bool[local_batch],
+  train:  {'image': u8[local_batch, H, W, 3], 'label': i32[local_batch]}
+  eval:   {'image': u8[local_batch, H, W, 3], 'label': i32[local_batch], 'mask': bool[local_batch],
            'index': i64[local_batch]}  (each example's index within its split; padding is masked out)
+The images are RGB pixels in 0..255, u8 (1 byte a pixel to the devices, a quarter of float32), except the
+embedded datasets' training crops, which interpolate and stay f32 in 0..255 (rounding them would change the
+embedded runs' numbers). The jitted steps turn them into the network's input on the device (`normalize_pixels`).
 `shard_for_devices` reshapes them to [local_devices, per_device_batch, ...] for pmap.
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ import itertools
 from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -43,6 +47,7 @@ def embedded_draws(dataset_config) -> List[Tuple[str, int]]:
     if dataset_config.name in (SYNTHETIC, SYNTHETIC_SOP):
         return [(dataset_config.name, int(dataset_config.seed))]
     return []
+COLOR_ORDERS = ("rgb", "bgr")
 
 
 class DataError(ValueError):
@@ -186,6 +191,26 @@ def relabelling(kept_classes: np.ndarray, num_classes: int) -> np.ndarray:
     table = np.full(num_classes, -1, np.int32)
     table[kept_classes] = np.arange(len(kept_classes), dtype=np.int32)
     return table
+
+
+def normalize_pixels(pixels: jax.Array, dataset_config) -> jax.Array:
+    """The network's input from RGB pixels in 0..255: ((x / 255 * pixel_scale)[channels in color_order] - mean) / std.
+
+    Called inside the jitted per-device steps (train.loss_and_gradients, evaluation.embed_step), so the host
+    sends u8 pixels and the device does the arithmetic. `dataset_config` is the config the loop holds (after
+    train.with_pretrained_preprocessing), captured statically. ImageNet ResNets: 'rgb', pixel_scale 1, the
+    ImageNet mean/std; BN-Inception weights: 'bgr', pixel_scale 255, mean (104, 117, 128), std (1, 1, 1)
+    (METHOD.md, "Training recipe").
+
+    pixels: u8[..., 3] (or f32[..., 3] in 0..255). Returns f32[..., 3].
+    """
+    if dataset_config.color_order not in COLOR_ORDERS:
+        raise ValueError(f"color_order={dataset_config.color_order!r} is unknown; use one of {COLOR_ORDERS}.")
+    # The same f32 operations in the same order as the host code this replaced, so the inputs are unchanged.
+    x = jnp.asarray(pixels).astype(jnp.float32) * (dataset_config.pixel_scale / 255.0)
+    if dataset_config.color_order == "bgr":
+        x = x[..., ::-1]
+    return (x - jnp.asarray(dataset_config.mean, jnp.float32)) / jnp.asarray(dataset_config.std, jnp.float32)
 
 
 def shard_for_devices(batch: Batch, num_devices: int) -> Batch:

@@ -15,6 +15,7 @@ import functools
 from typing import Dict, Optional, Tuple
 
 import jax
+import ml_collections
 import numpy as np
 from absl import app
 from absl import flags
@@ -47,17 +48,18 @@ def checkpoint_name_is_valid(which: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def embed_function(model, mesh: jax.sharding.Mesh):
-    """The trainer's embedding step (evaluation.embed_on_devices) of `model` over `mesh`; compiled once per model."""
-    return evaluation.embed_on_devices(model, mesh)
+def embed_function(model, mesh: jax.sharding.Mesh, dataset_config: ml_collections.FrozenConfigDict):
+    """The trainer's embedding step (evaluation.embed_on_devices) of `model` over `mesh`, its pixels normalised by
+    `dataset_config` on the device; compiled once per model and normalisation (hence the frozen, hashable config)."""
+    return evaluation.embed_on_devices(model, mesh, dataset_config)
 
 
 def embed_run(run: checkpointing.RestoredRun, split: str = "test") -> Dict[str, evaluation.Embedded]:
     """The eval splits the protocol of `split` reads (In-Shop 'test': query and gallery), embedded on every device
     of every process, as the trainer embeds them."""
     mesh = device_mesh(AXIS)
-    return evaluation.embed_protocol_splits(embed_function(run.model, mesh),
-                                            evaluation.state_on_devices(run.state, mesh), run.dataset, split)
+    embed = embed_function(run.model, mesh, ml_collections.FrozenConfigDict(run.config.dataset))
+    return evaluation.embed_protocol_splits(embed, evaluation.state_on_devices(run.state, mesh), run.dataset, split)
 
 
 def evaluate_run(run: checkpointing.RestoredRun,

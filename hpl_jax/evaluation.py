@@ -17,20 +17,26 @@ from hpl_jax import metrics as metrics_lib
 from hpl_jax.train_state import TrainState, as_global, as_local, over_devices, replicate
 
 
-def embed_step(state: TrainState, batch, *, model):
-    """Embeddings of one eval batch on one device: f32[per_device, embedding_dim]."""
-    return model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False)
+def embed_step(state: TrainState, batch, *, model, dataset_config):
+    """Embeddings of one eval batch on one device: f32[per_device, embedding_dim].
+
+    batch['image']: u8[per_device, H, W, 3], normalised here, on the device, by `dataset_config` (the run's
+    config.dataset; data.normalize_pixels).
+    """
+    images = data.normalize_pixels(batch["image"], dataset_config)
+    return model.apply({"params": state.params, "batch_stats": state.batch_stats}, images, train=False)
 
 
-def embed_on_devices(model, mesh: jax.sharding.Mesh):
+def embed_on_devices(model, mesh: jax.sharding.Mesh, dataset_config):
     """`embed_step` on every device of `mesh` as the trainer runs its steps (jit + shard_map,
-    train_state.over_devices): the embedding function `embed_examples` takes, one per entry point and model.
+    train_state.over_devices), pixels normalised by `dataset_config` (the run's config.dataset): the embedding
+    function `embed_examples` takes, one per entry point and model.
 
     Returns p_embed(state, batch): state as global arrays over `mesh` (`state_on_devices`); batch per local device
     {'image': [local devices, per_device, H, W, 3]} (data.prefetch_to_devices); embeddings of this process's
     devices, f32[local devices, per_device, embedding_dim].
     """
-    embed = over_devices(functools.partial(embed_step, model=model), mesh)
+    embed = over_devices(functools.partial(embed_step, model=model, dataset_config=dataset_config), mesh)
     return lambda state, batch: as_local(embed(state, as_global(batch, mesh)))
 
 

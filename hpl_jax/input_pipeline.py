@@ -18,7 +18,8 @@ which In-Shop's query and gallery share) in the order of the original class ids;
 space over train and test.
 
 How each host reads its share, every example exactly once over the hosts:
-- TFDS: a one-time pass reads the labels of every record (not the images) in file order; the kept records of a
+- TFDS: a one-time pass reads the labels of every record (not the images) in file order, cached beside the
+  prepared data for the next starts (`split_columns`, keyed by the files' fingerprint); the kept records of a
   split are cut into `process_count` contiguous blocks (sizes differ by at most one) and each host reads only
   its block, as TFDS sub-splits 'train[a:b]' (TFDS shuffles records when it writes a dataset, so a block is a
   random subset). Training shuffles the files and a `shuffle_buffer` of records with a seed from
@@ -39,15 +40,21 @@ only one that is not counted.
 Augmentation (the public Proxy-Anchor recipe, METHOD.md "Training recipe"): train = random resized crop with
 area fraction `crop_scale` and aspect ratio `crop_ratio` (uniform in the ratio, TensorFlow's sampler) to
 `image_size`, horizontal flip; test = resize the shorter side to `resize_size` and centre-crop `image_size`.
-Both crop before they resize, so JPEG bytes decode only the crop window (tf.image.decode_and_crop_jpeg).
+Both crop before they resize, so JPEG bytes decode only the crop window (tf.image.decode_and_crop_jpeg). The
+resized crops are rounded to u8 pixels, and the device normalises them (data.normalize_pixels).
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
+import itertools
+import json
 import os
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+import threading
+import uuid
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
@@ -64,7 +71,6 @@ from hpl_jax import config_checks  # noqa: E402
 from hpl_jax import data  # noqa: E402
 from hpl_jax import inshop  # noqa: E402  (registers the inshop_clothes builder)
 
-COLOR_ORDERS = ("rgb", "bgr")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 HIERARCHY_FILE = "hierarchy.csv"
 TRAIN_CLASSES_FILE = "train_classes.txt"
@@ -72,25 +78,17 @@ TEST_CLASSES_FILE = "test_classes.txt"
 AUTOTUNE = tf.data.AUTOTUNE
 # Training tries at most this many times the images it needs before it gives up on a broken dataset.
 MAX_READ_FACTOR = 2
+# The label columns of prepared TFDS splits, cached beside the data: {builder.data_dir}/LABEL_CACHE_DIR/.
+LABEL_CACHE_DIR = "hpl_jax_labels"
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Pixels.
 
-def normalize(image: tf.Tensor, *, mean: Sequence[float], std: Sequence[float], color_order: str = "rgb",
-              pixel_scale: float = 1.0) -> tf.Tensor:
-    """The network's input from RGB pixels: ((x / 255 * pixel_scale)[channels in color_order] - mean) / std.
-
-    image: f32 or u8[..., 3], RGB in 0..255. ImageNet ResNets: 'rgb', pixel_scale 1, the ImageNet mean/std.
-    BN-Inception weights: 'bgr', pixel_scale 255, mean (104, 117, 128), std (1, 1, 1) (METHOD.md, "Training
-    recipe"). Returns f32[..., 3].
-    """
-    if color_order not in COLOR_ORDERS:
-        raise ValueError(f"color_order={color_order!r} is unknown; use one of {COLOR_ORDERS}.")
-    image = tf.cast(image, tf.float32) * (pixel_scale / 255.0)
-    if color_order == "bgr":
-        image = image[..., ::-1]
-    return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+def to_pixels(image: tf.Tensor) -> tf.Tensor:
+    """f32[..., 3] in 0..255 (a resized crop) -> u8[..., 3], rounded: what the batches carry to the devices (a
+    quarter of float32's bytes), where data.normalize_pixels makes the network's input."""
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
 def random_crop_window(shape: tf.Tensor, seed: tf.Tensor, *, scale: Tuple[float, float],
@@ -212,6 +210,88 @@ def read_columns(builder: tfds.core.DatasetBuilder, split: str, features: Sequen
         for name in features:
             columns[name].append(batch[name])
     return {name: np.concatenate(values) if values else np.zeros(0, np.int64) for name, values in columns.items()}
+
+
+def _as_stored(column: np.ndarray) -> np.ndarray:
+    """A column as the label cache stores it: text (TF strings, NumPy objects) as fixed-width bytes, which .npz
+    keeps without pickling; numbers unchanged."""
+    return column.astype(bytes) if column.dtype.kind == "O" else column
+
+
+def split_fingerprint(builder: tfds.core.DatasetBuilder, split: str) -> Optional[str]:
+    """What identifies the records of a prepared TFDS split: the dataset's name and version, the split, its size,
+    and the name, size and modification time of each of its files (local or gs://); None where TFDS knows no
+    files (not prepared)."""
+    try:
+        split_info = builder.info.splits[split]
+        paths = [os.fspath(path) for path in split_info.filepaths]
+    except (KeyError, ValueError):
+        return None
+    try:
+        files = [(os.path.basename(path), stat.length, stat.mtime_nsec)
+                 for path in paths for stat in [tf.io.gfile.stat(path)]]
+    except tf.errors.OpError:
+        return None
+    key = json.dumps([builder.name, str(builder.version), split, split_info.num_examples, files])
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def label_cache_path(builder: tfds.core.DatasetBuilder, split: str, fingerprint: str,
+                     features: Sequence[str]) -> str:
+    """Where the label columns of (split, features) of the prepared data with `fingerprint` are cached: beside
+    the data, named by all of them, so a changed dataset (another fingerprint) never finds stale labels."""
+    name = hashlib.sha256(json.dumps([fingerprint, list(features)]).encode()).hexdigest()[:24]
+    return os.path.join(os.fspath(builder.data_dir), LABEL_CACHE_DIR, f"{split}-{name}.npz")
+
+
+def _read_label_cache(path: str, fingerprint: str, features: Sequence[str]) -> Optional[Dict[str, np.ndarray]]:
+    """The cached columns, or None where there is no cache file or it is not the one asked for."""
+    try:
+        if not tf.io.gfile.exists(path):
+            return None
+        with tf.io.gfile.GFile(path, "rb") as f:
+            stored = np.load(io.BytesIO(f.read()), allow_pickle=False)
+            if str(stored["fingerprint"]) != fingerprint or list(stored["features"]) != list(features):
+                return None
+            return {name: stored[f"column/{name}"] for name in features}
+    except Exception as error:  # A damaged or foreign file is ignored and overwritten, never trusted.
+        logging.warning("Ignoring the label cache %s (%s: %s).", path, type(error).__name__, error)
+        return None
+
+
+def _write_label_cache(path: str, fingerprint: str, features: Sequence[str],
+                       columns: Mapping[str, np.ndarray]) -> None:
+    """Writes the cache atomically: a file of this process's own, renamed into place, so hosts that start
+    together each rename a complete file (with the same contents) and a reader never sees half of one."""
+    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        tf.io.gfile.makedirs(os.path.dirname(path))
+        buffer = io.BytesIO()
+        np.savez(buffer, fingerprint=np.array(fingerprint), features=np.array(list(features)),
+                 **{f"column/{name}": columns[name] for name in features})
+        with tf.io.gfile.GFile(temporary, "wb") as f:
+            f.write(buffer.getvalue())
+        tf.io.gfile.rename(temporary, path, overwrite=True)
+    except tf.errors.OpError as error:  # A read-only data_dir: every start scans the labels, as before.
+        logging.warning("Could not cache the TFDS labels in %s (%s); the next start reads them again.", path,
+                        error)
+        if tf.io.gfile.exists(temporary):
+            tf.io.gfile.remove(temporary)
+
+
+def split_columns(builder: tfds.core.DatasetBuilder, split: str, features: Sequence[str]) -> Dict[str, np.ndarray]:
+    """`read_columns` of a prepared split, read once and then from a cache beside the data (`label_cache_path`):
+    a start no longer reads every record's label. Text columns come as fixed-width bytes either way."""
+    fingerprint = split_fingerprint(builder, split)
+    path = None if fingerprint is None else label_cache_path(builder, split, fingerprint, features)
+    if path is not None:
+        cached = _read_label_cache(path, fingerprint, features)
+        if cached is not None:
+            return cached
+    columns = {name: _as_stored(column) for name, column in read_columns(builder, split, features).items()}
+    if path is not None:
+        _write_label_cache(path, fingerprint, features, columns)
+    return columns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -419,7 +499,8 @@ def _class_supers(labels: np.ndarray, supers: np.ndarray, num_classes: int, what
 
 
 def tfds_splits(name: str, builder: tfds.core.DatasetBuilder, shuffle_buffer: int):
-    """The class-disjoint splits of a TFDS benchmark, from one pass over its labels.
+    """The class-disjoint splits of a TFDS benchmark, from its labels: one pass over the records the first time,
+    the label cache beside the data after that (`split_columns`).
 
     Returns (train: TfdsExamples, evals: {split: TfdsExamples}, train_super_labels, test_super_labels), the
     super-label maps i32[num classes] or None.
@@ -433,7 +514,7 @@ def tfds_splits(name: str, builder: tfds.core.DatasetBuilder, shuffle_buffer: in
     features = (benchmark.label_key,) + ((benchmark.super_key,) if benchmark.super_key else ())
     tfds_split_names = list(dict.fromkeys(
         split for names, _ in (benchmark.train,) + tuple(benchmark.evals.values()) for split in names))
-    columns = {split: read_columns(builder, split, features) for split in tfds_split_names}
+    columns = {split: split_columns(builder, split, features) for split in tfds_split_names}
 
     vocabulary = None
     if benchmark.super_key and columns[tfds_split_names[0]][benchmark.super_key].dtype.kind in "OSU":
@@ -566,7 +647,7 @@ def image_folder_splits(root: str):
 
 def train_dataset(records: tf.data.Dataset, *, epoch_seed_value: int, local_batch_size: int, num_steps: int,
                   start_step: int, transform, sampler: str, samples_per_class: int) -> tf.data.Dataset:
-    """Batches {'image': f32[local_batch, H, W, 3], 'label': i32[local_batch], 'index': i64[local_batch]}.
+    """Batches {'image': u8[local_batch, H, W, 3], 'label': i32[local_batch], 'index': i64[local_batch]}.
 
     records: this host's records in the epoch's order. 'index' is each image's position in the stream (after
     class-balanced grouping), the seed of its augmentation together with the epoch seed; gaps in it are images
@@ -599,11 +680,41 @@ def eval_dataset(records: tf.data.Dataset, *, num_batches: int, local_batch_size
         lambda record: {"image": transform(_encoded_image(record)), "label": record["label"],
                         "mask": tf.constant(True), "index": record["index"]},
         num_parallel_calls=AUTOTUNE).ignore_errors()
-    padding = tf.data.Dataset.from_tensors({"image": tf.zeros(image_shape, tf.float32), "label": tf.constant(0),
+    padding = tf.data.Dataset.from_tensors({"image": tf.zeros(image_shape, tf.uint8), "label": tf.constant(0),
                                             "mask": tf.constant(False),
                                             "index": tf.constant(-1, tf.int64)}).repeat()
     examples = examples.concatenate(padding).take(num_batches * local_batch_size)
     return examples.batch(local_batch_size).prefetch(AUTOTUNE)
+
+
+class EpochAhead:
+    """The first batch of an epoch's training pipeline, drawn on a thread of its own as soon as it is made:
+    building the pipeline and filling its shuffle buffer then overlap whatever the host does meanwhile.
+
+    Not a daemon thread: a process that ends meanwhile (early stopping, a preemption at an epoch's end) waits for
+    it (seconds) rather than tearing TensorFlow down under it.
+    """
+
+    def __init__(self, epoch: int, make_iterator: Callable[[], Iterator[Dict[str, np.ndarray]]]):
+        self.epoch = epoch
+        self._outcome: Dict[str, object] = {}
+        self._thread = threading.Thread(target=self._draw, args=(make_iterator,), name=f"train-epoch-{epoch}-ahead")
+        self._thread.start()
+
+    def _draw(self, make_iterator) -> None:
+        try:
+            iterator = make_iterator()
+            self._outcome["first"] = list(itertools.islice(iterator, 1))
+            self._outcome["iterator"] = iterator
+        except Exception as error:  # Raised where the batches are asked for, on the caller's thread.
+            self._outcome["error"] = error
+
+    def batches(self) -> Iterator[Dict[str, np.ndarray]]:
+        """Every batch of the pipeline, the first one drawn ahead (waits for it if it is not there yet)."""
+        self._thread.join()
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        return itertools.chain(self._outcome["first"], self._outcome["iterator"])
 
 
 class TfDataset:
@@ -624,13 +735,14 @@ class TfDataset:
         self._process_count = process_count
         self._steps_per_epoch = data.steps_per_epoch(info.num_train_examples, local_batch_size * process_count,
                                                      config.steps_per_epoch)
-        pixels = dict(mean=tuple(dataset.mean), std=tuple(dataset.std), color_order=dataset.color_order,
-                      pixel_scale=dataset.pixel_scale)
-        self._train_transform = lambda image_bytes, seed: normalize(train_image(
+        self._num_epochs = config.num_epochs
+        self._ahead: Optional[EpochAhead] = None  # the next epoch's batches, drawn ahead
+        # u8 pixels: the device normalises them (data.normalize_pixels).
+        self._train_transform = lambda image_bytes, seed: to_pixels(train_image(
             image_bytes, seed, image_size=dataset.image_size, crop_scale=tuple(dataset.crop_scale),
-            crop_ratio=tuple(dataset.crop_ratio), horizontal_flip=dataset.horizontal_flip), **pixels)
-        self._eval_transform = lambda image_bytes: normalize(eval_image(
-            image_bytes, image_size=dataset.image_size, resize_size=dataset.resize_size), **pixels)
+            crop_ratio=tuple(dataset.crop_ratio), horizontal_flip=dataset.horizontal_flip))
+        self._eval_transform = lambda image_bytes: to_pixels(eval_image(
+            image_bytes, image_size=dataset.image_size, resize_size=dataset.resize_size))
 
     def _count_skipped(self, what: str, num_skipped: int) -> None:
         if num_skipped:
@@ -639,23 +751,41 @@ class TfDataset:
                 logging.WARNING, "%s: %d image(s) failed to decode and were skipped (host %d, %d so far).", 60,
                 what, num_skipped, self._process_index, self.num_skipped_images)
 
-    def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[data.Batch]:
-        """See data.Dataset.train_batches."""
-        if not 0 <= start_step <= self._steps_per_epoch:
-            raise ValueError(f"start_step={start_step} is outside the epoch's {self._steps_per_epoch} steps.")
+    def _train_iterator(self, epoch: int, start_step: int) -> Iterator[Dict[str, np.ndarray]]:
+        """The batches of `epoch` from `start_step` on, with their 'index', from a pipeline built for the epoch:
+        its file order, shuffle buffer and augmentation follow (config.seed, epoch) alone (resumption needs it)."""
         seed = epoch_seed(self._seed, epoch)
         records, _ = self._splits["train"].host_records(self._process_index, self._process_count, seed)
-        batches = train_dataset(
+        return train_dataset(
             records, epoch_seed_value=seed, local_batch_size=self._local_batch_size,
             num_steps=self._steps_per_epoch, start_step=start_step, transform=self._train_transform,
-            sampler=self._sampler, samples_per_class=self._samples_per_class)
+            sampler=self._sampler, samples_per_class=self._samples_per_class).as_numpy_iterator()
+
+    def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[data.Batch]:
+        """See data.Dataset.train_batches.
+
+        Each epoch has a pipeline of its own (TFDS takes the file order's seed when the pipeline is built), but
+        once this host yields an epoch's last batch, the next epoch's pipeline is built and its shuffle buffer
+        filled on a background thread (`EpochAhead`), while the host works at the epoch boundary (refresh,
+        evaluation, checkpoint): the fill (seconds for 16,384 records of ~70 KB, docs/benchmarks.md) is then
+        off the critical path.
+        """
+        if not 0 <= start_step <= self._steps_per_epoch:
+            raise ValueError(f"start_step={start_step} is outside the epoch's {self._steps_per_epoch} steps.")
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.epoch == epoch and start_step == 0:
+            batches = ahead.batches()
+        else:
+            batches = self._train_iterator(epoch, start_step)
         step, attempted = start_step, start_step * self._local_batch_size
-        for batch in batches.as_numpy_iterator():
+        for batch in batches:
             # Positions missing from 'index' are the images that failed to decode.
             last_attempted, attempted = attempted, int(batch.pop("index")[-1]) + 1
             self._count_skipped(f"{self.info.name} train epoch {epoch}",
                                 attempted - last_attempted - self._local_batch_size)
             step += 1
+            if step == self._steps_per_epoch and epoch + 1 < self._num_epochs:
+                self._ahead = EpochAhead(epoch + 1, lambda: self._train_iterator(epoch + 1, 0))
             yield batch
         if step < self._steps_per_epoch:
             raise data.DataError(f"{self.info.name}: more than half of the images read in epoch {epoch} failed to "

@@ -22,6 +22,7 @@ import sys
 from typing import Any, Dict, List, Sequence, Tuple
 
 import jax
+import ml_collections
 import numpy as np
 
 from hpl_jax import checkpointing
@@ -90,10 +91,10 @@ def fold_workdirs(root: str) -> Dict[int, str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _embed_function(model, mesh: jax.sharding.Mesh):
+def _embed_function(model, mesh: jax.sharding.Mesh, dataset_config: ml_collections.FrozenConfigDict):
     """The trainer's embedding step (evaluation.embed_on_devices) of `model`, compiled once for all the folds that
-    share the model's config."""
-    return evaluation.embed_on_devices(model, mesh)
+    share the model's config and normalisation."""
+    return evaluation.embed_on_devices(model, mesh, dataset_config)
 
 
 def embed_test_split(workdir: str, config) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
@@ -118,7 +119,7 @@ def embed_test_split(workdir: str, config) -> Tuple[np.ndarray, np.ndarray, Dict
     template = create_train_state(jax.random.PRNGKey(config.seed), template_config, model, info)
     state = checkpointing.restore_state(workdir, template, "best")
     mesh = device_mesh("batch")
-    embeddings, labels = evaluation.embed_split(_embed_function(model, mesh), evaluation.state_on_devices(state, mesh),
+    embeddings, labels = evaluation.embed_split(_embed_function(model, mesh, ml_collections.FrozenConfigDict(config.dataset)), evaluation.state_on_devices(state, mesh),
                                                 dataset, "test")
 
     with open(os.path.join(workdir, "metrics.json")) as f:

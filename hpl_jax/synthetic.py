@@ -153,8 +153,6 @@ class SyntheticDataset:
         self._local_eval_batch_size = local_eval_batch_size
         self._process_index = process_index
         self._process_count = process_count
-        self._mean = np.asarray(config.dataset.mean, np.float32)
-        self._std = np.asarray(config.dataset.std, np.float32)
 
         self._images, self._labels, super_labels, super_parents = self._generate()
         if data.holds_out_classes(config.dataset):
@@ -198,15 +196,11 @@ class SyntheticDataset:
             self._labels[name] = data.relabelling(classes, num_classes)[labels[rows]]
             super_labels[name] = supers[classes]
 
-    def _normalise(self, images: np.ndarray) -> np.ndarray:
-        """RGB in 0..255 -> the network's input, as input_pipeline.normalize."""
-        images = images.astype(np.float32) * (self._config.dataset.pixel_scale / 255.0)
-        if self._config.dataset.color_order == "bgr":
-            images = images[..., ::-1]
-        return (images - self._mean) / self._std
-
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[data.Batch]:
-        """Global batches in the order `epoch_order` gives (seed, epoch); this host yields its slice of each."""
+        """Global batches in the order `epoch_order` gives (seed, epoch); this host yields its slice of each.
+
+        The crops interpolate between pixels: they stay f32 in 0..255 (rounding them to u8 would change every
+        run's numbers); the device normalises them (data.normalize_pixels)."""
         dataset = self._config.dataset
         order = epoch_order(self._config.seed, epoch, self.info.num_train_examples,
                             self._steps_per_epoch * self._global_batch_size).reshape(self._steps_per_epoch, -1)
@@ -217,9 +211,10 @@ class SyntheticDataset:
             rng = np.random.default_rng([self._config.seed, epoch, step])
             images = random_resized_crop(rng, self._images["train"][order[step]], dataset.image_size,
                                          dataset.crop_scale, dataset.crop_ratio, dataset.horizontal_flip, mine)
-            yield {"image": self._normalise(images), "label": self._labels["train"][order[step][mine]]}
+            yield {"image": images, "label": self._labels["train"][order[step][mine]]}
 
     def eval_batches(self, split: str) -> Iterator[data.Batch]:
+        """Centre crops of the stored 8-bit images, u8 (see data.py for the batch format)."""
         if split not in self._labels:
             raise ValueError(f"Unknown eval split {split!r}; the synthetic dataset has {tuple(self._labels)}.")
         num = len(self._labels[split])
@@ -232,5 +227,5 @@ class SyntheticDataset:
         for start in range(0, len(padded), self._local_eval_batch_size):
             rows = padded[start:start + self._local_eval_batch_size]
             images = center_crop(self._images[split][rows], self._config.dataset.image_size)
-            yield {"image": self._normalise(images), "label": self._labels[split][rows],
+            yield {"image": images, "label": self._labels[split][rows],
                    "mask": mask[start:start + self._local_eval_batch_size], "index": rows}

@@ -48,8 +48,8 @@ three-level tree) or 'super_class' (what real SOP gives: only the 12 super-class
 Sub-family ids are global (super-class s holds sub-families s * F .. s * F + F - 1 for F sub-families per
 super-class), so the same ids name the same sub-families in every split.
 
-Images are rendered at `dataset.resize_size` and kept as 8-bit pixels; batching, crops and normalisation are
-the default dataset's (`synthetic.SyntheticDataset`).
+Images are rendered at `dataset.resize_size` and kept as 8-bit pixels; batching and crops are the default
+dataset's (`synthetic.SyntheticDataset`), and the device normalises them (`data.normalize_pixels`).
 """
 from __future__ import annotations
 

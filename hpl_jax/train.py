@@ -58,7 +58,8 @@ def loss_and_gradients(state: TrainState, batch, *, model, config, labels, group
     batch B get the gradient 1 device with batch B gets.
 
     Args:
-      batch: {'image': f32[per_device, H, W, 3], 'label': i32[per_device]} on this device.
+      batch: {'image': u8[per_device, H, W, 3] (or f32 in 0..255), 'label': i32[per_device]} on this device; the
+        pixels are normalised here, on the device, by `config.dataset` (data.normalize_pixels).
       in_warmup: static; True during the first `optim.warmup_epochs` epochs, when the groups that wait get no
         gradient and the backbone's backward pass is not even computed.
 
@@ -67,6 +68,7 @@ def loss_and_gradients(state: TrainState, batch, *, model, config, labels, group
     """
     base_loss = create_base_loss(config.loss)
     weights = tuple(config.hpl.weights)
+    images = data.normalize_pixels(batch["image"], config.dataset)
 
     def objective(tree):
         if in_warmup:
@@ -74,7 +76,7 @@ def loss_and_gradients(state: TrainState, batch, *, model, config, labels, group
                 lambda leaf, group: leaf if groups.get(group, (0, True))[1] else jax.lax.stop_gradient(leaf),
                 tree, labels)
         embeddings, new_model_state = model.apply(
-            {"params": tree["model"], "batch_stats": state.batch_stats}, batch["image"], train=True,
+            {"params": tree["model"], "batch_stats": state.batch_stats}, images, train=True,
             mutable=["batch_stats"])
         global_embeddings = jax.lax.all_gather(embeddings, AXIS, tiled=True)
         global_labels = jax.lax.all_gather(batch["label"], AXIS, tiled=True)
@@ -280,7 +282,7 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
     # convert every leaf of the train state between host-local and global arrays at every step of a
     # multi-process run (docs/scaling.md).
     mesh = device_mesh(AXIS)
-    p_embed = evaluation.embed_on_devices(model, mesh)
+    p_embed = evaluation.embed_on_devices(model, mesh, config.dataset)
     step_fns = {
         warm: over_devices(functools.partial(train_step, model=model, config=config, labels=labels, groups=groups,
                                              in_warmup=warm), mesh, donate_argnums=(0,))

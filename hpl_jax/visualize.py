@@ -140,17 +140,14 @@ def nearest_neighbours(queries: evaluation.Embedded, gallery: evaluation.Embedde
     return np.argsort(-similarity, axis=1, kind="stable")[:, :top_k]
 
 
-def eval_images(dataset: data.Dataset, config, split: str, ids: Sequence[int]) -> Dict[int, np.ndarray]:
+def eval_images(dataset: data.Dataset, split: str, ids: Sequence[int]) -> Dict[int, np.ndarray]:
     """{id: f32[H, W, 3] in [0, 1]}: the images of `split` with these ids as the network sees them (the test
-    transform), the input normalisation undone for display. Reads the split until every id was seen."""
+    transform), before the device normalises them. Reads the split until every id was seen."""
     wanted, images = set(int(i) for i in ids), {}
-    mean, std = np.asarray(config.dataset.mean, np.float32), np.asarray(config.dataset.std, np.float32)
     for batch in dataset.eval_batches(split):
         for image, index, keep in zip(batch["image"], batch["index"], batch["mask"]):
             if keep and int(index) in wanted:
-                pixels = (image * std + mean) / config.dataset.pixel_scale
-                images[int(index)] = np.clip(pixels[..., ::-1] if config.dataset.color_order == "bgr" else pixels,
-                                             0.0, 1.0)
+                images[int(index)] = np.asarray(image, np.float32) / 255.0
         if len(images) == len(wanted):
             break
     return images
@@ -193,8 +190,8 @@ def grid_command(run: checkpointing.RestoredRun, split: str, out_dir: str, num_q
     chosen = evaluation.Embedded(queries.embeddings[rows], queries.labels[rows], queries.ids[rows])
     neighbours = nearest_neighbours(chosen, gallery, top_k, exclude_self=query_split == gallery_split)
     correct = gallery.labels[neighbours] == chosen.labels[:, None]
-    query_images = eval_images(run.dataset, run.config, query_split, chosen.ids)
-    gallery_images = eval_images(run.dataset, run.config, gallery_split, gallery.ids[neighbours].ravel())
+    query_images = eval_images(run.dataset, query_split, chosen.ids)
+    gallery_images = eval_images(run.dataset, gallery_split, gallery.ids[neighbours].ravel())
     path = os.path.join(out_dir, f"grid_{split}.png")
     plot_grid(path, [query_images[int(i)] for i in chosen.ids],
               [[gallery_images[int(gallery.ids[j])] for j in row] for row in neighbours], correct,

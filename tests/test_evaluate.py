@@ -95,7 +95,7 @@ def test_export_round_trips_and_ids_name_the_examples(evaluated, restored):
     assert set(exported["split"]) == {"test"} and int(exported["epoch"]) == 2 and int(exported["step"]) == 4
     # Row i is the embedding of example ids[i] of the split, computed here directly from that image.
     rows = [0, 17, 41]
-    images = visualize.eval_images(restored.dataset, restored.config, "test", exported["ids"][rows])
+    images = visualize.eval_images(restored.dataset, "test", exported["ids"][rows])
     config = restored.config.dataset
     inputs = np.stack([(images[int(i)] * config.pixel_scale - np.asarray(config.mean)) / np.asarray(config.std)
                        for i in exported["ids"][rows]]).astype(np.float32)

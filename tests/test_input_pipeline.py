@@ -47,13 +47,16 @@ def jpeg_of(example_id: int, shape=(20, 26)) -> bytes:
 
 
 def ids_of(images: np.ndarray) -> np.ndarray:
-    """The example ids of normalised flat-colour images f32[n, H, W, 3] (ImageNet mean/std, RGB)."""
-    rgb = (images.mean(axis=(1, 2)) * STD + MEAN) * 255.0
+    """The example ids of flat-colour images u8[n, H, W, 3] (RGB pixels, as the batches carry them)."""
+    rgb = images.mean(axis=(1, 2), dtype=np.float64)
     return np.round((rgb[:, 0] - 8) / 16).astype(int) + 16 * np.round((rgb[:, 1] - 8) / 16).astype(int)
 
 
 def tiny(config_module, **overrides):
     config = config_module.get_config()
+    # One epoch: no next epoch is drawn ahead on a thread (TfDataset.train_batches) that could outlive the
+    # test's tfds.testing.mock_data, whose patches are global.
+    config.num_epochs = 1
     config.dataset.image_size = 16
     config.dataset.resize_size = 18
     config.dataset.shuffle_buffer = 64
@@ -117,15 +120,39 @@ def make_image_folder(root, classes, images_per_class, corrupt_in=None):
 # ----------------------------------------------------------------------------------------------------------
 # Pixels.
 
-def test_normalize_matches_the_formula():
-    image = np.random.default_rng(0).integers(0, 256, (2, 4, 5, 3)).astype(np.uint8)
-    rgb = input_pipeline.normalize(image, mean=MEAN, std=STD).numpy()
-    np.testing.assert_allclose(rgb, (image / 255.0 - MEAN) / STD, rtol=1e-5, atol=1e-5)
-    bgr = input_pipeline.normalize(image, mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0), color_order="bgr",
-                                   pixel_scale=255.0).numpy()
-    np.testing.assert_allclose(bgr, image[..., ::-1] - np.array([104.0, 117.0, 128.0]), atol=1e-4)
+def host_normalize(images, mean, std, color_order="rgb", pixel_scale=1.0):
+    """The host-side float32 normalisation the batches had before the device took it over (data.normalize_pixels)."""
+    images = images.astype(np.float32) * (pixel_scale / 255.0)
+    if color_order == "bgr":
+        images = images[..., ::-1]
+    return (images - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(mean=tuple(MEAN), std=tuple(STD), color_order="rgb", pixel_scale=1.0),  # ImageNet ResNets
+    dict(mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0), color_order="bgr", pixel_scale=255.0),  # BN-Inception
+])
+def test_device_normalisation_equals_the_former_host_normalisation(settings):
+    import functools
+
+    import jax
+
+    dataset_config = types.SimpleNamespace(**settings)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (2, 4, 5, 3)).astype(np.uint8)
+    crops = rng.uniform(0.0, 255.0, (2, 4, 5, 3)).astype(np.float32)  # the embedded datasets' train crops
+    on_device = jax.jit(functools.partial(data.normalize_pixels, dataset_config=dataset_config))
+    for images in (pixels, crops):
+        expected = host_normalize(images, **settings)
+        # XLA may divide by a constant as a multiplication by its reciprocal: the last bit may differ.
+        np.testing.assert_allclose(np.asarray(on_device(images)), expected, rtol=2e-7, atol=1e-6)
+    formula = np.asarray(on_device(pixels))
+    if settings["color_order"] == "rgb":
+        np.testing.assert_allclose(formula, (pixels / 255.0 - MEAN) / STD, rtol=1e-5, atol=1e-5)
+    else:
+        np.testing.assert_allclose(formula, pixels[..., ::-1] - np.array([104.0, 117.0, 128.0]), atol=1e-4)
     with pytest.raises(ValueError, match="color_order"):
-        input_pipeline.normalize(image, mean=MEAN, std=STD, color_order="hsv")
+        data.normalize_pixels(pixels, types.SimpleNamespace(**{**settings, "color_order": "hsv"}))
 
 
 def test_eval_image_is_resize_then_centre_crop():
@@ -192,7 +219,7 @@ def test_image_folder_split_labels_shapes_and_a_corrupt_jpeg(tmp_path):
     batches, ids = train_epoch(dataset)
     assert len(batches) == 3
     for batch in batches:
-        assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.float32
+        assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.uint8
         assert batch["label"].shape == (4,) and batch["label"].dtype == np.int32
         expected = [["ant", "bee", "cat"].index(owner[i]) for i in ids_of(batch["image"])]
         np.testing.assert_array_equal(batch["label"], expected)
@@ -290,6 +317,51 @@ def test_train_order_is_seeded_and_resumable(tmp_path):
         np.testing.assert_array_equal(original["label"], replayed["label"])
 
 
+def test_the_next_epoch_is_drawn_ahead_and_equals_a_fresh_pipeline(tmp_path, monkeypatch):
+    """Once an epoch's last batch is out, the next epoch's pipeline is built and its first batch drawn on a
+    background thread; the batches are those a pipeline built for that epoch alone gives (resumption needs it)."""
+    import threading
+
+    make_image_folder(str(tmp_path), ["a", "b", "c", "d"], [6, 6, 2, 2])
+    config = tiny(image_folder_config, **{"dataset.data_dir": str(tmp_path), "num_epochs": 3})
+    built, train_iterator = [], input_pipeline.TfDataset._train_iterator
+
+    def recorded(self, epoch, start_step):
+        built.append((epoch, start_step, threading.current_thread() is threading.main_thread()))
+        return train_iterator(self, epoch, start_step)
+
+    monkeypatch.setattr(input_pipeline.TfDataset, "_train_iterator", recorded)
+    dataset = input_pipeline.create_dataset(config, local_batch_size=4, local_eval_batch_size=4)
+    epochs = [train_epoch(dataset, epoch) for epoch in range(3)]
+    # Epochs 1 and 2 were built on the background thread; nothing is drawn beyond the last epoch (num_epochs).
+    assert built == [(0, 0, True), (1, 0, False), (2, 0, False)] and dataset._ahead is None
+    for epoch, (batches, ids) in enumerate(epochs):
+        fresh = input_pipeline.create_dataset(config, local_batch_size=4, local_eval_batch_size=4)
+        fresh_batches, fresh_ids = train_epoch(fresh, epoch)
+        np.testing.assert_array_equal(ids, fresh_ids)
+        np.testing.assert_array_equal(np.stack([b["image"] for b in batches]),
+                                      np.stack([b["image"] for b in fresh_batches]))
+    # A resume mid-epoch (or any other epoch than the one drawn ahead) builds its own pipeline.
+    del built[:]
+    train_epoch(dataset, 0)
+    resumed, _ = train_epoch(dataset, 1, start_step=1)
+    dataset._ahead._thread.join()  # epoch 2, drawn ahead again
+    assert sorted(built) == [(0, 0, True), (1, 0, False), (1, 1, True), (2, 0, False)]
+    for original, replayed in zip(epochs[1][0][1:], resumed):
+        np.testing.assert_array_equal(original["image"], replayed["image"])
+
+
+def test_an_error_drawing_ahead_is_raised_where_the_batches_are_asked_for():
+    def broken():
+        raise data.DataError("no images")
+
+    ahead = input_pipeline.EpochAhead(5, broken)
+    with pytest.raises(data.DataError, match="no images"):
+        ahead.batches()
+    ahead = input_pipeline.EpochAhead(5, lambda: iter([{"x": 1}, {"x": 2}]))
+    assert [batch["x"] for batch in ahead.batches()] == [1, 2]
+
+
 def test_class_balanced_sampler_groups_classes(tmp_path):
     make_image_folder(str(tmp_path), ["a", "b", "c", "d", "e", "f", "g", "h"], [3, 5, 4, 2, 1, 1, 1, 1])
     config = tiny(image_folder_config, **{"dataset.data_dir": str(tmp_path), "dataset.sampler": "class_balanced",
@@ -368,7 +440,7 @@ def test_tfds_benchmark_splits_labels_and_supers(name):
         batches, ids = train_epoch(dataset)
         assert len(batches) == num_train // 4 and len(set(ids)) == len(ids)
         for batch in batches:
-            assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.float32
+            assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.uint8
             assert batch["label"].dtype == np.int32
             # Class-disjoint, and labels are the rank of the original class id among the training classes.
             expected = [train_classes.index(owner[i]) for i in ids_of(batch["image"])]
@@ -402,6 +474,86 @@ def test_tfds_host_sharding(process_count):
                 i for i, c in owner.items() if c in classes)
             one_host = input_pipeline.create_dataset(tiny(cub_config), local_batch_size=2, local_eval_batch_size=2)
             assert split_index_of_image(results) == split_index_of_image([eval_ids(one_host, split)])
+
+
+def counting_label_reads(monkeypatch):
+    """Counts the full passes over a split's labels (input_pipeline.read_columns): the list of splits read."""
+    reads, read_columns = [], input_pipeline.read_columns
+
+    def counted(builder, split, features):
+        reads.append(split)
+        return read_columns(builder, split, features)
+
+    monkeypatch.setattr(input_pipeline, "read_columns", counted)
+    return reads
+
+
+def test_tfds_labels_are_scanned_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    """mock_data has no files to fingerprint: the fingerprints are set here, and the cache, which lives beside
+    the prepared data (builder.data_dir), goes under tmp_path."""
+    records, _ = benchmark_records("sop")
+    fingerprints = {"train": "train-v1", "test": "test-v1"}
+    monkeypatch.setattr(input_pipeline, "split_fingerprint", lambda builder, split: fingerprints[split])
+    cache_path = input_pipeline.label_cache_path
+    monkeypatch.setattr(input_pipeline, "label_cache_path", lambda *args: str(tmp_path) + cache_path(*args))
+    reads = counting_label_reads(monkeypatch)
+    with fake_tfds(records):
+        def start():
+            dataset = input_pipeline.create_dataset(tiny(sop_config), local_batch_size=2, local_eval_batch_size=2)
+            return vars(dataset.info), {name: split.record_labels for name, split in dataset._splits.items()}
+
+        scanned = start()
+        assert reads == ["train", "test"]
+        cached = start()
+        assert reads == ["train", "test"]  # the second start read no record
+        np.testing.assert_equal(cached, scanned)
+        builder = input_pipeline.prepared_builder("sop", "", "")
+        features = ("class_id", "super_class_id/num")
+        for split in ("train", "test"):
+            columns = input_pipeline.split_columns(builder, split, features)
+            np.testing.assert_equal(columns, input_pipeline.read_columns(builder, split, features))
+        del reads[:]
+
+        fingerprints["train"] = "train-v2"  # the train files changed: their cache is stale
+        np.testing.assert_equal(start(), scanned)
+        assert reads == ["train"]
+        # A cache file that holds another fingerprint's labels, or is damaged, is ignored and replaced.
+        path = input_pipeline.label_cache_path(builder, "test", "test-v1", features)
+        input_pipeline._write_label_cache(path, "test-v0", features, {name: np.zeros(1) for name in features})
+        np.testing.assert_equal(start(), scanned)
+        with open(path, "wb") as f:
+            f.write(b"not an npz")
+        np.testing.assert_equal(start(), scanned)
+        assert reads == ["train", "test", "test"]
+        start()
+        assert reads == ["train", "test", "test"]
+        assert not [name for name in os.listdir(os.path.dirname(path)) if ".tmp-" in name]
+
+
+def test_the_label_cache_of_prepared_files_follows_their_fingerprint(tmp_path, monkeypatch):
+    """In-Shop prepared for real (the project's builder): the fingerprint of its files, unmocked."""
+    manual_dir, data_dir = str(tmp_path / "files"), str(tmp_path / "tfds")
+    write_inshop_tree(manual_dir)
+    config = tiny(inshop_config, **{"dataset.data_dir": data_dir, "dataset.manual_dir": manual_dir})
+    reads = counting_label_reads(monkeypatch)
+
+    def start():
+        dataset = input_pipeline.create_dataset(config, local_batch_size=2, local_eval_batch_size=2)
+        return vars(dataset.info), {name: split.record_labels for name, split in dataset._splits.items()}
+
+    scanned = start()
+    assert sorted(reads) == ["gallery", "query", "train"]
+    np.testing.assert_equal(start(), scanned)
+    assert sorted(reads) == ["gallery", "query", "train"]
+    builder = input_pipeline.prepared_builder("inshop", data_dir, manual_dir)
+    cached_files = os.listdir(os.path.join(builder.data_dir, input_pipeline.LABEL_CACHE_DIR))
+    assert sorted(name.split("-")[0] for name in cached_files) == ["gallery", "query", "train"]
+    # Rewriting a train file (same records, a new modification time) makes the train labels stale.
+    [train_file] = builder.info.splits["train"].filepaths
+    stat = os.stat(train_file)
+    os.utime(train_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
+    np.testing.assert_equal(start(), scanned)
+    assert sorted(reads) == ["gallery", "query", "train", "train"]
 
 
 def test_host_record_ranges_cover_every_kept_record_once():

@@ -105,8 +105,13 @@ def test_photos_are_8_bit_and_alike_in_the_order_of_the_hierarchy(seed):
     ordered = [distances[name] for name in ("class", "sub_family", "super_class", "other")]
     assert ordered == sorted(ordered) and ordered[-1] - ordered[0] > 0.02, distances
 
-    batch = next(load(config).train_batches(0))
+    # The batches carry pixels in 0..255 (data.py): interpolated f32 train crops, u8 eval crops.
+    dataset = load(config)
+    batch = next(dataset.train_batches(0))
     assert batch["image"].dtype == np.float32 and batch["image"].shape == (16, 32, 32, 3)
+    assert 0.0 <= batch["image"].min() and batch["image"].max() <= 255.0 and batch["image"].max() > 1.0
+    batch = next(dataset.eval_batches("test"))
+    assert batch["image"].dtype == np.uint8 and batch["image"].shape == (16, 32, 32, 3)
 
 
 def test_class_sizes_are_skewed_like_sop():

@@ -147,7 +147,8 @@ def test_tiny_run_overfits_training_classes():
     dataset, model, _, _, _ = _setup(config)
     state, losses = _run_steps(config, 2, 60)
     assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])
-    p_embed = jax.pmap(functools.partial(evaluation.embed_step, model=model), axis_name=train.AXIS)
+    p_embed = jax.pmap(functools.partial(evaluation.embed_step, model=model, dataset_config=config.dataset),
+                       axis_name=train.AXIS)
     embeddings, labels = evaluation.embed_split(p_embed, flax.jax_utils.replicate(state), dataset, "train")
     from hpl_jax import metrics
     assert metrics.retrieval_metrics(embeddings, labels, nmi=False)["recall@1"] > 0.9
@@ -157,11 +158,13 @@ def test_tiny_run_overfits_training_classes():
 def test_evaluation_embeds_every_example_exactly_once():
     config = tiny_config(**{"eval.batch_size": 10})  # 42 test images: not a multiple of 10
     dataset, model, state, _, _ = _setup(config)
-    p_embed = jax.pmap(functools.partial(evaluation.embed_step, model=model), axis_name=train.AXIS)
+    p_embed = jax.pmap(functools.partial(evaluation.embed_step, model=model, dataset_config=config.dataset),
+                       axis_name=train.AXIS)
     embeddings, labels = evaluation.embed_split(p_embed, flax.jax_utils.replicate(state), dataset, "test")
     assert dataset.info.num_eval_examples["test"] == 42 and embeddings.shape == (42, 16)
     reference = np.concatenate([
-        model.apply({"params": state.params, "batch_stats": state.batch_stats}, b["image"][b["mask"]], train=False)
+        model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                    data.normalize_pixels(b["image"][b["mask"]], config.dataset), train=False)
         for b in dataset.eval_batches("test")])
     np.testing.assert_allclose(embeddings, reference, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(np.sort(labels), np.repeat(np.arange(6), 7))
@@ -381,6 +384,22 @@ def test_main_reports_unusable_data_in_one_line(tmp_path):
                    f"--config.dataset.data_dir={tmp_path / 'images'}")
     assert result.returncode != 0
     assert "Data error: config.dataset.data_dir" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_embedded_batches_carry_pixels_the_device_normalises():
+    """Train crops f32 in 0..255 (interpolated), eval crops u8 (data.py); the step's input is their
+    normalisation on the device, equal to the host normalisation the batches had before (to float32 rounding)."""
+    config = tiny_config()
+    dataset = datasets.get_dataset(config, local_batch_size=16, local_eval_batch_size=16)
+    train_batch, eval_batch = next(dataset.train_batches(0)), next(dataset.eval_batches("test"))
+    assert train_batch["image"].dtype == np.float32 and train_batch["image"].shape == (16, 16, 16, 3)
+    assert 0.0 <= train_batch["image"].min() and 1.0 < train_batch["image"].max() <= 255.0
+    assert eval_batch["image"].dtype == np.uint8 and eval_batch["image"].shape == (16, 16, 16, 3)
+    mean, std = np.asarray(config.dataset.mean, np.float32), np.asarray(config.dataset.std, np.float32)
+    normalise = jax.jit(functools.partial(data.normalize_pixels, dataset_config=config.dataset))
+    for images in (train_batch["image"], eval_batch["image"]):
+        np.testing.assert_allclose(np.asarray(normalise(images)), (images.astype(np.float32) / 255.0 - mean) / std,
+                                   rtol=2e-7, atol=1e-6)
 
 
 def test_the_training_seed_keeps_the_data_and_the_data_seed_changes_it():

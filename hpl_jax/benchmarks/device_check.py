@@ -164,7 +164,8 @@ def jax_train_step(sizes: Sizes, num_classes: int, num_coarse: int, batch: int,
     per_device = functools.partial(train.train_step, model=model, config=config, labels=labels, groups=groups,
                                    in_warmup=False)
     rng = np.random.default_rng(0)
-    host_batch = {"image": rng.normal(size=(batch, sizes.image_size, sizes.image_size, 3)).astype(np.float32),
+    # u8 pixels, as the trainer's batches carry them (the step normalises them on the device).
+    host_batch = {"image": rng.integers(0, 256, (batch, sizes.image_size, sizes.image_size, 3), dtype=np.uint8),
                   "label": rng.integers(0, num_classes, size=batch).astype(np.int32)}
     device_batch = next(data.prefetch_to_devices(iter([host_batch]), size=1, devices=devices))
     # The state on the one device timed, with the leading device axis both wrappers take.

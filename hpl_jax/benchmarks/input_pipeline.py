@@ -5,7 +5,7 @@
 Writes `num_images` JPEGs of 500 x 375 pixels (CUB's usual size; smooth colour fields plus noise, so that they
 compress like photos) as an image folder in a temporary directory, then draws one epoch of training batches of
 the config (`config.batch_size` images at `config.dataset.image_size`: fused JPEG decode and random crop,
-resize, flip, normalise) and times every batch after the first. Divide the images/s one accelerator trains at
+resize, flip, round to u8 pixels; the device normalises them) and times every batch after the first. Divide the images/s one accelerator trains at
 by the per-core figure to know how many CPU cores keep it fed. Nothing is asserted; the figures are printed.
 """
 import os
