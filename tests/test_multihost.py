@@ -308,7 +308,8 @@ SCRIPTS = sorted(glob.glob(os.path.join(LAUNCH, "*.sh")) + glob.glob(os.path.joi
 
 def test_launch_scripts_parse_and_say_what_they_need():
     assert {os.path.basename(s) for s in SCRIPTS} == {
-        "device_check.sh", "embedded_study.sh", "gpu_host.sh", "local_multiprocess.sh", "slurm.sbatch", "sweep_slurm.sbatch", "tpu_pod.sh"}
+        "device_check.sh", "embedded_study.sh", "gpu_host.sh", "local_multiprocess.sh", "pretrained_study.sh", "slurm.sbatch",
+        "sweep_slurm.sbatch", "tpu_pod.sh"}
     for script in SCRIPTS:
         result = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
