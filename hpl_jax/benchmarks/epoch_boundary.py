@@ -56,6 +56,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/sop.py", "Config file.", lock_config=True)
 PIECES = ("refresh", "embed-transfer", "metrics", "super metrics", "NMI", "checkpoint save", "logging")
 flags.DEFINE_list("pieces", list(PIECES), f"Pieces to time, of {PIECES}.")
+flags.DEFINE_enum("eval_pixels", "uint8", ("uint8", "float32"),
+                  "What eval batches carry to the devices: u8 pixels (the input pipeline since issue 20) or float32 "
+                  "(before it), to measure the difference.")
 flags.DEFINE_integer("eval_batches", 0, "Eval batches timed (0 = all); embed-transfer is scaled to the split.")
 flags.DEFINE_integer("num_train_classes", 0, "Override the dataset's training classes (0 = its size).")
 flags.DEFINE_integer("num_test_images", 0, "Override the test images (0 = the dataset's).")
@@ -153,12 +156,13 @@ def host_train_state(config, num_classes: int, proxies: np.ndarray) -> TrainStat
 
 class EvalBatches:
     """Stands in for a Dataset's eval batches: `num_batches` batches of the config's eval batch, images as the
-    input pipeline hands them to the loop (f32, normalised), the last one partly masked."""
+    input pipeline hands them to the loop (pixels in 0..255 as `pixels`: u8 or float32), the last one partly
+    masked."""
 
-    def __init__(self, config, num_examples: int, num_batches: int):
+    def __init__(self, config, num_examples: int, num_batches: int, pixels: str = "uint8"):
         self.batch_size = config.eval.batch_size
         size = config.dataset.image_size
-        self.image = np.random.default_rng(0).random((self.batch_size, size, size, 3), np.float32)
+        self.image = np.random.default_rng(0).integers(0, 256, (self.batch_size, size, size, 3)).astype(pixels)
         self.num_examples = num_examples
         self.num_batches = num_batches
 
@@ -170,10 +174,11 @@ class EvalBatches:
                    "mask": index < self.num_examples}
 
 
-def stand_in_embed_step(state, batch, *, kernel):
-    """f32[per_device, 512]: the mean pixel of each image times a fixed matrix (a negligible device step)."""
+def stand_in_embed_step(state, batch, *, kernel, dataset_config):
+    """f32[per_device, 512]: the mean normalised pixel of each image times a fixed matrix (a negligible device
+    step that normalises its pixels as evaluation.embed_step does)."""
     del state
-    return jnp.mean(batch["image"], axis=(1, 2)) @ kernel
+    return jnp.mean(data.normalize_pixels(batch["image"], dataset_config), axis=(1, 2)) @ kernel
 
 
 def main(argv):
@@ -223,11 +228,11 @@ def main(argv):
     if "embed-transfer" in FLAGS.pieces:
         total_batches = data.num_eval_batches(num_test, config.eval.batch_size)
         num_batches = min(FLAGS.eval_batches or total_batches, total_batches)
-        batches = EvalBatches(config, num_test, num_batches)
+        batches = EvalBatches(config, num_test, num_batches, FLAGS.eval_pixels)
         kernel = jnp.ones((3, dim), jnp.float32)
         clock = DeviceClock()
-        device_step = clock.wrap(jax.pmap(functools.partial(stand_in_embed_step, kernel=kernel),
-                                          axis_name=train.AXIS))
+        step = functools.partial(stand_in_embed_step, kernel=kernel, dataset_config=config.dataset)
+        device_step = clock.wrap(jax.pmap(step, axis_name=train.AXIS))
 
         def p_embed(state, batch):
             # The copy to the devices is host work the loop waits for; the step alone is device time.
@@ -239,7 +244,7 @@ def main(argv):
         evaluation.embed_examples(p_embed, replicated, batches, "test")
         wall = time.perf_counter() - start
         scale = total_batches / num_batches
-        report(f"embed-transfer ({total_batches} batches of {config.eval.batch_size}"
+        report(f"embed-transfer ({total_batches} batches of {config.eval.batch_size}, {FLAGS.eval_pixels}"
                f"{'' if scale == 1 else f', {num_batches} timed'})", (wall - clock.seconds) * scale,
                clock.seconds * scale)
     if "metrics" in FLAGS.pieces or "super metrics" in FLAGS.pieces:
