@@ -2,7 +2,7 @@
 
 Data: TFDS `cars196`, its train and test splits combined; classes 1-98 train (8,054 images), classes 99-196 are
 the test set (8,131 images), self-retrieval, Recall@1,2,4,8 plus P@1 / R-Precision / MAP@R / NMI. Super-class
-of each model: its make (hpl_jax/cars_makes.py). TFDS's download address for Cars196 is dead: get
+of each model: its make (hpl_jax/data/cars_makes.py). TFDS's download address for Cars196 is dead: get
 cars_train.tgz, cars_test.tgz, cars_test_annos_withlabels.mat and car_devkit.tgz from a mirror into a folder and
 pass it as --config.dataset.manual_dir (TFDS checks them against its checksums and prepares the dataset).
 

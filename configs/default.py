@@ -65,7 +65,7 @@ def get_config():
     synthetic.classes_per_family = 10  # half of each family trains, the other half is the unseen test set
     synthetic.images_per_class = 30
     # The embedded SOP-like benchmark (dataset.name='synthetic_sop', configs/synthetic_sop.py): super-classes of
-    # sub-families of classes (products), few images per class; the design is in hpl_jax/synthetic_sop.py.
+    # sub-families of classes (products), few images per class; the design is in hpl_jax/data/synthetic_sop.py.
     dataset.synthetic_sop = synthetic_sop = ml_collections.ConfigDict()
     synthetic_sop.num_super_classes = 12
     synthetic_sop.sub_families_per_super_class = 4
@@ -79,7 +79,7 @@ def get_config():
     synthetic_sop.super_level = "sub_family"
     # The embedded pretraining source (dataset.name='synthetic_source', configs/pretrain_synthetic.py): independent
     # draws of the two generators above, with their settings, one per data seed listed; a target drawn with one of
-    # these seeds shares the source's classes and is refused for fine-tuning (hpl_jax/synthetic_source.py).
+    # these seeds shares the source's classes and is refused for fine-tuning (hpl_jax/data/synthetic_source.py).
     dataset.synthetic_source = synthetic_source = ml_collections.ConfigDict()
     synthetic_source.sop_seeds = (1000, 1001, 1002, 1003, 1004, 1005)  # SOP-like draws
     synthetic_source.default_seeds = (1000, 1001, 1002, 1003, 1004, 1005)  # draws of the default generator

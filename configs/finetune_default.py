@@ -1,7 +1,7 @@
 """Fine-tuning a pretrained backbone on the embedded default data, with the Proxy-Anchor recipe (the paper's regime).
 
 The pretrained backbone: `python -m hpl_jax.main --config=configs/pretrain_synthetic.py --workdir=/tmp/hpl_pretrain`
-writes /tmp/hpl_pretrain/backbone (a disjoint, larger source of the same visual domain: hpl_jax/synthetic_source.py),
+writes /tmp/hpl_pretrain/backbone (a disjoint, larger source of the same visual domain: hpl_jax/data/synthetic_source.py),
 the path this config reads unless --config.model.pretrained names another. Then:
   python -m hpl_jax.main --config=configs/finetune_default.py --workdir=/tmp/hpl_ft_default
 Flat Proxy-Anchor from the same backbone: add --config.hpl.weights='(1.0,)'.

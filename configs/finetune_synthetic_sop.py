@@ -1,6 +1,6 @@
 """Fine-tuning a pretrained backbone on the embedded SOP-like data, with the Proxy-Anchor recipe (the paper's regime).
 
-The backbone and the recipe are configs/finetune_default.py's (pretrained on hpl_jax/synthetic_source.py by
+The backbone and the recipe are configs/finetune_default.py's (pretrained on hpl_jax/data/synthetic_source.py by
 configs/pretrain_synthetic.py; frozen BN, a warm-up epoch of the head and the proxies, lr 1e-4, proxies at 100x):
   python -m hpl_jax.main --config=configs/finetune_synthetic_sop.py --workdir=/tmp/hpl_ft_sop
 Flat Proxy-Anchor from the same backbone: add --config.hpl.weights='(1.0,)'.

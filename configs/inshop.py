@@ -1,6 +1,6 @@
 """In-Shop Clothes Retrieval: HPL on Proxy-Anchor, ResNet-50, 512-d, Proxy-Anchor's In-Shop recipe (METHOD.md).
 
-Data: the TFDS builder `inshop_clothes` of this project (hpl_jax/inshop.py) reads the official files from
+Data: the TFDS builder `inshop_clothes` of this project (hpl_jax/data/inshop.py) reads the official files from
 --config.dataset.manual_dir: unzip Img/img.zip there (MANUAL_DIR/img/WOMEN/Dresses/...) and copy
 Eval/list_eval_partition.txt next to it. Train: 3,997 items (25,882 images); evaluation: the 14,218 query
 images against the 12,612 gallery images of the other 3,985 items, Recall@1,10,20,30,40,50 plus P@1 /

@@ -1,10 +1,10 @@
 """Pretraining on the embedded source: a backbone for the embedded targets, as ImageNet is for CUB (no download).
 
-Data: `hpl_jax/synthetic_source.py`, 6 draws of the SOP-like generator and 6 of the default one at data seeds
+Data: `hpl_jax/data/synthetic_source.py`, 6 draws of the SOP-like generator and 6 of the default one at data seeds
 1000-1005 (none a target's: the study's targets use data seeds 0-2), 36 x 36 cropped to 32 x 32: 6,000 training
 classes, 36,006 training photos; its test split (the draws' unseen classes) is evaluated as retrieval, the
 pretraining's own check. Task: classification of the training classes by a normalised softmax (Proxy-NCA with the
-positive in the denominator, T = 0.1: a softmax over cosine / 0.05, Zhai & Wu 2019; hpl_jax/pretraining.py), the
+positive in the denominator, T = 0.1: a softmax over cosine / 0.05, Zhai & Wu 2019; hpl_jax/trainer/pretraining.py), the
 whole network training from epoch 0 with BatchNorm in train mode, as an ImageNet classifier does. The backbone is
 the targets' (ResNet-18 at width 0.25, configs/default.py), so its weights fit them.
 

@@ -1,6 +1,6 @@
 """The embedded SOP-like benchmark: HPL on Proxy-Anchor, a small ResNet, 1,920 generated products (CPU is enough).
 
-Data: `hpl_jax/synthetic_sop.py` generates, from dataset.seed, 12 super-classes x 4 sub-families x 40 products
+Data: `hpl_jax/data/synthetic_sop.py` generates, from dataset.seed, 12 super-classes x 4 sub-families x 40 products
 of 2-12 photos each (mean 5, SOP's skew), 36x36 cropped to 32x32: 9,530 photos at data seed 0. Half of each
 sub-family's products train (960 classes, 4,813 photos, of which dataset.num_val_classes = 96 classes are held
 out for validation), the other half are the unseen test classes (960 classes, 4,717 photos); self-retrieval,

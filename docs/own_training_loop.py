@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 import hpl_jax
-from hpl_jax import synthetic
+from hpl_jax.data import synthetic
 
 
 class Embedder(nn.Module):

@@ -1,33 +1,63 @@
 """hpl-jax: Hierarchical Proxy-based Loss (Yang et al., WACV 2022) in JAX/Flax.
 
-The functional API, for your own training loop (docs/own_training_loop.py runs it end to end):
+The functional API, for your own training loop (docs/own_training_loop.py runs it end to end). The method's
+equations are written out in docs/method.md; docs/equations.md says where each one is in the code.
 
-  The loss (pure, jit-able; METHOD.md "The base losses" and "The hierarchy"):
+  Jit-able, pure (hpl_jax/core/: run them inside your step, on any device):
     hierarchical_proxy_loss(embeddings, labels, hierarchy, base_loss=..., weights=...) -> (total, per_level)
     proxy_anchor_loss(embeddings, labels, proxies, alpha=32.0, delta=0.1) -> f32[]
     proxy_nca_loss(embeddings, labels, proxies, temperature=1.0) -> f32[]
-  The proxy hierarchy (a pytree; its groupings come from k-means, on the host or the device):
-    ProxyHierarchy(proxies=(f32[K_0, d], f32[K_1, d], ...), parents=(i32[K_0], ...))
+    ProxyHierarchy(proxies=(f32[K_0, d], f32[K_1, d], ...), parents=(i32[K_0], ...)), a pytree
+    lift_labels(labels, parents) -> labels of every level
+  On the host, between steps (NumPy in, jnp out; never under jit):
+    class_means(embeddings, labels, num_classes) -> f32[num_classes, d], a first grouping's input
+    retrieval_metrics(embeddings, labels) -> Recall@K, P@1, R-Precision, MAP@R, NMI (searches on the device)
+    hpl_jax.kmeans.kmeans(points, num_clusters, seed=...) -> KMeansResult, jit-compiled on the default device
+  The host-side groupings (hpl_jax/grouping/; scikit-learn and SciPy, imported on first use):
     init_hierarchy(rng, num_classes, num_coarse, dim) -> ProxyHierarchy
     refresh_hierarchy(hierarchy, seed=...) -> (ProxyHierarchy, reset flags per coarse level)
-    lift_labels(labels, parents) -> labels of every level
-    class_means(embeddings, labels, num_classes) -> f32[num_classes, d], a first grouping's input
     hierarchy_metrics(hierarchy, super_labels=...) -> how well the coarse level matches a known one
-  Evaluation (retrieval of unseen classes, METHOD.md "Evaluation"):
-    retrieval_metrics(embeddings, labels) -> Recall@K, P@1, R-Precision, MAP@R, NMI
-    hpl_jax.kmeans.kmeans(points, num_clusters, seed=...) -> KMeansResult, jit-compiled on the default device
 
-The trainer (`python -m hpl_jax.main`), its configs and the experiment commands are in README.md and docs/.
+`import hpl_jax` loads JAX and NumPy, not TensorFlow, orbax, ml_collections or scikit-learn. The trainer
+(`python -m hpl_jax.main`), its configs and the experiment commands are in README.md and docs/.
+
+The package, by layer (each imports only those above it in this list):
+  errors.py     the errors a user can fix (one line, no traceback)
+  core/         the equations: losses, the hierarchy pytree, metrics, the JAX k-means
+  grouping/     the host side of the hierarchy: k-means groupings, Hungarian re-matching, hierarchy metrics
+  models/       backbones, the embedding head, weight conversion
+  data/         the dataset protocol, the registry, embedded generators, tf.data / TFDS / image folders
+  trainer/      loop, state, sharding, optimiser, guards, evaluation, checkpoints, reporting, processes
+  experiments/  sweeps, reports, the MLRC protocol, pictures, evaluating a finished run
+  benchmarks/   scripts that print measured figures
+  main.py, evaluate.py, convert_weights.py, sweep.py, report.py, visualize.py, mlrc.py, mlrc_report.py
+                the commands (`python -m hpl_jax.<command>`), thin entry points
 """
-from hpl_jax.hierarchy import (ProxyHierarchy, class_means, hierarchy_metrics, init_hierarchy, lift_labels,
-                               refresh_hierarchy)
-# The k-means function stays hpl_jax.kmeans.kmeans: exported here, its name would hide the module `hpl_jax.kmeans`
-# from every later `from hpl_jax import kmeans`.
-from hpl_jax.kmeans import KMeansResult
-from hpl_jax.losses import hierarchical_proxy_loss, proxy_anchor_loss, proxy_nca_loss
-from hpl_jax.metrics import retrieval_metrics
+import importlib
 
-__version__ = "0.3.0"
+from hpl_jax.core import kmeans
+from hpl_jax.core.hierarchy import ProxyHierarchy, class_means, lift_labels
+from hpl_jax.core.kmeans import KMeansResult
+from hpl_jax.core.losses import hierarchical_proxy_loss, proxy_anchor_loss, proxy_nca_loss
+from hpl_jax.core.metrics import retrieval_metrics
+
+__version__ = "0.4.0"
+
+# Host-side functions that need scikit-learn / SciPy: loaded on first access (PEP 562), so that `import hpl_jax`
+# stays light.
+_LAZY = {"init_hierarchy": "hpl_jax.grouping", "refresh_hierarchy": "hpl_jax.grouping",
+         "hierarchy_metrics": "hpl_jax.grouping"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hpl_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
 
 __all__ = [
     "KMeansResult", "ProxyHierarchy", "class_means", "hierarchical_proxy_loss", "hierarchy_metrics",

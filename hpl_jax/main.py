@@ -6,15 +6,15 @@ A multi-process run (several hosts, or several processes on one host) starts the
 process, adding either `--distributed` (Cloud TPU pod slices, SLURM with one task per GPU: JAX reads the
 layout from the environment) or the explicit `--coordinator_address`, `--num_processes` and `--process_id`.
 The scripts in launch/ do this. If one process stops, the others stop within `--heartbeat_timeout_s` with one
-line naming the checkpoint to resume from (hpl_jax/distributed.py).
+line naming the checkpoint to resume from (hpl_jax/trainer/distributed.py).
 """
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from hpl_jax import cli
-from hpl_jax import distributed
-from hpl_jax import train
+from hpl_jax.trainer import cli
+from hpl_jax.trainer import distributed
+from hpl_jax.trainer import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and metrics.json; "

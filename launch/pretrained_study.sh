@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The study behind docs/study.md, "From pretrained features": HPL against Proxy-Anchor when both fine-tune a backbone
-# pretrained on a disjoint, larger source of the same domain (hpl_jax/synthetic_source.py), with the Proxy-Anchor
+# pretrained on a disjoint, larger source of the same domain (hpl_jax/data/synthetic_source.py), with the Proxy-Anchor
 # recipe (configs/finetune_default.py: frozen BN, a warm-up epoch, lr 1e-4, proxies at 100x); on the two embedded
 # datasets, the same training seeds for both arms, three data seeds.
 #

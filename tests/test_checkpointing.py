@@ -3,8 +3,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from hpl_jax import checkpointing
-from hpl_jax import reporting
+from hpl_jax.trainer import checkpointing
+from hpl_jax.trainer import reporting
 
 
 def _state(value):

@@ -15,7 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from hpl_jax import convert_weights, models  # noqa: E402
+from hpl_jax import models  # noqa: E402
+from hpl_jax.models import convert as convert_weights
 
 TOLERANCE = 1e-4
 IMAGE_SIZES = (224, 227)

@@ -10,10 +10,11 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from hpl_jax import checkpointing
-from hpl_jax import evaluate
-from hpl_jax import evaluation
-from hpl_jax import visualize
+from hpl_jax.experiments import evaluate
+from hpl_jax.experiments import visualize
+from hpl_jax.trainer import checkpointing
+from hpl_jax.trainer import evaluation
+from hpl_jax.trainer import restore
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,7 +56,7 @@ def evaluated(workdir):
 
 @pytest.fixture(scope="module")
 def restored(workdir):
-    return checkpointing.restore_run(workdir, "latest")
+    return restore.restore_run(workdir, "latest")
 
 
 def recorded(workdir, epoch):
@@ -112,9 +113,9 @@ def test_asking_for_a_missing_run_checkpoint_or_split_stops_with_one_line(tmp_pa
     best_step = 2 * checkpointing.load_metrics(workdir)["best"]["epoch"]  # 2 steps per epoch
     with pytest.raises(checkpointing.RunError, match=rf"no checkpoint of step 3; it has the steps \[2, 4\] in "
                                                      rf"checkpoints/ and \[{best_step}\] in best/"):
-        checkpointing.restore_run(workdir, "3")
+        restore.restore_run(workdir, "3")
     with pytest.raises(checkpointing.RunError, match="config.json does not exist; is .* the workdir of a run"):
-        checkpointing.restore_run(str(tmp_path), "latest")
+        restore.restore_run(str(tmp_path), "latest")
     with pytest.raises(checkpointing.RunError, match=r"has no eval split 'val'; use one of \('test', 'train'\)"):
         restored.check_split("val")
     assert checkpointing.checkpoint_location(workdir, "best")[1] == best_step

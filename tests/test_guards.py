@@ -3,16 +3,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hpl_jax import guards
-from hpl_jax import train
-from hpl_jax import train_state
+from hpl_jax.trainer import guards
+from hpl_jax.trainer import sharding
+from hpl_jax.trainer import train
 
 
 def _metrics(loss: float) -> dict:
     """Replicated step metrics as a step leaves them: [local devices] per leaf."""
     values = {"loss": jnp.float32(loss), "lr": jnp.float32(0.1), "loss/level_0": jnp.float32(loss),
               "finite": jnp.isfinite(jnp.float32(loss))}
-    return train_state.replicate(values, train.AXIS)
+    return sharding.replicate(values, train.AXIS)
 
 
 class _NotYetComputed:

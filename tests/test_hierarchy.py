@@ -9,7 +9,8 @@ import pytest
 import sklearn.cluster
 import sklearn.metrics
 
-from hpl_jax import hierarchy as hier
+from hpl_jax import grouping
+from hpl_jax.core import hierarchy as hier
 
 
 def _normalise(x):
@@ -96,7 +97,7 @@ def test_init_proxies_dtype_and_determinism():
 
 
 def test_init_hierarchy_three_levels_from_fine_proxies():
-    h = hier.init_hierarchy(jax.random.key(0), 40, (8, 3), 16, seed=5)
+    h = grouping.init_hierarchy(jax.random.key(0), 40, (8, 3), 16, seed=5)
     _check_tree(h, (40, 8, 3))
     expected_fine = hier.init_proxies(jax.random.key(0), 40, 16)
     np.testing.assert_array_equal(h.proxies[0], expected_fine)
@@ -106,24 +107,24 @@ def test_init_hierarchy_three_levels_from_fine_proxies():
 
 def test_init_hierarchy_groups_level1_vectors_when_given():
     vectors, truth = _separated_clusters(seed=1, num_clusters=4, per_cluster=10, dim=24)
-    h = hier.init_hierarchy(jax.random.key(0), 40, (4,), 24, level1_vectors=vectors)
+    h = grouping.init_hierarchy(jax.random.key(0), 40, (4,), 24, level1_vectors=vectors)
     _check_tree(h, (40, 4))
     assert _same_partition(h.parents[0], truth)
     _assert_centres_of_children(h, 1, vectors)
 
 
 def test_init_hierarchy_flat():
-    h = hier.init_hierarchy(jax.random.key(0), 10, (), 4)
+    h = grouping.init_hierarchy(jax.random.key(0), 10, (), 4)
     assert h.num_levels == 1 and h.parents == ()
     assert hier.group_sizes(h) == ()
-    refreshed, reset = hier.refresh_hierarchy(h, seed=0)
+    refreshed, reset = grouping.refresh_hierarchy(h, seed=0)
     assert reset == () and refreshed.parents == ()
     np.testing.assert_array_equal(refreshed.proxies[0], h.proxies[0])
 
 
 def test_init_hierarchy_is_deterministic():
-    a = hier.init_hierarchy(jax.random.key(2), 30, (6, 2), 8, seed=4)
-    b = hier.init_hierarchy(jax.random.key(2), 30, (6, 2), 8, seed=4)
+    a = grouping.init_hierarchy(jax.random.key(2), 30, (6, 2), 8, seed=4)
+    b = grouping.init_hierarchy(jax.random.key(2), 30, (6, 2), 8, seed=4)
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(x, y)
 
@@ -132,7 +133,7 @@ def test_init_hierarchy_is_deterministic():
 
 @pytest.mark.parametrize("coarse_norm", hier.COARSE_NORMS)
 def test_placeholder_hierarchy_is_a_valid_tree_of_the_final_sizes_without_kmeans(monkeypatch, coarse_norm):
-    monkeypatch.setattr(hier, "kmeans_grouping", None)  # any k-means call fails
+    monkeypatch.setattr(grouping.refresh, "kmeans_grouping", None)  # any k-means call fails
     h = hier.placeholder_hierarchy(jax.random.key(3), 40, (8, 3), 16, coarse_norm=coarse_norm)
     assert h.level_sizes == (40, 8, 3)
     hier.validate_parents(h.parents, h.level_sizes)
@@ -196,10 +197,10 @@ def _separated_clusters(seed, num_clusters, per_cluster, dim):
     return vectors.astype(np.float32), truth
 
 
-@pytest.mark.parametrize("backend", hier.KMEANS_BACKENDS)
+@pytest.mark.parametrize("backend", grouping.KMEANS_BACKENDS)
 def test_kmeans_recovers_well_separated_clusters_exactly(backend):
     vectors, truth = _separated_clusters(seed=0, num_clusters=5, per_cluster=12, dim=16)
-    assignment, centres = hier.kmeans_grouping(vectors, 5, seed=0, backend=backend)
+    assignment, centres = grouping.kmeans_grouping(vectors, 5, seed=0, backend=backend)
     assert assignment.dtype == jnp.int32 and centres.dtype == jnp.float32
     assert _same_partition(assignment, truth)
     np.testing.assert_allclose(centres, _normalised_group_means(vectors, assignment, 5), atol=1e-6)
@@ -210,8 +211,8 @@ def test_kmeans_recovers_well_separated_clusters_exactly(backend):
 
 def test_kmeans_is_deterministic_for_a_seed():
     vectors = np.random.default_rng(0).normal(size=(80, 6))
-    a = hier.kmeans_grouping(vectors, 7, seed=11)
-    b = hier.kmeans_grouping(jnp.asarray(vectors), 7, seed=11)
+    a = grouping.kmeans_grouping(vectors, 7, seed=11)
+    b = grouping.kmeans_grouping(jnp.asarray(vectors), 7, seed=11)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_allclose(a[1], b[1], atol=1e-7)
 
@@ -230,7 +231,7 @@ def test_kmeans_fills_clusters_sklearn_leaves_empty():
         warnings.simplefilter("ignore")
         raw = sklearn.cluster.KMeans(n_clusters=5, n_init=10, random_state=0).fit_predict(vectors)
     assert np.sum(np.bincount(raw, minlength=5) == 0) >= 2  # the premise: sklearn alone leaves some empty
-    assignment, centres = hier.kmeans_grouping(vectors, 5, seed=0)
+    assignment, centres = grouping.kmeans_grouping(vectors, 5, seed=0)
     assignment = np.asarray(assignment)
     assert assignment.min() >= 0 and assignment.max() < 5
     assert np.all(np.bincount(assignment, minlength=5) >= 1)
@@ -241,11 +242,11 @@ def test_kmeans_fills_clusters_sklearn_leaves_empty():
 
 # --- refresh --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", hier.KMEANS_BACKENDS)
+@pytest.mark.parametrize("backend", grouping.KMEANS_BACKENDS)
 @pytest.mark.parametrize("policy", ["reset", "rematch"])
 def test_refresh_invariants(policy, backend):
     h = _random_hierarchy(4, (50, 9, 3), 12)
-    refreshed, reset = hier.refresh_hierarchy(h, seed=0, policy=policy, backend=backend)
+    refreshed, reset = grouping.refresh_hierarchy(h, seed=0, policy=policy, backend=backend)
     _check_tree(refreshed, (50, 9, 3))
     assert refreshed.proxies[0] is h.proxies[0]
     assert [r.shape for r in reset] == [(9,), (3,)]
@@ -262,32 +263,32 @@ def test_refresh_invariants(policy, backend):
 def test_coarse_norm_unit_resets_to_unit_norm_and_children_mean_follows_the_children():
     h = _random_hierarchy(4, (50, 9, 3), 12)
     h = h.replace(proxies=(h.proxies[0] * 3.0,) + h.proxies[1:])  # fine proxies of norm ~10, not 1
-    unit, _ = hier.refresh_hierarchy(h, seed=0, coarse_norm="unit")
+    unit, _ = grouping.refresh_hierarchy(h, seed=0, coarse_norm="unit")
     for proxies in unit.proxies[1:]:
         np.testing.assert_allclose(np.linalg.norm(proxies, axis=1), 1.0, atol=1e-6)
-    scaled, _ = hier.refresh_hierarchy(h, seed=0)
+    scaled, _ = grouping.refresh_hierarchy(h, seed=0)
     assert np.linalg.norm(scaled.proxies[1], axis=1).min() > 5.0
     for a, b in zip(unit.parents, scaled.parents):  # the norm changes nothing else
         np.testing.assert_array_equal(a, b)
-    fresh = hier.init_hierarchy(jax.random.PRNGKey(0), 40, (6, 2), 16)
+    fresh = grouping.init_hierarchy(jax.random.PRNGKey(0), 40, (6, 2), 16)
     _assert_norms_of_children(fresh, 1)
     _assert_norms_of_children(fresh, 2)
     with pytest.raises(ValueError, match="coarse_norm"):
-        hier.refresh_hierarchy(h, seed=0, coarse_norm="huge")
+        grouping.refresh_hierarchy(h, seed=0, coarse_norm="huge")
 
 
 @pytest.mark.parametrize("policy", ["reset", "rematch"])
 def test_refresh_is_deterministic_for_a_seed(policy):
     h = _random_hierarchy(5, (40, 7, 3), 8)
-    a, _ = hier.refresh_hierarchy(h, seed=3, policy=policy)
-    b, _ = hier.refresh_hierarchy(h, seed=3, policy=policy)
+    a, _ = grouping.refresh_hierarchy(h, seed=3, policy=policy)
+    b, _ = grouping.refresh_hierarchy(h, seed=3, policy=policy)
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(x, y)
 
 
 def test_refresh_reset_sets_coarse_proxies_to_normalised_centres():
     h = _random_hierarchy(6, (45, 8, 3), 10)
-    refreshed, _ = hier.refresh_hierarchy(h, seed=1, policy="reset")
+    refreshed, _ = grouping.refresh_hierarchy(h, seed=1, policy="reset")
     _assert_centres_of_children(refreshed, 1, h.proxies[0])
     _assert_centres_of_children(refreshed, 2, refreshed.proxies[1])
 
@@ -295,16 +296,16 @@ def test_refresh_reset_sets_coarse_proxies_to_normalised_centres():
 def test_refresh_reset_groups_level1_vectors_when_given():
     vectors, truth = _separated_clusters(seed=2, num_clusters=3, per_cluster=8, dim=10)
     h = _random_hierarchy(7, (24, 3), 10)
-    refreshed, _ = hier.refresh_hierarchy(h, seed=0, level1_vectors=vectors)
+    refreshed, _ = grouping.refresh_hierarchy(h, seed=0, level1_vectors=vectors)
     assert _same_partition(refreshed.parents[0], truth)
     _assert_centres_of_children(refreshed, 1, vectors)
     np.testing.assert_array_equal(refreshed.proxies[0], h.proxies[0])
 
 
-@pytest.mark.parametrize("backend", hier.KMEANS_BACKENDS)
+@pytest.mark.parametrize("backend", grouping.KMEANS_BACKENDS)
 def test_refresh_survives_duplicate_level1_vectors(backend):
     h = _random_hierarchy(8, (20, 5), 3)
-    refreshed, _ = hier.refresh_hierarchy(h, seed=0, level1_vectors=_duplicate_points(), backend=backend)
+    refreshed, _ = grouping.refresh_hierarchy(h, seed=0, level1_vectors=_duplicate_points(), backend=backend)
     _check_tree(refreshed, (20, 5))
 
 
@@ -315,8 +316,8 @@ def _best_matching_total(similarity):
 
 def test_refresh_rematch_keeps_proxies_and_matching_maximises_similarity():
     h = _random_hierarchy(9, (36, 5, 3), 6)
-    refreshed, _ = hier.refresh_hierarchy(h, seed=2, policy="rematch")
-    reference, _ = hier.refresh_hierarchy(h, seed=2, policy="reset")
+    refreshed, _ = grouping.refresh_hierarchy(h, seed=2, policy="rematch")
+    reference, _ = grouping.refresh_hierarchy(h, seed=2, policy="reset")
     for level in (1, 2):
         assert refreshed.proxies[level] is h.proxies[level]
     below = [h.proxies[0], h.proxies[1]]
@@ -337,19 +338,19 @@ def test_refresh_rematch_relabels_to_the_closest_existing_proxies():
     existing = jnp.asarray(true_centres[order] + 0.01, jnp.float32)  # proxy i sits near true cluster order[i]
     h = hier.ProxyHierarchy(proxies=(jnp.asarray(vectors), existing),
                             parents=(jnp.asarray(np.arange(24) % 4, jnp.int32),))
-    refreshed, _ = hier.refresh_hierarchy(h, seed=0, policy="rematch")
+    refreshed, _ = grouping.refresh_hierarchy(h, seed=0, policy="rematch")
     expected = np.argsort(order)[truth]
     np.testing.assert_array_equal(refreshed.parents[0], expected)
 
 
 # --- ground-truth super-classes and class means ---------------------------------------------------------
 
-@pytest.mark.parametrize("backend", hier.KMEANS_BACKENDS)
+@pytest.mark.parametrize("backend", grouping.KMEANS_BACKENDS)
 def test_hierarchy_from_super_labels(backend):
     rng = np.random.default_rng(10)
     fine = rng.normal(size=(30, 8)).astype(np.float32)
     super_labels = rng.permutation(np.arange(30) % 6).astype(np.int32)
-    h = hier.hierarchy_from_super_labels(fine, super_labels, num_coarse_above=(3, 2), seed=1, backend=backend)
+    h = grouping.hierarchy_from_super_labels(fine, super_labels, num_coarse_above=(3, 2), seed=1, backend=backend)
     _check_tree(h, (30, 6, 3, 2))
     np.testing.assert_array_equal(h.proxies[0], fine)
     np.testing.assert_array_equal(h.parents[0], super_labels)
@@ -364,7 +365,7 @@ def test_hierarchy_from_super_labels_renumbers_the_super_classes_present():
     """A training split need not hold every super-class (CIFAR-100's classes 0-49, an image folder whose
     hierarchy.csv has test-only super-classes): level 1 has one proxy per super-class present, in id order."""
     fine = np.random.default_rng(3).normal(size=(6, 4)).astype(np.float32)
-    h = hier.hierarchy_from_super_labels(fine, np.array([14, 3, 3, 14, 10, 3]))
+    h = grouping.hierarchy_from_super_labels(fine, np.array([14, 3, 3, 14, 10, 3]))
     _check_tree(h, (6, 3, ))
     np.testing.assert_array_equal(h.parents[0], [2, 0, 0, 2, 1, 0])
 
@@ -387,41 +388,41 @@ _GOOD = _random_hierarchy(12, (10, 4), 3)
 
 _ERROR_CASES = {
     "K_1 not below classes": (
-        lambda: hier.init_hierarchy(_KEY, 100, (100,), 8),
+        lambda: grouping.init_hierarchy(_KEY, 100, (100,), 8),
         r"num_coarse\[0\] \(K_1\) = 100 must be smaller than the 100 classes of level 0"),
     "K_2 not below K_1": (
-        lambda: hier.init_hierarchy(_KEY, 100, (8, 10), 8),
+        lambda: grouping.init_hierarchy(_KEY, 100, (8, 10), 8),
         r"num_coarse\[1\] \(K_2\) = 10 must be smaller than the 8 proxies of level 1"),
     "K below 2": (
-        lambda: hier.init_hierarchy(_KEY, 100, (10, 1), 8),
+        lambda: grouping.init_hierarchy(_KEY, 100, (10, 1), 8),
         r"num_coarse\[1\] \(K_2\) = 1 must be at least 2 proxies at level 2"),
     "init level1_vectors shape": (
-        lambda: hier.init_hierarchy(_KEY, 10, (3,), 8, level1_vectors=np.zeros((9, 8))),
+        lambda: grouping.init_hierarchy(_KEY, 10, (3,), 8, level1_vectors=np.zeros((9, 8))),
         r"level1_vectors has shape \(9, 8\).*level 1.*\(10, 8\)"),
     "kmeans too many clusters": (
-        lambda: hier.kmeans_grouping(np.ones((4, 2)), 5, seed=0),
+        lambda: grouping.kmeans_grouping(np.ones((4, 2)), 5, seed=0),
         r"num_clusters = 5 .* 4 vectors"),
     "refresh policy": (
-        lambda: hier.refresh_hierarchy(_GOOD, seed=0, policy="keep"),
+        lambda: grouping.refresh_hierarchy(_GOOD, seed=0, policy="keep"),
         r"policy = 'keep'.*'reset', 'rematch'"),
     "refresh replicated": (
-        lambda: hier.refresh_hierarchy(
+        lambda: grouping.refresh_hierarchy(
             jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), _GOOD), seed=0),
         r"proxies of level 0 .*unreplicated"),
     "refresh level1_vectors shape": (
-        lambda: hier.refresh_hierarchy(_GOOD, seed=0, level1_vectors=np.zeros((10, 4))),
+        lambda: grouping.refresh_hierarchy(_GOOD, seed=0, level1_vectors=np.zeros((10, 4))),
         r"level1_vectors has shape \(10, 4\).*\(10, 3\)"),
     "super_labels length": (
-        lambda: hier.hierarchy_from_super_labels(np.ones((6, 3)), np.array([0, 1, 0, 1])),
+        lambda: grouping.hierarchy_from_super_labels(np.ones((6, 3)), np.array([0, 1, 0, 1])),
         r"super_labels has shape \(4,\).*level 1.*\(6,\)"),
     "super_labels negative": (
-        lambda: hier.hierarchy_from_super_labels(np.ones((4, 3)), np.array([0, -1, 0, 1])),
+        lambda: grouping.hierarchy_from_super_labels(np.ones((4, 3)), np.array([0, -1, 0, 1])),
         r"class 1 the negative super-class -1"),
     "super-classes as many as classes": (
-        lambda: hier.hierarchy_from_super_labels(np.ones((4, 3)), np.array([0, 1, 2, 3])),
+        lambda: grouping.hierarchy_from_super_labels(np.ones((4, 3)), np.array([0, 1, 2, 3])),
         r"super-classes among the classes \(K_1\) = 4 must be smaller than the 4 classes of level 0"),
     "num_coarse_above too large": (
-        lambda: hier.hierarchy_from_super_labels(np.ones((6, 3)), np.array([0, 1, 2, 3, 0, 1]),
+        lambda: grouping.hierarchy_from_super_labels(np.ones((6, 3)), np.array([0, 1, 2, 3, 0, 1]),
                                                  num_coarse_above=(4,)),
         r"num_coarse_above\[0\] \(K_2\) = 4 must be smaller than the 4 proxies of level 1"),
     "class without example": (
@@ -461,8 +462,8 @@ def test_hierarchy_metrics_against_super_classes_and_the_previous_grouping():
     rng = np.random.default_rng(12)
     fine = rng.normal(size=(8, 5)).astype(np.float32)
     truth = np.array([0, 0, 0, 0, 1, 1, 1, 1])
-    exact = hier.hierarchy_from_super_labels(fine, truth)
-    values = hier.hierarchy_metrics(exact, super_labels=truth + 7)
+    exact = grouping.hierarchy_from_super_labels(fine, truth)
+    values = grouping.hierarchy_metrics(exact, super_labels=truth + 7)
     for name in ("level_1_nmi", "level_1_ari", "level_1_purity", "level_1_purity_min", "level_1_child_cosine_min"):
         assert values[name] == pytest.approx(1.0), name
     assert values["level_1_group_size_min"] == values["level_1_group_size_max"] == 4
@@ -470,11 +471,11 @@ def test_hierarchy_metrics_against_super_classes_and_the_previous_grouping():
 
     # Groups {0,1,2,4} and {3,5,6,7}: purities 3/4 and 3/4; contingency [[3, 1], [1, 3]].
     mixed = exact.replace(parents=(jnp.asarray([0, 0, 0, 1, 0, 1, 1, 1], jnp.int32),))
-    values = hier.hierarchy_metrics(mixed, super_labels=truth, previous=exact)
+    values = grouping.hierarchy_metrics(mixed, super_labels=truth, previous=exact)
     assert values["level_1_purity"] == pytest.approx(0.75) and values["level_1_purity_min"] == pytest.approx(0.75)
     assert values["level_1_ari"] == pytest.approx(sklearn.metrics.adjusted_rand_score(truth, mixed.parents[0]))
     assert values["level_1_nmi"] < 1.0
     assert values["level_1_stability_ari"] == pytest.approx(values["level_1_ari"])
     assert values["level_1_child_cosine_before_min"] == pytest.approx(1.0)
     assert values["level_1_child_cosine_min"] < 1.0  # the proxies no longer sit on the new groups' centres
-    assert "level_1_nmi" not in hier.hierarchy_metrics(mixed)
+    assert "level_1_nmi" not in grouping.hierarchy_metrics(mixed)

@@ -20,11 +20,11 @@ from configs import cub as cub_config
 from configs import image_folder as image_folder_config
 from configs import inshop as inshop_config
 from configs import sop as sop_config
-from hpl_jax import cars_makes
-from hpl_jax import config_checks
 from hpl_jax import data
-from hpl_jax import input_pipeline
-from hpl_jax import inshop
+from hpl_jax.data import cars_makes
+from hpl_jax.data import input_pipeline
+from hpl_jax.data import inshop
+from hpl_jax.trainer import config_checks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -698,7 +698,7 @@ def test_missing_cars_data_names_the_files_and_the_manual_dir(tmp_path):
 
 def test_tensorflow_sees_no_accelerator_and_stays_in_the_input_pipeline():
     assert {device.device_type for device in tf.config.get_visible_devices()} == {"CPU"}
-    allowed = {os.path.join("hpl_jax", "input_pipeline.py"), os.path.join("hpl_jax", "inshop.py")}
+    allowed = {os.path.join("hpl_jax", "data", "input_pipeline.py"), os.path.join("hpl_jax", "data", "inshop.py")}
     importing = []
     for folder, _, files in os.walk(os.path.join(REPO, "hpl_jax")):
         for file in files:
@@ -753,7 +753,7 @@ def test_training_runs_end_to_end_on_an_image_folder(tmp_path, capsys):
     """One epoch of train_and_evaluate on an image folder (a small ResNet-18 keeps the compile short); the
     broken image's skips are counted in the result, metrics.json and under the final table."""
     import json
-    from hpl_jax import train
+    from hpl_jax.trainer import train
 
     make_image_folder(str(tmp_path / "images"), ["a", "b", "c", "d", "e", "f"], [4, 4, 4, 4, 3, 3], corrupt_in="b")
     config = tiny(image_folder_config, **{
@@ -806,7 +806,7 @@ E2E_OVERRIDES = {
 def test_every_dataset_config_trains_end_to_end_on_mock_data(tmp_path, inshop_dirs):
     """The real configs (CUB, Cars, SOP, CIFAR-100 via mock TFDS; In-Shop via its builder on a tiny tree),
     each with a tiny model, through train_and_evaluate: the same call the training uses."""
-    from hpl_jax import train
+    from hpl_jax.trainer import train
 
     for name in sorted(BENCHMARKS):
         records, _ = benchmark_records(name)
@@ -870,7 +870,7 @@ INSHOP_GT_ROWS = INSHOP_ROWS + [("img/WOMEN/Dresses/id_00000009/01_1_front.jpg",
 def test_ground_truth_level1_trains_end_to_end_on_every_dataset_config(tmp_path):
     """hpl.ground_truth_level1 through train_and_evaluate for every dataset config on its mock data, with a K_1
     that differs from the number of super-classes; CUB has none and stops with a Config error."""
-    from hpl_jax import train
+    from hpl_jax.trainer import train
 
     overrides = {**E2E_OVERRIDES, "hpl.ground_truth_level1": True, "hpl.num_coarse": (5,)}
     for name, (layout, supers) in GROUND_TRUTH_LAYOUTS.items():

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import sklearn.cluster
 
-from hpl_jax import hierarchy as hier
-from hpl_jax import kmeans as kmeans_lib
+from hpl_jax import grouping
+from hpl_jax.core import kmeans as kmeans_lib
 
 
 def _blobs(seed, num_points, dim, num_blobs, spread):
@@ -78,14 +78,14 @@ def test_repair_moves_the_same_points_as_hierarchy_fill_empty_clusters():
     points = rng.normal(size=(60, 5)).astype(np.float32)
     assignment = rng.integers(0, 4, size=60)  # clusters 4..9 empty
     ours = np.asarray(kmeans_lib._filled_empty_clusters(points, assignment.astype(np.int32), 10))
-    np.testing.assert_array_equal(ours, hier._fill_empty_clusters(points.astype(np.float64), assignment, 10))
+    np.testing.assert_array_equal(ours, grouping.refresh._fill_empty_clusters(points.astype(np.float64), assignment, 10))
 
 
 def test_kmeans_grouping_jax_backend_invariants():
     rng = np.random.default_rng(5)
     vectors = rng.normal(size=(600, 8))
-    assignment, centres = hier.kmeans_grouping(vectors, 8, seed=2, n_init=2, backend="jax")
-    again, _ = hier.kmeans_grouping(vectors, 8, seed=2, n_init=2, backend="jax")
+    assignment, centres = grouping.kmeans_grouping(vectors, 8, seed=2, n_init=2, backend="jax")
+    again, _ = grouping.kmeans_grouping(vectors, 8, seed=2, n_init=2, backend="jax")
     assignment = np.asarray(assignment)
     np.testing.assert_array_equal(assignment, again)
     assert assignment.dtype == np.int32 and np.all(np.bincount(assignment, minlength=8) >= 1)
@@ -98,4 +98,4 @@ def test_errors():
     with pytest.raises(ValueError, match="num_clusters = 5"):
         kmeans_lib.kmeans(np.ones((4, 2)), 5, seed=0)
     with pytest.raises(ValueError, match="backend = 'faiss'"):
-        hier.kmeans_grouping(np.ones((4, 2)), 2, seed=0, backend="faiss")
+        grouping.kmeans_grouping(np.ones((4, 2)), 2, seed=0, backend="faiss")

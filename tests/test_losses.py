@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hpl_jax.hierarchy import ProxyHierarchy
-from hpl_jax.losses import hierarchical_proxy_loss, proxy_anchor_loss, proxy_nca_loss
+from hpl_jax.core.hierarchy import ProxyHierarchy
+from hpl_jax.core.losses import hierarchical_proxy_loss, proxy_anchor_loss, proxy_nca_loss
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from hpl_jax.metrics import retrieval_metrics, sharded_retrieval_metrics
+from hpl_jax.core.metrics import retrieval_metrics, sharded_retrieval_metrics
 
 RETRIEVAL_KEYS = ("precision@1", "r_precision", "map@r", "num_queries", "num_queries_without_positive")
 

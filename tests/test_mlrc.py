@@ -15,17 +15,17 @@ from configs.mlrc import cars as mlrc_cars
 from configs.mlrc import cub as mlrc_cub
 from configs.mlrc import sop as mlrc_sop
 from configs.mlrc import synthetic as mlrc_synthetic
-from hpl_jax import checkpointing
-from hpl_jax import config_checks
 from hpl_jax import data
-from hpl_jax import datasets
-from hpl_jax import mlrc
-from hpl_jax import mlrc_report
 from hpl_jax import models
-from hpl_jax import optim
-from hpl_jax import reporting
-from hpl_jax import train
-from hpl_jax import train_state
+from hpl_jax.data import datasets
+from hpl_jax.experiments import mlrc
+from hpl_jax.experiments import mlrc_report
+from hpl_jax.trainer import checkpointing
+from hpl_jax.trainer import config_checks
+from hpl_jax.trainer import optim
+from hpl_jax.trainer import reporting
+from hpl_jax.trainer import train
+from hpl_jax.trainer import train_state
 from tests.test_train import REPO, tiny_config
 
 
@@ -58,7 +58,7 @@ def test_the_fold_split_is_what_the_datasets_hold_out():
 
 def test_an_image_folder_holds_out_a_fold_and_takes_steps_per_epoch(tmp_path):
     from configs import image_folder as image_folder_config
-    from hpl_jax import input_pipeline
+    from hpl_jax.data import input_pipeline
     from tests.test_input_pipeline import eval_ids, make_image_folder, tiny
     names = [f"c{i:02d}" for i in range(16)]  # c00-c07 train, c08-c15 test
     owner = make_image_folder(str(tmp_path), names, [2] * 16)

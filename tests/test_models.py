@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from configs import default
-from hpl_jax import checkpointing
-from hpl_jax import config_checks
 from hpl_jax import data
-from hpl_jax import evaluation
 from hpl_jax import models
-from hpl_jax import optim
-from hpl_jax import train
-from hpl_jax import train_state
+from hpl_jax.trainer import checkpointing
+from hpl_jax.trainer import config_checks
+from hpl_jax.trainer import evaluation
+from hpl_jax.trainer import optim
+from hpl_jax.trainer import train
+from hpl_jax.trainer import train_state
 
 TINY = 0.25  # width multiplier that keeps the CPU tests fast
 

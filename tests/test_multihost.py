@@ -21,8 +21,8 @@ import jax
 import numpy as np
 import pytest
 
-from hpl_jax import checkpointing
-from hpl_jax import preemption
+from hpl_jax.trainer import checkpointing
+from hpl_jax.trainer import preemption
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")
@@ -148,7 +148,8 @@ MARGIN_S = 30  # a heartbeat every timeout/5 s, the checks, and a loaded CPU
 FULL_DISK_AT_4 = """
 import errno, orbax.checkpoint as ocp
 from absl import app
-from hpl_jax import cli, main
+from hpl_jax import main
+from hpl_jax.trainer import cli
 write = ocp.type_handlers.NumpyHandler._open_and_write
 async def full_disk(self, value, tspec, context):
     if "/checkpoints/4.orbax-checkpoint-tmp" in str(tspec):

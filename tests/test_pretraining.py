@@ -11,18 +11,18 @@ from configs import default
 from configs import finetune_default
 from configs import finetune_synthetic_sop
 from configs import pretrain_synthetic
-from hpl_jax import checkpointing
-from hpl_jax import config_checks
-from hpl_jax import convert_weights
 from hpl_jax import data
-from hpl_jax import datasets
 from hpl_jax import models
-from hpl_jax import pretraining
-from hpl_jax import synthetic
-from hpl_jax import synthetic_sop
-from hpl_jax import synthetic_source
-from hpl_jax import train
-from hpl_jax import train_state
+from hpl_jax.data import datasets
+from hpl_jax.data import synthetic
+from hpl_jax.data import synthetic_sop
+from hpl_jax.data import synthetic_source
+from hpl_jax.models import convert as convert_weights
+from hpl_jax.trainer import config_checks
+from hpl_jax.trainer import pretraining
+from hpl_jax.trainer import restore
+from hpl_jax.trainer import train
+from hpl_jax.trainer import train_state
 
 
 def tiny_generators(config):
@@ -155,7 +155,7 @@ def test_a_pretraining_exports_its_backbone_which_finetuning_loads_bit_exactly_w
     assert metadata["pretraining"]["step"] == 3
 
     # The export is the run's last state, bit for bit.
-    final = checkpointing.restore_run(workdir).state
+    final = restore.restore_run(workdir).state
     params, stats, _ = convert_weights.load_pretrained(exported, "resnet18", 0.125)
     for got, want in ((params, final.params["backbone"]), (stats, final.batch_stats["backbone"])):
         assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)

@@ -9,7 +9,7 @@ import sys
 import matplotlib.image
 import pytest
 
-from hpl_jax import report
+from hpl_jax.experiments import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # t quantile 0.975 with 2 degrees of freedom, from a t table.

@@ -6,7 +6,7 @@ import time
 
 from tensorboardX.proto import event_pb2
 
-from hpl_jax import reporting
+from hpl_jax.trainer import reporting
 
 
 def _events(logdir):

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from hpl_jax import sweep
+from hpl_jax.experiments import sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -126,7 +126,7 @@ def test_print_writes_one_main_command_per_unfinished_run_and_sweep_json(tmp_pat
 
 def test_a_run_that_early_stopping_ended_is_finished(tmp_path):
     from configs import default
-    from hpl_jax import checkpointing
+    from hpl_jax.trainer import checkpointing
     config = default.get_config()
     config.num_epochs, config.eval.early_stopping_patience = 10, 2
     checkpointing.save_config(checkpointing.workdir_path(str(tmp_path)), config)

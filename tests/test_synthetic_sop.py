@@ -1,15 +1,15 @@
-"""The SOP-like embedded dataset (hpl_jax/synthetic_sop.py): data seed, splits, hierarchy, images, class sizes."""
+"""The SOP-like embedded dataset (hpl_jax/data/synthetic_sop.py): data seed, splits, hierarchy, images, class sizes."""
 import json
 
 import numpy as np
 import pytest
 
 from configs import synthetic_sop as sop_config
-from hpl_jax import config_checks
 from hpl_jax import data
-from hpl_jax import datasets
-from hpl_jax import synthetic_sop
-from hpl_jax import train
+from hpl_jax.data import datasets
+from hpl_jax.data import synthetic_sop
+from hpl_jax.trainer import config_checks
+from hpl_jax.trainer import train
 
 
 def small_config(**overrides):

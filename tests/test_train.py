@@ -15,18 +15,20 @@ import optax
 import pytest
 
 from configs import default
-from hpl_jax import checkpointing
-from hpl_jax import config_checks
 from hpl_jax import data
-from hpl_jax import datasets
-from hpl_jax import evaluation
-from hpl_jax import guards
-from hpl_jax import hierarchy as hierarchy_lib
+from hpl_jax import grouping
 from hpl_jax import models
-from hpl_jax import optim
-from hpl_jax import reporting
-from hpl_jax import train
-from hpl_jax import train_state
+from hpl_jax.core import hierarchy as hierarchy_lib
+from hpl_jax.data import datasets
+from hpl_jax.trainer import checkpointing
+from hpl_jax.trainer import config_checks
+from hpl_jax.trainer import evaluation
+from hpl_jax.trainer import guards
+from hpl_jax.trainer import optim
+from hpl_jax.trainer import reporting
+from hpl_jax.trainer import sharding
+from hpl_jax.trainer import train
+from hpl_jax.trainer import train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Subprocess runs compile with XLA's backend optimisation off: about half the compile time (tests/test_multihost.py).
@@ -63,7 +65,7 @@ def _setup(config):
 
 
 def _run_steps(config, num_devices, num_steps, in_warmup=False, wrapper="pmap"):
-    """`num_steps` train steps on `num_devices` devices, the step wrapped by jax.pmap or by train_state.over_devices
+    """`num_steps` train steps on `num_devices` devices, the step wrapped by jax.pmap or by sharding.over_devices
     (jit + shard_map, what the loop runs)."""
     dataset, model, state, labels, groups = _setup(config)
     devices = jax.local_devices()[:num_devices]
@@ -75,15 +77,15 @@ def _run_steps(config, num_devices, num_steps, in_warmup=False, wrapper="pmap"):
         step_fn = jax.pmap(step, axis_name=train.AXIS, devices=devices)
         state = flax.jax_utils.replicate(state, devices)
     else:
-        mesh = train_state.device_mesh(train.AXIS, devices)
-        step_fn = train_state.over_devices(step, mesh, donate_argnums=(0,))
-        state = train_state.as_global(flax.jax_utils.replicate(state, devices), mesh)
-        batches = (train_state.as_global(batch, mesh) for batch in batches)
+        mesh = sharding.device_mesh(train.AXIS, devices)
+        step_fn = sharding.over_devices(step, mesh, donate_argnums=(0,))
+        state = sharding.as_global(flax.jax_utils.replicate(state, devices), mesh)
+        batches = (sharding.as_global(batch, mesh) for batch in batches)
     losses = []
     for batch in batches:
         state, step_metrics = step_fn(state, batch)
         losses.append(float(step_metrics["loss"][0]))
-    return jax.device_get(train_state.unreplicate(state)), losses
+    return jax.device_get(sharding.unreplicate(state)), losses
 
 
 @pytest.mark.slow
@@ -150,7 +152,7 @@ def test_tiny_run_overfits_training_classes():
     p_embed = jax.pmap(functools.partial(evaluation.embed_step, model=model, dataset_config=config.dataset),
                        axis_name=train.AXIS)
     embeddings, labels = evaluation.embed_split(p_embed, flax.jax_utils.replicate(state), dataset, "train")
-    from hpl_jax import metrics
+    from hpl_jax.core import metrics
     assert metrics.retrieval_metrics(embeddings, labels, nmi=False)["recall@1"] > 0.9
 
 
@@ -192,7 +194,7 @@ def test_the_state_starts_without_kmeans_and_the_jax_backend_makes_the_first_and
         monkeypatch):
     config = tiny_config(**{"hpl.kmeans_backend": "jax"})
     calls = []
-    kmeans_grouping = hierarchy_lib.kmeans_grouping
+    kmeans_grouping = grouping.kmeans_grouping
     monkeypatch.setattr(hierarchy_lib, "kmeans_grouping",
                         lambda *args, **kwargs: calls.append(kwargs["backend"]) or kmeans_grouping(*args, **kwargs))
     _, _, state, _, _ = _setup(config)
@@ -207,7 +209,7 @@ def test_the_state_starts_without_kmeans_and_the_jax_backend_makes_the_first_and
     assert calls == ["jax"]
     moved = state.replace(hierarchy=state.hierarchy.replace(proxies=(fine[::-1],) + state.hierarchy.proxies[1:]))
     refreshed = train.refresh_groupings(moved, config)
-    expected, _ = hierarchy_lib.kmeans_grouping(fine[::-1], 3, seed=train.kmeans_seed(moved, int(moved.step)),
+    expected, _ = grouping.kmeans_grouping(fine[::-1], 3, seed=train.kmeans_seed(moved, int(moved.step)),
                                                 n_init=config.hpl.kmeans_restarts, backend="jax")
     np.testing.assert_array_equal(refreshed.hierarchy.parents[0], expected)
 
@@ -244,7 +246,7 @@ def _gradients(config, num_devices):
                                          groups=groups, in_warmup=False), axis_name=train.AXIS, devices=devices)
     batch = data.shard_for_devices(next(dataset.train_batches(0)), num_devices)
     total, _, _, grads = grad_fn(flax.jax_utils.replicate(state, devices), batch)
-    return float(total[0]), jax.device_get(train_state.unreplicate(grads))
+    return float(total[0]), jax.device_get(sharding.unreplicate(grads))
 
 
 @pytest.mark.slow
@@ -354,7 +356,7 @@ def test_main_reports_a_bad_config_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_pretrained_weights_start_the_backbone_and_set_the_input_normalisation(tmp_path):
-    from hpl_jax import convert_weights
+    from hpl_jax.models import convert as convert_weights
     model = models.Embedder("resnet18", embedding_dim=16)
     variables = model.init(jax.random.PRNGKey(7), jnp.zeros((1, 32, 32, 3)), train=False)
     backbone = jax.tree_util.tree_map(lambda x: np.asarray(x) + 0.5, variables["params"]["backbone"])
@@ -538,16 +540,16 @@ def test_skip_nonfinite_steps_leaves_the_state_as_it_was_but_for_the_step():
     step_fn = jax.pmap(functools.partial(train.train_step, model=model, config=config, labels=labels,
                                          groups=groups, in_warmup=False), axis_name=train.AXIS)
     batch = data.shard_for_devices(next(dataset.train_batches(0)), 2)
-    replicated = train_state.replicate(state, train.AXIS)
+    replicated = sharding.replicate(state, train.AXIS)
     after, metrics = step_fn(replicated, batch)
     assert np.all(np.asarray(metrics["finite"]))
-    after = jax.device_get(train_state.unreplicate(after))
+    after = jax.device_get(sharding.unreplicate(after))
     assert not np.allclose(after.hierarchy.proxies[0], state.hierarchy.proxies[0])
 
     batch["image"][0, 0, 0, 0, 0] = np.inf
     skipped, metrics = step_fn(replicated, batch)
     assert not np.any(np.asarray(metrics["finite"])) and np.isnan(np.asarray(metrics["loss"])).all()
-    skipped = jax.device_get(train_state.unreplicate(skipped))
+    skipped = jax.device_get(sharding.unreplicate(skipped))
     assert int(skipped.step) == 1
     for a, b in zip(jax.tree_util.tree_leaves(skipped.replace(step=state.step)), jax.tree_util.tree_leaves(state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -620,7 +622,8 @@ def test_main_reports_a_typo_a_bad_tuple_and_a_file_workdir_in_one_line(tmp_path
 FULL_DISK = """
 import errno, orbax.checkpoint as ocp
 from absl import app
-from hpl_jax import cli, main
+from hpl_jax import main
+from hpl_jax.trainer import cli
 write = ocp.type_handlers.NumpyHandler._open_and_write
 async def full_disk(self, value, tspec, context):
     if "/best/{step}.orbax-checkpoint-tmp" in str(tspec):

@@ -4,7 +4,7 @@
   python -m hpl_jax.mlrc run --config=configs/mlrc/synthetic_sop.py --workdir=/tmp/mlrc_synthetic_sop
   python -m hpl_jax.mlrc_report /tmp/mlrc_synthetic_sop
 
-Data: configs/synthetic_sop.py's (hpl_jax/synthetic_sop.py): 960 training products (4,813 photos), numbered
+Data: configs/synthetic_sop.py's (hpl_jax/data/synthetic_sop.py): 960 training products (4,813 photos), numbered
 sub-family by sub-family and super-class by super-class, so each of the 4 folds validates on the 240 products
 of 3 of the 12 super-classes (as MLRC's contiguous blocks of SOP's product ids, which follow its categories) and
 trains on the other 720; the 960 test products (4,717 photos) are the same for every fold. As the protocol:

@@ -5,7 +5,7 @@
 JAX: `train.train_step` of configs/default.py with ResNet-18 at width 1.0, a 512-d embedding, 64 x 64 images,
 batch 64, HPL on Proxy-Anchor, float32, under pmap on the local devices (one CPU device by default), once per
 `model.conv_impl` asked for ('xla': XLA's convolution op, as on GPUs and TPUs and before issue 25; 'auto': the
-CPU choice, see hpl_jax/models.py).
+CPU choice, see hpl_jax/models/layers.py).
 PyTorch (benchmark-only imports; skipped with a line when torch or pytorch-metric-learning is absent): the
 official Proxy-Anchor step on the same shapes: ResNet-18 in torchvision's layout, written out below since
 torchvision may not be importable beside the installed torch (same layers, same parameter count, printed),
@@ -37,11 +37,12 @@ import numpy as np
 import optax
 
 from hpl_jax import data
-from hpl_jax import losses
 from hpl_jax import models
-from hpl_jax import optim
-from hpl_jax import train
-from hpl_jax import train_state
+from hpl_jax.core import losses
+from hpl_jax.trainer import optim
+from hpl_jax.trainer import sharding
+from hpl_jax.trainer import train
+from hpl_jax.trainer import train_state
 from configs import default
 
 NUM_CLASSES = 32  # the default dataset's training classes (40, less 8 held out for validation)
@@ -90,7 +91,7 @@ def jax_side(config, batch) -> Callable[[], None]:
                                          groups=groups, in_warmup=False),
                        axis_name=train.AXIS, donate_argnums=(0,))
     sharded = data.shard_for_devices(batch, jax.local_device_count())
-    holder = {"state": train_state.replicate(state, train.AXIS)}
+    holder = {"state": sharding.replicate(state, train.AXIS)}
 
     def step():
         holder["state"], metrics = step_fn(holder["state"], sharded)

@@ -6,7 +6,7 @@
 (launch/device_check.sh wraps it for a GPU machine.) Stages, in this order, each timed on the default device:
 - `env`: versions, devices.
 - `train_cub_{jax,torch}`: the train step of configs/cub.py's recipe, run as the trainer runs it (jit + shard_map,
-  train_state.over_devices; `train_cub_jax_pmap`: the same step under jax.pmap) (ResNet-50, 224 px, bfloat16, batch 120,
+  sharding.over_devices; `train_cub_jax_pmap`: the same step under jax.pmap) (ResNet-50, 224 px, bfloat16, batch 120,
   frozen BatchNorm, AdamW with proxies at 100x, value clipping) on HPL-PA over 100 + 8 proxies, against the
   official Proxy-Anchor training step in PyTorch (torchvision ResNet-50, GAP + GMP head, 512-d linear layer, the
   official loss, AdamW with proxies at 100x, value clipping, BatchNorm frozen, bf16 autocast, channels_last) on the
@@ -146,12 +146,13 @@ def _recipe_config(sizes: Sizes, num_coarse: int, batch: int):
 def jax_train_step(sizes: Sizes, num_classes: int, num_coarse: int, batch: int,
                    wrapper: str = "over_devices") -> Dict[str, Any]:
     """hpl_jax.train.train_step (out of warm-up) on one device's random batch, run as the trainer runs it
-    (`wrapper='over_devices'`: jax.jit of jax.shard_map, train_state.over_devices) or by `jax.pmap`."""
+    (`wrapper='over_devices'`: jax.jit of jax.shard_map, sharding.over_devices) or by `jax.pmap`."""
     from hpl_jax import data
     from hpl_jax import models
-    from hpl_jax import optim
-    from hpl_jax import train
-    from hpl_jax import train_state
+    from hpl_jax.trainer import optim
+    from hpl_jax.trainer import sharding as sharding_lib
+    from hpl_jax.trainer import train
+    from hpl_jax.trainer import train_state
 
     config = _recipe_config(sizes, num_coarse, batch)
     devices = jax.local_devices()[:1]
@@ -173,9 +174,9 @@ def jax_train_step(sizes: Sizes, num_classes: int, num_coarse: int, batch: int,
                                           jax.sharding.PartitionSpec(train.AXIS))
     replicated = jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x)[None], sharding), state)
     if wrapper == "over_devices":
-        mesh = train_state.device_mesh(train.AXIS, devices)
-        step = train_state.over_devices(per_device, mesh, donate_argnums=(0,))
-        device_batch, replicated = train_state.as_global((device_batch, replicated), mesh)
+        mesh = sharding_lib.device_mesh(train.AXIS, devices)
+        step = sharding_lib.over_devices(per_device, mesh, donate_argnums=(0,))
+        device_batch, replicated = sharding_lib.as_global((device_batch, replicated), mesh)
     else:
         step = jax.pmap(per_device, axis_name=train.AXIS, devices=devices, donate_argnums=(0,))
     holder = {"state": replicated}
@@ -285,7 +286,7 @@ def loss_alone(sizes: Sizes) -> Dict[str, Any]:
 
 
 def retrieval(sizes: Sizes) -> Dict[str, Any]:
-    from hpl_jax.metrics import retrieval_metrics
+    from hpl_jax.core.metrics import retrieval_metrics
 
     embeddings, labels, super_labels = retrieval_benchmark.planted_embeddings(
         sizes.test_items, sizes.test_classes, 12, sizes.dim, 2, 12, 2.3, 0)
@@ -327,7 +328,7 @@ def retrieval(sizes: Sizes) -> Dict[str, Any]:
 
 
 def kmeans_refresh(sizes: Sizes) -> Dict[str, Any]:
-    from hpl_jax import kmeans
+    from hpl_jax.core import kmeans
 
     embeddings, labels, _ = retrieval_benchmark.planted_embeddings(
         sizes.test_items, sizes.test_classes, 12, sizes.dim, 2, 12, 2.3, 1)

@@ -11,7 +11,7 @@ every device of every process, and each state leaf nudged by it: the train step'
   leaf count of configs/sop.py), every leaf of 8 floats, so that only the per-leaf cost shows;
 each wrapped two ways, with the state donated and the batch prepared from host-local NumPy at every step, as the
 loop does:
-- pmap: the state replicated over the local devices ([local_devices, ...], train_state.replicate), the batch put
+- pmap: the state replicated over the local devices ([local_devices, ...], sharding.replicate), the batch put
   on the local devices (data.prefetch_to_devices's layout);
 - jit + shard_map: the state a global array replicated over a Mesh of every device, the batch a global array
   made from each process's rows (jax.make_array_from_process_local_data); the same body by axis name.
@@ -63,10 +63,10 @@ def state_trees(jax, np):
     """{'small': 10 leaves, 'resnet50': the leaf structure of configs/sop.py's train state}, leaves f32[8]."""
     import jax.numpy as jnp
     from configs import sop
-    from hpl_jax import hierarchy as hierarchy_lib
     from hpl_jax import models
-    from hpl_jax import optim
-    from hpl_jax.train_state import trainable
+    from hpl_jax.core import hierarchy as hierarchy_lib
+    from hpl_jax.trainer import optim
+    from hpl_jax.trainer.train_state import trainable
 
     config = sop.get_config()
     model = models.create_model(config.model, bn_axis_name=None)
@@ -98,7 +98,7 @@ def measure(args) -> None:
 
     jax.distributed.initialize(f"localhost:{args.port}", args.num_processes, args.process_id)
     from hpl_jax import data
-    from hpl_jax.train_state import replicate
+    from hpl_jax.trainer.sharding import replicate
 
     lead = jax.process_index() == 0
     local_devices = jax.local_device_count()

@@ -39,18 +39,19 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from hpl_jax import checkpointing
 from hpl_jax import data
-from hpl_jax import evaluation
-from hpl_jax import hierarchy as hierarchy_lib
-from hpl_jax import kmeans as kmeans_lib
-from hpl_jax import metrics as metrics_lib
 from hpl_jax import models
-from hpl_jax import optim
-from hpl_jax import reporting
-from hpl_jax import train
 from hpl_jax.benchmarks.retrieval import planted_embeddings
-from hpl_jax.train_state import TrainState, replicate, trainable
+from hpl_jax.core import hierarchy as hierarchy_lib
+from hpl_jax.core import kmeans as kmeans_lib
+from hpl_jax.core import metrics as metrics_lib
+from hpl_jax.trainer import checkpointing
+from hpl_jax.trainer import evaluation
+from hpl_jax.trainer import optim
+from hpl_jax.trainer import reporting
+from hpl_jax.trainer import train
+from hpl_jax.trainer.sharding import replicate
+from hpl_jax.trainer.train_state import TrainState, trainable
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/sop.py", "Config file.", lock_config=True)

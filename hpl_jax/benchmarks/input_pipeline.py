@@ -18,7 +18,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from hpl_jax import input_pipeline
+from hpl_jax.data import input_pipeline
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/cub.py", "A dataset config; its batch size and image size.")

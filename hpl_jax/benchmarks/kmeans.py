@@ -27,8 +27,8 @@ import numpy as np
 import sklearn.cluster
 import sklearn.metrics
 
-from hpl_jax import kmeans as kmeans_lib
 from hpl_jax.benchmarks.retrieval import planted_embeddings
+from hpl_jax.core import kmeans as kmeans_lib
 
 CASES = {  # name: (points, classes of the planted data, k)
     "refresh": (11318, 11318, 512),

@@ -19,8 +19,8 @@ from typing import Callable, Dict, Sequence
 import jax
 import jax.numpy as jnp
 
-from hpl_jax.hierarchy import ProxyHierarchy
-from hpl_jax.losses import hierarchical_proxy_loss, proxy_anchor_loss
+from hpl_jax.core.hierarchy import ProxyHierarchy
+from hpl_jax.core.losses import hierarchical_proxy_loss, proxy_anchor_loss
 
 
 def _parse_args() -> argparse.Namespace:

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hpl_jax.metrics import retrieval_metrics, sharded_retrieval_metrics
+from hpl_jax.core.metrics import retrieval_metrics, sharded_retrieval_metrics
 
 RECALL_AT = (1, 10, 100, 1000)
 FAISS_NAME = "faiss IndexFlatIP"

@@ -23,9 +23,9 @@ from absl import app
 from absl import flags
 
 from configs import sop as sop_config
-from hpl_jax import cli
 from hpl_jax import data
-from hpl_jax import input_pipeline
+from hpl_jax.data import input_pipeline
+from hpl_jax.trainer import cli
 
 # TensorFlow and TFDS come through input_pipeline, the one module that imports them (it hides the accelerators first).
 tfds = input_pipeline.tfds

@@ -18,13 +18,13 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from hpl_jax import config_checks
 from hpl_jax import data
-from hpl_jax import datasets
 from hpl_jax import models
-from hpl_jax import optim
-from hpl_jax import train
-from hpl_jax import train_state
+from hpl_jax.data import datasets
+from hpl_jax.trainer import config_checks
+from hpl_jax.trainer import optim
+from hpl_jax.trainer import train
+from hpl_jax.trainer import train_state
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.", lock_config=True)

@@ -1,7 +1,7 @@
 """The training loop: one run from its config to its last checkpoint, top to bottom.
 
 `train_and_evaluate` checks the config, builds the dataset and the model, creates (or restores) the train
-state, and then, epoch by epoch: train_step on every device (train_state.over_devices) over the batches ->
+state, and then, epoch by epoch: train_step on every device (sharding.over_devices) over the batches ->
 refresh of the coarse groupings -> evaluation -> checkpoint. The pieces other entry points also need (the train
 state, the optimiser, evaluation, reporting, checkpoints) live in modules of their own.
 """
@@ -18,24 +18,26 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from hpl_jax import checkpointing
-from hpl_jax import config_checks
-from hpl_jax import convert_weights
 from hpl_jax import data
-from hpl_jax import datasets
-from hpl_jax import distributed
-from hpl_jax import evaluation
-from hpl_jax import guards
-from hpl_jax import hierarchy as hierarchy_lib
-from hpl_jax import losses
+from hpl_jax import grouping
 from hpl_jax import models
-from hpl_jax import optim
-from hpl_jax import preemption as preemption_lib
-from hpl_jax import pretraining
-from hpl_jax import reporting
-from hpl_jax.train_state import TrainState
-from hpl_jax.train_state import create_train_state, host_copy, replicate, trainable, unreplicate
-from hpl_jax.train_state import as_global, device_mesh, over_devices
+from hpl_jax.core import hierarchy as hierarchy_lib
+from hpl_jax.core import losses
+from hpl_jax.data import datasets
+from hpl_jax.models import convert as convert_weights
+from hpl_jax.trainer import checkpointing
+from hpl_jax.trainer import config_checks
+from hpl_jax.trainer import distributed
+from hpl_jax.trainer import evaluation
+from hpl_jax.trainer import guards
+from hpl_jax.trainer import optim
+from hpl_jax.trainer import preemption as preemption_lib
+from hpl_jax.trainer import pretraining
+from hpl_jax.trainer import reporting
+from hpl_jax.trainer.sharding import as_global, device_mesh, over_devices
+from hpl_jax.trainer.sharding import replicate, unreplicate
+from hpl_jax.trainer.train_state import TrainState
+from hpl_jax.trainer.train_state import create_train_state, host_copy, trainable
 
 AXIS = "batch"  # the device axis of the steps; collectives span every device of every host
 
@@ -51,7 +53,7 @@ def create_base_loss(loss_config) -> Callable:
 # --------------------------------------------------------------------------------------------- steps
 def loss_and_gradients(state: TrainState, batch, *, model, config, labels, groups, in_warmup: bool):
     """L_HPL of one global batch and its gradient on the trainable tree; runs on every device
-    (train_state.over_devices, or pmap).
+    (sharding.over_devices, or pmap).
 
     The loss is computed on the *global* batch (embeddings gathered from every device of every host):
     Proxy-Anchor's per-proxy log-sum-exp and its 1/|P+| depend on the whole batch, so N devices with global
@@ -138,7 +140,7 @@ def refresh_groupings(state: TrainState, config, *, level1_vectors=None,
         return state
     seed = kmeans_seed(state, int(state.step))
     if jax.process_index() == 0:
-        hierarchy, reset = hierarchy_lib.refresh_hierarchy(
+        hierarchy, reset = grouping.refresh_hierarchy(
             jax.device_get(state.hierarchy), seed=seed, policy=policy or config.hpl.coarse_policy,
             level1_vectors=level1_vectors, n_init=config.hpl.kmeans_restarts, coarse_norm=config.hpl.coarse_norm,
             backend=config.hpl.kmeans_backend)
@@ -161,7 +163,7 @@ def observe_hierarchy(reporter: reporting.Reporter, state: TrainState, info: dat
     training classes' true super-classes where the dataset has them, and against the `previous` hierarchy."""
     if state.hierarchy.num_levels == 1:
         return {}
-    values = {f"hierarchy/{name}": value for name, value in hierarchy_lib.hierarchy_metrics(
+    values = {f"hierarchy/{name}": value for name, value in grouping.hierarchy_metrics(
         state.hierarchy, super_labels=info.train_super_labels, previous=previous).items()}
     reporter.refresh(int(state.epoch), int(state.step), values)
     return values
@@ -172,7 +174,7 @@ def refresh_on_host(replicated_state: TrainState, config, reporter, info, *, end
     """The loop's refresh: on the host, identically on every host; at an epoch's end also counts the epoch.
 
     Returns (the replicated new state, its host copy, the hierarchy scalars recorded); replicated over the local
-    devices, or as global arrays over `mesh` where given (train_state.as_global).
+    devices, or as global arrays over `mesh` where given (sharding.as_global).
     """
     state = jax.device_get(unreplicate(replicated_state))
     previous = state.hierarchy

@@ -66,10 +66,9 @@ tf.config.set_visible_devices([], "TPU")
 
 import tensorflow_datasets as tfds  # noqa: E402  (imported after the accelerators are hidden)
 
-from hpl_jax import cars_makes  # noqa: E402
-from hpl_jax import config_checks  # noqa: E402
 from hpl_jax import data  # noqa: E402
-from hpl_jax import inshop  # noqa: E402  (registers the inshop_clothes builder)
+from hpl_jax.data import cars_makes  # noqa: E402
+from hpl_jax.data import inshop  # noqa: E402  (registers the inshop_clothes builder)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 HIERARCHY_FILE = "hierarchy.csv"
@@ -509,7 +508,7 @@ def tfds_splits(name: str, builder: tfds.core.DatasetBuilder, shuffle_buffer: in
     if name == "cars":
         names = list(builder.info.features["label"].names)
         if names != [class_name for class_name, _ in cars_makes.CLASS_MAKES]:
-            raise ValueError("TFDS cars196's class names differ from hpl_jax/cars_makes.py; the make map must be "
+            raise ValueError("TFDS cars196's class names differ from hpl_jax/data/cars_makes.py; the make map must be "
                              "checked again for this TFDS version.")
     features = (benchmark.label_key,) + ((benchmark.super_key,) if benchmark.super_key else ())
     tfds_split_names = list(dict.fromkeys(
@@ -846,7 +845,7 @@ def create_dataset(config, *, local_batch_size: int, local_eval_batch_size: int,
                          f"{tuple(BENCHMARKS) + ('image_folder',)}.")
     val_supers = None
     if data.holds_out_classes(dataset):
-        config_checks.check_held_out_classes(dataset, train.num_classes, name)
+        data.check_held_out_classes(dataset, train.num_classes, name)
         train_classes, val_classes = data.held_out_classes(dataset, train.num_classes)
         if train_supers is not None:
             train_supers, val_supers = train_supers[train_classes], train_supers[val_classes]

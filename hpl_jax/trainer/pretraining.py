@@ -25,8 +25,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import jax
 from etils import epath
 
-from hpl_jax import convert_weights
 from hpl_jax import data
+from hpl_jax.models import convert as convert_weights
 
 EXPORT_DIR = "backbone"
 

@@ -60,7 +60,7 @@ from typing import Dict
 import numpy as np
 from absl import logging
 
-from hpl_jax import synthetic
+from hpl_jax.data import synthetic
 
 NUM_PARTS = 3  # part 0 is the body; the detail disc sits on it
 _RENDER_CHUNK = 512  # images rendered at once (bounds the float32 working set to ~60 MB at 36 x 36)

@@ -11,7 +11,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from hpl_jax import checkpointing
+from hpl_jax.trainer import checkpointing
 
 
 def best_epoch(history: Dict[int, Dict[str, float]], metric: str) -> int:

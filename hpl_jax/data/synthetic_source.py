@@ -28,8 +28,8 @@ import numpy as np
 from absl import logging
 
 from hpl_jax import data
-from hpl_jax import synthetic
-from hpl_jax import synthetic_sop
+from hpl_jax.data import synthetic
+from hpl_jax.data import synthetic_sop
 
 
 def _draw_splits(dataset_config, generator: str, seed: int):

@@ -12,15 +12,17 @@ from typing import Optional, Sequence
 import numpy as np
 
 from hpl_jax import data
-from hpl_jax import hierarchy
+from hpl_jax import errors
+from hpl_jax import grouping
 from hpl_jax import models
-from hpl_jax import pretraining
+from hpl_jax.core import hierarchy
+from hpl_jax.trainer import pretraining
 
 BASE_LOSSES = ("proxy_anchor", "proxy_nca")
 BACKBONES = models.BACKBONES
 DTYPES = tuple(models.DTYPES)
 FIRST_GROUPINGS = ("class_means", "proxies")
-COARSE_POLICIES = hierarchy.REFRESH_POLICIES
+COARSE_POLICIES = grouping.REFRESH_POLICIES
 SAMPLERS = ("random", "class_balanced")
 SUPER_LEVELS = ("sub_family", "super_class")  # of the synthetic_sop dataset
 OPTIMIZERS = ("adamw", "rmsprop")
@@ -29,13 +31,9 @@ CONV_IMPLS = models.CONV_IMPLS
 METRIC_NAMES = ("precision@1", "r_precision", "map@r", "nmi")
 
 
-class ConfigError(ValueError):
-    """A config value a user can fix; the message names the field."""
-
-
-def _require(condition: bool, field: str, problem: str) -> None:
-    if not condition:
-        raise ConfigError(f"config.{field}: {problem}")
+# Re-exported: callers catch config_checks.ConfigError.
+ConfigError = errors.ConfigError
+_require = errors.require
 
 
 def _is_number(value) -> bool:
@@ -213,8 +211,8 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
     _require(hpl.kmeans_restarts >= 1, "hpl.kmeans_restarts", "must be >= 1.")
     _require(hpl.coarse_norm in hierarchy.COARSE_NORMS, "hpl.coarse_norm",
              f"{hpl.coarse_norm!r}; use one of {hierarchy.COARSE_NORMS}.")
-    _require(hpl.kmeans_backend in hierarchy.KMEANS_BACKENDS, "hpl.kmeans_backend",
-             f"{hpl.kmeans_backend!r}; use one of {hierarchy.KMEANS_BACKENDS}.")
+    _require(hpl.kmeans_backend in grouping.KMEANS_BACKENDS, "hpl.kmeans_backend",
+             f"{hpl.kmeans_backend!r}; use one of {grouping.KMEANS_BACKENDS}.")
     _require(hpl.coarse_policy in COARSE_POLICIES, "hpl.coarse_policy",
              f"{hpl.coarse_policy!r}; use one of {COARSE_POLICIES}.")
     if hpl.ground_truth_level1:
@@ -298,22 +296,3 @@ def validate_against_dataset(config, info: data.DatasetInfo) -> None:
                  "super-class(es); a level above the classes needs at least 2 and fewer than the classes.")
     _require(config.batch_size <= info.num_train_examples, "batch_size",
              f"{config.batch_size} exceeds the {info.num_train_examples} training images; lower it.")
-
-
-def check_held_out_classes(dataset_config, num_classes: int, name: str) -> None:
-    """Checks the validation classes `config.dataset` asks for against the C training classes a dataset has
-    before the hold-out (see data.held_out_classes)."""
-    if dataset_config.num_folds:
-        num_folds = dataset_config.num_folds
-        _require(num_classes // num_folds >= 2, "dataset.num_folds",
-                 f"{num_folds} folds of the {num_classes} training classes of {name} leave folds of fewer than 2 "
-                 f"classes (validation retrieval needs 2); use at most {num_classes // 2} folds.")
-    else:
-        check_num_val_classes(dataset_config.num_val_classes, num_classes, name)
-
-
-def check_num_val_classes(num_val_classes: int, num_classes: int, name: str) -> None:
-    """Checks `dataset.num_val_classes` against the C training classes a dataset has before the hold-out."""
-    _require(num_val_classes == 0 or 2 <= num_val_classes <= num_classes - 2, "dataset.num_val_classes",
-             f"{num_val_classes} validation classes out of the {num_classes} training classes of {name}: use 0 "
-             f"(off) or 2..{num_classes - 2} (validation retrieval needs 2 classes, training keeps at least 2).")

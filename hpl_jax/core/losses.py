@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
-from hpl_jax.hierarchy import ProxyHierarchy, lift_labels
+from hpl_jax.core.hierarchy import ProxyHierarchy, lift_labels
 
 # A zero vector (e.g. a padded row) normalises to zero instead of NaN.
 _MIN_SQUARED_NORM = 1e-12

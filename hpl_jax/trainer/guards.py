@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from hpl_jax.train_state import unreplicate
+from hpl_jax.trainer.sharding import unreplicate
 
 
 class NonFiniteError(RuntimeError):

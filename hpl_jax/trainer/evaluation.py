@@ -13,8 +13,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from hpl_jax import data
-from hpl_jax import metrics as metrics_lib
-from hpl_jax.train_state import TrainState, as_global, as_local, over_devices, replicate
+from hpl_jax.core import metrics as metrics_lib
+from hpl_jax.trainer.sharding import as_global, as_local, over_devices, replicate
+from hpl_jax.trainer.train_state import TrainState
 
 
 def embed_step(state: TrainState, batch, *, model, dataset_config):
@@ -29,7 +30,7 @@ def embed_step(state: TrainState, batch, *, model, dataset_config):
 
 def embed_on_devices(model, mesh: jax.sharding.Mesh, dataset_config):
     """`embed_step` on every device of `mesh` as the trainer runs its steps (jit + shard_map,
-    train_state.over_devices), pixels normalised by `dataset_config` (the run's config.dataset): the embedding
+    sharding.over_devices), pixels normalised by `dataset_config` (the run's config.dataset): the embedding
     function `embed_examples` takes, one per entry point and model.
 
     Returns p_embed(state, batch): state as global arrays over `mesh` (`state_on_devices`); batch per local device

@@ -30,7 +30,7 @@ from typing import Dict, Optional, Tuple
 import jax
 from absl import logging
 
-from hpl_jax import checkpointing
+from hpl_jax.trainer import checkpointing
 
 # JAX's heartbeat timeout for ours of `t` seconds: long enough that this watch always decides first.
 JAX_TIMEOUT_FACTOR, JAX_TIMEOUT_EXTRA_S = 2, 60

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from hpl_jax.errors import DataError, require
+
 Batch = Dict[str, np.ndarray]
 
 SYNTHETIC = "synthetic"
@@ -48,10 +50,6 @@ def embedded_draws(dataset_config) -> List[Tuple[str, int]]:
         return [(dataset_config.name, int(dataset_config.seed))]
     return []
 COLOR_ORDERS = ("rgb", "bgr")
-
-
-class DataError(ValueError):
-    """Data a user can fix (missing, unprepared or malformed files); the message says what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,3 +236,22 @@ def prefetch_to_devices(batches: Iterator[Batch], size: int = 2,
         yield queue.popleft()
         for batch in itertools.islice(batches, 1):
             queue.append(put(batch))
+
+
+def check_held_out_classes(dataset_config, num_classes: int, name: str) -> None:
+    """Checks the validation classes `config.dataset` asks for against the C training classes a dataset has
+    before the hold-out (see `held_out_classes`)."""
+    if dataset_config.num_folds:
+        num_folds = dataset_config.num_folds
+        require(num_classes // num_folds >= 2, "dataset.num_folds",
+                 f"{num_folds} folds of the {num_classes} training classes of {name} leave folds of fewer than 2 "
+                 f"classes (validation retrieval needs 2); use at most {num_classes // 2} folds.")
+    else:
+        check_num_val_classes(dataset_config.num_val_classes, num_classes, name)
+
+
+def check_num_val_classes(num_val_classes: int, num_classes: int, name: str) -> None:
+    """Checks `dataset.num_val_classes` against the C training classes a dataset has before the hold-out."""
+    require(num_val_classes == 0 or 2 <= num_val_classes <= num_classes - 2, "dataset.num_val_classes",
+             f"{num_val_classes} validation classes out of the {num_classes} training classes of {name}: use 0 "
+             f"(off) or 2..{num_classes - 2} (validation retrieval needs 2 classes, training keeps at least 2).")

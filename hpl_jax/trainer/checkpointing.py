@@ -6,8 +6,8 @@
   WORKDIR/metrics.json    every evaluation, and the last and best epoch
   WORKDIR/tensorboard/    TensorBoard scalars
 
-`restore_run` gives another command (evaluate, visualize) a run's config, dataset, model and a restored train
-state without the training loop.
+`restore_state` reads a checkpoint into a template of the train state; hpl_jax/trainer/restore.py rebuilds a
+whole run (config, dataset, model, state) for the commands that read one without training.
 
 What a run may rely on: a resume compares the config with config.json first (`check_resumed_config`); what a
 save cut short left is removed (`remove_unfinished_saves`); best/ is made to agree with metrics.json
@@ -16,7 +16,6 @@ save cut short left is removed (`remove_unfinished_saves`); best/ is made to agr
 """
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import json
 import logging as std_logging
@@ -31,11 +30,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from hpl_jax import config_checks
-from hpl_jax import data
-from hpl_jax import datasets
-from hpl_jax import models
-from hpl_jax.train_state import TrainState, create_train_state
+from hpl_jax.errors import ConfigError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
@@ -169,66 +164,13 @@ def checkpoint_location(workdir, which: Union[str, int] = "latest", best_metric:
                    f"{CHECKPOINTS_DIR}/ and {best_steps} in {BEST_DIR}/ (or use 'latest' or 'best').")
 
 
-def restore_state(workdir, template: TrainState, which: Union[str, int] = "latest",
-                  best_metric: Optional[str] = None) -> TrainState:
+def restore_state(workdir, template, which: Union[str, int] = "latest",
+                  best_metric: Optional[str] = None):
     """The train state of checkpoint `which` ('latest', 'best' or a step), as NumPy arrays shaped like `template`."""
     directory, step = checkpoint_location(workdir, which, best_metric)
     return _manager(directory).restore(step, args=ocp.args.StandardRestore(jax.device_get(template)))
 
 
-@dataclasses.dataclass(frozen=True)
-class RestoredRun:
-    """A run rebuilt from its workdir: its saved config, this host's dataset, the model and a restored state.
-
-    state: the train state on the host (NumPy arrays, not replicated); epoch and step say which checkpoint.
-    """
-
-    workdir: epath.Path
-    config: ml_collections.ConfigDict
-    dataset: data.Dataset
-    model: Any
-    state: TrainState
-
-    @property
-    def epoch(self) -> int:
-        return int(self.state.epoch)
-
-    def check_split(self, split: str) -> None:
-        """Stops with a RunError unless `split` is an eval split of the run's dataset ('test' always is)."""
-        info = self.dataset.info
-        if split != "test" and split not in info.num_eval_examples:
-            raise RunError(f"{info.name} (the dataset of {self.workdir}) has no eval split {split!r}; use one of "
-                           f"{('test',) + tuple(s for s in info.num_eval_examples if s != 'test')}.")
-
-
-def restore_run(workdir, which: Union[str, int] = "latest") -> RestoredRun:
-    """Rebuilds the run in `workdir` from WORKDIR/config.json and restores checkpoint `which`.
-
-    The state template is created as the training loop creates it, without pretrained weights (the checkpoint
-    holds them) and with a single k-means restart (the checkpoint holds the groupings).
-    """
-    workdir = workdir_path(str(workdir))
-    config = load_config(workdir)
-    best_metric = None
-    if (workdir / METRICS_FILE).exists():
-        best_metric = load_metrics(workdir).get("selected_on")
-    best_metric = best_metric or config.checkpoint.best_metric or None
-    checkpoint_location(workdir, which, best_metric)  # a missing checkpoint stops before the dataset is built
-    process_count = jax.process_count()
-    if config.eval.batch_size % jax.device_count():
-        raise RunError(f"{workdir / CONFIG_FILE}: eval.batch_size = {config.eval.batch_size} is not a multiple of "
-                       f"the {jax.device_count()} devices here; evaluate on a device count that divides it.")
-    dataset = datasets.get_dataset(config, local_batch_size=max(config.batch_size // process_count, 1),
-                                   local_eval_batch_size=config.eval.batch_size // process_count,
-                                   process_index=jax.process_index(), process_count=process_count)
-    model = models.create_model(config.model)
-    template_config = config.copy_and_resolve_references()
-    template_config.model.pretrained = ""
-    template_config.hpl.kmeans_restarts = 1
-    # create_train_state sizes every level as training did (ground-truth level 1 included).
-    template = create_train_state(jax.random.PRNGKey(config.seed), template_config, model, dataset.info)
-    state = restore_state(workdir, template, which, best_metric)
-    return RestoredRun(workdir=workdir, config=config, dataset=dataset, model=model, state=state)
 # --------------------------------------------------------------------------------------------- the config
 def _fields(tree: Mapping[str, Any], prefix: str = "") -> Iterator[Tuple[str, Any]]:
     for key, value in tree.items():
@@ -257,7 +199,7 @@ def check_resumed_config(saved: Mapping[str, Any], config: ml_collections.Config
     refused = {field: values for field, values in changes.items() if not is_resumable(field)}
     if refused:
         listed = "; ".join(f"config.{field} = {then!r} there, {now!r} now" for field, (then, now) in refused.items())
-        raise config_checks.ConfigError(
+        raise ConfigError(
             f"{path} holds the config this workdir's run started with, and fields that change the train state's "
             f"shape or meaning differ: {listed}. Run with the saved values to resume, or use a new --workdir.")
     for field, (then, now) in changes.items():

@@ -42,9 +42,8 @@ from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import sklearn.metrics
 
-from hpl_jax import kmeans as kmeans_lib
+from hpl_jax.core import kmeans as kmeans_lib
 
 # A count packs four 8-bit counters in a uint32 word and sums each word over groups of 128 items, so no counter
 # passes 128 < 2^8 before the words are unpacked: one reduction counts four thresholds.
@@ -170,7 +169,7 @@ def sharded_retrieval_metrics(
     all hold every embedding).
 
     Args:
-      mesh: a one-axis jax.sharding.Mesh (train_state.device_mesh); the rest as `retrieval_metrics`.
+      mesh: a one-axis jax.sharding.Mesh (sharding.device_mesh); the rest as `retrieval_metrics`.
 
     Returns:
       What `retrieval_metrics` returns.
@@ -770,4 +769,38 @@ def _kmeans_nmi(unit_embeddings: np.ndarray, labels: np.ndarray, seed: int) -> f
     """NMI between the labels and k-means clusters (k = number of classes) of the unit embeddings."""
     num_classes = len(np.unique(labels))
     clusters = kmeans_lib.kmeans(unit_embeddings, num_classes, seed=seed).assignment
-    return float(sklearn.metrics.normalized_mutual_info_score(labels, np.asarray(clusters)))
+    return normalized_mutual_information(labels, np.asarray(clusters))
+
+
+def _entropy(counts: np.ndarray) -> float:
+    """Shannon entropy (nats) of the distribution of `counts` (zeros ignored)."""
+    p = counts[counts > 0] / counts.sum()
+    return float(-np.sum(p * np.log(p)))
+
+
+def normalized_mutual_information(labels, clusters) -> float:
+    """NMI(Y; C) = I(Y; C) / ((H(Y) + H(C)) / 2), in nats: scikit-learn's `normalized_mutual_info_score` with its
+    default arithmetic mean, written here so the core needs NumPy only.
+
+    Args:
+      labels: int[n], the true classes.
+      clusters: int[n], the predicted clusters.
+
+    Returns:
+      A float in [0, 1]; 1 when both give a single group (scikit-learn's convention), 0 when I(Y; C) = 0.
+    """
+    _, labels = np.unique(np.asarray(labels), return_inverse=True)
+    _, clusters = np.unique(np.asarray(clusters), return_inverse=True)
+    num_labels, num_clusters = labels.max(initial=-1) + 1, clusters.max(initial=-1) + 1
+    if num_labels == num_clusters and num_labels <= 1:
+        return 1.0
+    joint = np.zeros((num_labels, num_clusters))
+    np.add.at(joint, (labels, clusters), 1.0)
+    n = joint.sum()
+    rows, columns = joint.sum(axis=1, keepdims=True), joint.sum(axis=0, keepdims=True)
+    nonzero = joint > 0
+    # I(Y; C) = sum_ij p_ij log(p_ij / (p_i p_j)), clipped at 0 against round-off as scikit-learn does.
+    mutual = max(float(np.sum(joint[nonzero] / n * np.log(joint[nonzero] * n / (rows @ columns)[nonzero]))), 0.0)
+    if mutual == 0.0:
+        return 0.0
+    return float(mutual / ((_entropy(rows.ravel()) + _entropy(columns.ravel())) / 2))

@@ -14,7 +14,6 @@ from typing import Iterator
 
 import numpy as np
 
-from hpl_jax import config_checks
 from hpl_jax import data
 
 
@@ -187,7 +186,7 @@ class SyntheticDataset:
         """Moves the training classes `config.dataset` holds out (data.held_out_classes) to a 'val' split."""
         dataset = self._config.dataset
         num_classes = len(super_labels["train"])
-        config_checks.check_held_out_classes(dataset, num_classes, dataset.name)
+        data.check_held_out_classes(dataset, num_classes, dataset.name)
         images, labels, supers = self._images["train"], self._labels["train"], super_labels["train"]
         split = data.held_out_classes(dataset, num_classes)
         for name, classes in zip(("train", "val"), split):

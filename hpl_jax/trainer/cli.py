@@ -11,11 +11,11 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from hpl_jax import checkpointing
-from hpl_jax import config_checks
 from hpl_jax import data
-from hpl_jax import distributed
-from hpl_jax import guards
+from hpl_jax.trainer import checkpointing
+from hpl_jax.trainer import config_checks
+from hpl_jax.trainer import distributed
+from hpl_jax.trainer import guards
 
 FLAGS = flags.FLAGS
 T = TypeVar("T")
@@ -32,7 +32,7 @@ def define_process_flags() -> None:
     flags.DEFINE_integer("heartbeat_timeout_s", 100, "In a multi-process run, a process whose heartbeats stop for "
                          "this many seconds (killed, preempted, its host lost) is taken for dead, and every other "
                          "process stops with one line naming the checkpoint to resume from; a process's own error "
-                         "stops the others at once (see hpl_jax/distributed.py).")
+                         "stops the others at once (see hpl_jax/trainer/distributed.py).")
     flags.register_validator("heartbeat_timeout_s", lambda seconds: seconds >= distributed.MIN_TIMEOUT_S,
                              f"--heartbeat_timeout_s must be at least {distributed.MIN_TIMEOUT_S} (seconds): a "
                              "shorter one could take a compile or a garbage collection for a dead process.")

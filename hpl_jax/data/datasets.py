@@ -7,9 +7,9 @@ dataset.
 from __future__ import annotations
 
 from hpl_jax import data
-from hpl_jax import synthetic
-from hpl_jax import synthetic_sop
-from hpl_jax import synthetic_source
+from hpl_jax.data import synthetic
+from hpl_jax.data import synthetic_sop
+from hpl_jax.data import synthetic_source
 
 
 def get_dataset(config, *, local_batch_size: int, local_eval_batch_size: int,
@@ -23,7 +23,7 @@ def get_dataset(config, *, local_batch_size: int, local_eval_batch_size: int,
             config, local_batch_size=local_batch_size, local_eval_batch_size=local_eval_batch_size,
             process_index=process_index, process_count=process_count)
     if name in data.TFDS_DATASETS:
-        from hpl_jax import input_pipeline  # imports TensorFlow: only when a TFDS dataset is asked for
+        from hpl_jax.data import input_pipeline  # imports TensorFlow: only when a TFDS dataset is asked for
         return input_pipeline.create_dataset(
             config, local_batch_size=local_batch_size, local_eval_batch_size=local_eval_batch_size,
             process_index=process_index, process_count=process_count)

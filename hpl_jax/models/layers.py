@@ -1,0 +1,151 @@
+"""The layers the backbones share: convolutions (and how they are computed), BatchNorm, the width multiplier.
+
+The backbones (resnet.py, bn_inception.py) are written to load PyTorch ImageNet weights without numerical drift: every padding is
+explicit and equal to PyTorch's (never 'SAME', which pads stride-2 layers differently), convolution kernels
+are HWIO views of PyTorch's OIHW tensors, and BatchNorm has PyTorch's epsilon and momentum.
+
+How a convolution is computed is `conv_impl` (config.model.conv_impl); every implementation has the same
+parameters (flax `nn.Conv`'s tree: 'kernel' HWIO, 'bias'), so a checkpoint of one runs on another:
+- 'xla': XLA's convolution op (cuDNN on GPUs, the MXU on TPUs).
+- 'im2col': every convolution as shifted slices of the padded input, concatenated into patches, times the
+  kernel in one matmul (`im2col_conv`).
+- 'auto': 'xla' on GPUs and TPUs; on CPUs `cpu_conv`, which takes im2col only where XLA:CPU's convolution
+  is slow (a feature map smaller than the kernel) and XLA's convolution elsewhere.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+CONV_IMPLS = ("auto", "xla", "im2col")
+
+# PyTorch's BatchNorm2d defaults (eps 1e-5, momentum 0.1); Flax's momentum weighs the old running value.
+# One difference stays: PyTorch's running variance averages the unbiased batch variance, Flax's the biased.
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9
+
+# PyTorch's kaiming_normal_(mode='fan_out', nonlinearity='relu'), the init torchvision gives its convs.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def scaled_channels(channels: int, width: float) -> int:
+    """Channel count of a layer under the width multiplier (at least 1)."""
+    return max(1, int(round(channels * width)))
+
+
+def batch_norm(axis_name: Optional[str], dtype: Any, name: str, momentum: float = BN_MOMENTUM) -> nn.BatchNorm:
+    """BatchNorm with PyTorch's epsilon; batch statistics averaged over the pmap axis `axis_name` if set.
+
+    Whether it normalises with batch or running statistics is chosen per call (`use_running_average`).
+    """
+    return nn.BatchNorm(
+        momentum=momentum,
+        epsilon=BN_EPSILON,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        axis_name=axis_name,
+        name=name,
+    )
+
+
+# Flax's nn.Conv calls its conv function with these layouts (NHWC inputs, HWIO kernels, NHWC outputs).
+NHWC_DIMENSION_NUMBERS = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
+                                                  out_spec=(0, 3, 1, 2))
+
+
+def im2col_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                dimension_numbers=None, feature_group_count: int = 1, precision=None) -> jax.Array:
+    """`lax.conv_general_dilated` as patches + one matmul (im2col), for the convolutions of this module.
+
+    Each of the kh * kw kernel taps reads a strided slice of the zero-padded input; the slices, concatenated
+    along channels in (tap row, tap column, channel) order, are the HWIO kernel's rows. XLA:CPU runs the
+    matmul (and the matmuls of its gradient) at several times the speed of its convolution kernels on small
+    feature maps. The patches hold kh * kw copies of the input, kept for the backward pass.
+
+    Args:
+      lhs: dtype[batch, H, W, C_in].
+      rhs: dtype[kh, kw, C_in, C_out].
+      window_strides: (sh, sw); padding: ((top, bottom), (left, right)), explicit.
+
+    Returns:
+      dtype[batch, (H + top + bottom - kh) // sh + 1, (W + left + right - kw) // sw + 1, C_out].
+    """
+    # Only what the backbones use; anything else is a bug of ours, not a user's setting.
+    assert dimension_numbers == NHWC_DIMENSION_NUMBERS, dimension_numbers
+    assert feature_group_count == 1 and not isinstance(padding, str), (feature_group_count, padding)
+    assert all(d == 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1)))
+    kh, kw, c_in, c_out = rhs.shape
+    (sh, sw), ((top, bottom), (left, right)) = window_strides, padding
+    padded = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    batch, height, width, _ = padded.shape
+    out_h, out_w = (height - kh) // sh + 1, (width - kw) // sw + 1
+    taps = [lax.slice(padded, (0, i, j, 0), (batch, i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, c_in),
+                      (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]
+    patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+    return lax.dot_general(patches, rhs.reshape(kh * kw * c_in, c_out), (((3,), (0,)), ((), ())),
+                           precision=precision)
+
+
+def smaller_than_kernel(lhs_shape, rhs_shape, window_strides, padding) -> bool:
+    """Whether the input or output feature map of a convolution is smaller than its kernel in a dimension.
+
+    That is where XLA:CPU's convolution leaves its fast path: a 3x3 convolution of 2x2 or 1x1 maps (ResNet-18's
+    layer4 at 64 px, layer3 and layer4 at 32 px), or the input gradient of a stride-2 one onto them, ran at
+    0.7-3.5 GFLOP/s on this project's 2-core CPU against 35-100 on maps of 3x3 and up, and im2col at 60-120
+    (issue 25; the step's profile: hpl_jax.benchmarks.cpu_vs_torch).
+    """
+    for axis in range(2):
+        kernel = rhs_shape[axis]
+        size = lhs_shape[1 + axis]
+        out = (size + sum(padding[axis]) - kernel) // window_strides[axis] + 1
+        if min(size, out) < kernel:
+            return True
+    return False
+
+
+def cpu_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, **kwargs) -> jax.Array:
+    """conv_impl 'auto' on a CPU: `im2col_conv` where the feature maps are smaller than the kernel,
+    XLA's convolution elsewhere (faster there: it does not copy the input kh * kw times)."""
+    small = smaller_than_kernel(lhs.shape, rhs.shape, window_strides, padding)
+    return (im2col_conv if small else lax.conv_general_dilated)(lhs, rhs, window_strides, padding, **kwargs)
+
+
+CONV_FUNCTIONS = {"xla": lax.conv_general_dilated, "im2col": im2col_conv, "cpu": cpu_conv}
+
+
+def resolve_conv_impl(conv_impl: str, platform: Optional[str] = None) -> str:
+    """The key of CONV_FUNCTIONS that `conv_impl` means on `platform` (default: JAX's default backend).
+
+    'auto' is 'cpu' on a CPU and 'xla' on anything else (GPU, TPU), where XLA's convolutions are fast.
+    """
+    if conv_impl != "auto":
+        return conv_impl
+    return "cpu" if (platform or jax.default_backend()) == "cpu" else "xla"
+
+
+def conv(features: int, kernel: int, stride: int, padding: int, dtype: Any, name: str,
+         use_bias: bool = False, conv_impl: str = "xla") -> nn.Conv:
+    """A square convolution padded like PyTorch's Conv2d(padding=padding), computed by CONV_FUNCTIONS[conv_impl].
+
+    Always flax's nn.Conv, so its parameters (and checkpoints) are the same under every implementation.
+    """
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=conv_kernel_init,
+        conv_general_dilated=CONV_FUNCTIONS[conv_impl],
+        name=name,
+    )
+
+
