@@ -26,7 +26,7 @@ from hpl_jax.data import input_pipeline
 from hpl_jax.data import inshop
 from hpl_jax.trainer import config_checks
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 

@@ -355,7 +355,7 @@ def test_sharded_metrics_on_four_devices_equal_the_single_device_metrics():
         " chunk_size=32, **options)\n"
         "    t.assert_sharded_equals_single(sharded, single, name)\n"
         "print('compared', len(t.sharded_cases(12)))\n")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
                             timeout=600)

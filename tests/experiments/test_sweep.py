@@ -10,7 +10,7 @@ import pytest
 
 from hpl_jax.experiments import sweep
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Stands in for hpl_jax.main: trains "epochs" by writing metrics.json, resuming from the last one recorded.
 # Behaviour per workdir name: 'stop' stops (exit 0, as on preemption) after one epoch the first time;

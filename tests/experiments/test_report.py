@@ -11,7 +11,7 @@ import pytest
 
 from hpl_jax.experiments import report
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # t quantile 0.975 with 2 degrees of freedom, from a t table.
 T_975_2 = 4.302652729749464
 

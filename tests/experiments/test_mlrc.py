@@ -26,7 +26,7 @@ from hpl_jax.trainer import optim
 from hpl_jax.trainer import reporting
 from hpl_jax.trainer import train
 from hpl_jax.trainer import train_state
-from tests.test_train import REPO, tiny_config
+from tests.trainer.test_train import REPO, tiny_config
 
 
 def test_folds_cut_the_sorted_classes_into_contiguous_blocks():
@@ -59,7 +59,7 @@ def test_the_fold_split_is_what_the_datasets_hold_out():
 def test_an_image_folder_holds_out_a_fold_and_takes_steps_per_epoch(tmp_path):
     from configs import image_folder as image_folder_config
     from hpl_jax.data import input_pipeline
-    from tests.test_input_pipeline import eval_ids, make_image_folder, tiny
+    from tests.data.test_input_pipeline import eval_ids, make_image_folder, tiny
     names = [f"c{i:02d}" for i in range(16)]  # c00-c07 train, c08-c15 test
     owner = make_image_folder(str(tmp_path), names, [2] * 16)
     config = tiny(image_folder_config, **{"dataset.data_dir": str(tmp_path), "dataset.num_folds": 4,

@@ -9,7 +9,7 @@ import pytest
 
 from hpl_jax.benchmarks import device_check
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _torch_importable() -> bool:

@@ -30,8 +30,8 @@ from hpl_jax.trainer import sharding
 from hpl_jax.trainer import train
 from hpl_jax.trainer import train_state
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Subprocess runs compile with XLA's backend optimisation off: about half the compile time (tests/test_multihost.py).
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Subprocess runs compile with XLA's backend optimisation off: about half the compile time (tests/trainer/test_multihost.py).
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 

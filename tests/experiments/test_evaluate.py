@@ -16,10 +16,10 @@ from hpl_jax.trainer import checkpointing
 from hpl_jax.trainer import evaluation
 from hpl_jax.trainer import restore
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-# The tiny model of tests/test_train.py; no warm-up epoch, so one train step is compiled.
+# The tiny model of tests/trainer/test_train.py; no warm-up epoch, so one train step is compiled.
 TINY = ["--config.dataset.image_size=16", "--config.dataset.resize_size=18",
         "--config.dataset.synthetic.num_families=3", "--config.dataset.synthetic.classes_per_family=4",
         "--config.dataset.synthetic.images_per_class=7", "--config.model.width=0.125",

@@ -24,7 +24,7 @@ import pytest
 from hpl_jax.trainer import checkpointing
 from hpl_jax.trainer import preemption
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCH = os.path.join(REPO, "launch")
 STEPS_PER_EPOCH = 5  # 40 training images (4 classes x 10; 2 more held out for validation) // 8
 FLAGS = ["--config=configs/default.py", "--config.dataset.image_size=16", "--config.dataset.resize_size=18",
@@ -144,7 +144,7 @@ def test_two_processes_match_one_process_and_resume_exactly_after_sigterm(tmp_pa
 # others itself); what JAX's coordination service does is what a pod's hosts see.
 HEARTBEAT_TIMEOUT_S = 10
 MARGIN_S = 30  # a heartbeat every timeout/5 s, the checks, and a loaded CPU
-# Fails process 0's save of checkpoints/4 as a full disk does (as tests/test_train.py's FULL_DISK), then runs main.
+# Fails process 0's save of checkpoints/4 as a full disk does (as tests/trainer/test_train.py's FULL_DISK), then runs main.
 FULL_DISK_AT_4 = """
 import errno, orbax.checkpoint as ocp
 from absl import app
