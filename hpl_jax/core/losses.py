@@ -7,7 +7,8 @@ nor any gradient, whatever it holds.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+import functools
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -213,6 +214,26 @@ def proxy_nca_loss(
     # -log softmax, with the log-sum-exp of the denominator in its stable form.
     loss_per_row = jax.nn.logsumexp(logits, axis=1, where=in_denominator) - positive_logit
     return jnp.sum(jnp.where(valid, loss_per_row, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+# The base losses a config may name (config.loss.base), each with the hyperparameters it takes from config.loss.
+BASE_LOSSES: Dict[str, Tuple[Callable[..., jax.Array], Tuple[str, ...]]] = {
+    "proxy_anchor": (proxy_anchor_loss, ("alpha", "delta")),
+    "proxy_nca": (proxy_nca_loss, ("temperature", "exclude_positive")),
+}
+
+
+def get_base_loss(name: str, **hyperparameters) -> Callable[..., jax.Array]:
+    """The base loss `name` of BASE_LOSSES with its hyperparameters bound: `base_loss(embeddings, labels, proxies,
+    mask=None) -> f32[]`, what `hierarchical_proxy_loss` takes.
+
+    Hyperparameters the loss does not take are ignored, so a whole config section can be passed
+    (`get_base_loss(config.loss.base, **config.loss)`); an unknown name raises ValueError.
+    """
+    if name not in BASE_LOSSES:
+        raise ValueError(f"{name!r} is not a base loss; use one of {tuple(BASE_LOSSES)}.")
+    loss_fn, accepted = BASE_LOSSES[name]
+    return functools.partial(loss_fn, **{key: value for key, value in hyperparameters.items() if key in accepted})
 
 
 def hierarchical_proxy_loss(

@@ -16,9 +16,10 @@ from hpl_jax import errors
 from hpl_jax import grouping
 from hpl_jax import models
 from hpl_jax.core import hierarchy
+from hpl_jax.core import losses
 from hpl_jax.trainer import pretraining
 
-BASE_LOSSES = ("proxy_anchor", "proxy_nca")
+BASE_LOSSES = tuple(losses.BASE_LOSSES)
 BACKBONES = models.BACKBONES
 DTYPES = tuple(models.DTYPES)
 FIRST_GROUPINGS = ("class_means", "proxies")

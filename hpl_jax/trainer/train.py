@@ -44,10 +44,8 @@ AXIS = "batch"  # the device axis of the steps; collectives span every device of
 
 # --------------------------------------------------------------------------------------------- the loss
 def create_base_loss(loss_config) -> Callable:
-    if loss_config.base == "proxy_anchor":
-        return functools.partial(losses.proxy_anchor_loss, alpha=loss_config.alpha, delta=loss_config.delta)
-    return functools.partial(losses.proxy_nca_loss, temperature=loss_config.temperature,
-                             exclude_positive=loss_config.exclude_positive)
+    """The base loss `config.loss` names (core.losses.BASE_LOSSES), its hyperparameters bound."""
+    return losses.get_base_loss(loss_config.base, **loss_config)
 
 
 # --------------------------------------------------------------------------------------------- steps
