@@ -1,6 +1,8 @@
 """The embedded default: HPL on Proxy-Anchor, a small ResNet, the procedurally generated dataset.
 
-This file is also the base every dataset config imports and overrides; each field is documented here.
+This file is also the base every dataset config imports and overrides; each field is documented here, and
+checked before anything is compiled or read (hpl_jax/trainer/config_checks.py: one checker per section below, the
+top-level fields first). The seeds must be integers >= 0 and the True/False fields True or False.
 
 Run (no download, CPU is enough):
   python -m hpl_jax.main --config=configs/default.py --workdir=/tmp/hpl_default
@@ -13,8 +15,8 @@ import ml_collections
 
 def get_config():
     config = ml_collections.ConfigDict()
-    # Seed of the training run: parameter init, data order, augmentation, k-means. (The data themselves and the
-    # choice of validation classes follow dataset.seed, so training seeds vary on the same data.)
+    # Seed of the training run (an integer >= 0): parameter init, data order, augmentation, k-means. (The data
+    # themselves and the choice of validation classes follow dataset.seed, so training seeds vary on the same data.)
     config.seed = 0
 
     config.dataset = dataset = ml_collections.ConfigDict()
@@ -22,7 +24,8 @@ def get_config():
     # the pretraining source of configs/pretrain_synthetic.py), 'cub', 'cars', 'sop', 'inshop', 'cifar100',
     # 'image_folder'.
     dataset.name = "synthetic"
-    # Seed of the data: the embedded dataset's images and which training classes are held out for validation.
+    # Seed of the data (an integer >= 0): the embedded dataset's images and which training classes are held out for
+    # validation.
     dataset.seed = 0
     # Class-disjoint validation: this many training classes (drawn with dataset.seed) are held out and evaluated
     # each epoch by the test protocol (keys 'val/...'); the best epoch and best/ checkpoint are then chosen on
@@ -106,9 +109,9 @@ def get_config():
     # How the backbone's convolutions are computed; the parameters and checkpoints are the same under each, so a
     # run may resume or be evaluated under another. 'auto': XLA's convolution op on GPUs and TPUs (cuDNN, the MXU);
     # on CPUs patches + one matmul (im2col) for the convolutions whose feature map is smaller than their kernel,
-    # where XLA:CPU's convolution runs 20-100x below its usual speed, and XLA's op elsewhere (faster than im2col
-    # there). 'xla': XLA's op everywhere. 'im2col': patches + matmul everywhere. Measured: docs/benchmarks.md
-    # (python -m hpl_jax.benchmarks.cpu_vs_torch).
+    # where XLA:CPU's convolution leaves its fast path, and XLA's op elsewhere (faster than im2col there). 'xla':
+    # XLA's op everywhere. 'im2col': patches + matmul everywhere. Measured in docs/benchmarks.md, section "CPU
+    # convolutions" (and python -m hpl_jax.benchmarks.cpu_vs_torch).
     model.conv_impl = "auto"
 
     config.loss = loss = ml_collections.ConfigDict()
@@ -146,9 +149,10 @@ def get_config():
     # Where the groupings' k-means runs, on process 0 only (then broadcast): 'sklearn' (scikit-learn on the host,
     # float64) or 'jax' (hpl_jax.kmeans, jit-compiled, on the default device in float32: k-means++ seeding in
     # rounds, Lloyd, the same empty-cluster repair; its own seeding, so other groupings than 'sklearn' for the
-    # same seed; inertia within 0.02 % of scikit-learn's). At SOP scale one restart took 1.2 s against 79.3 s on a
-    # 2-core CPU, and the devices idle while the host clusters (docs/benchmarks.md), so the real-dataset configs
-    # (configs/imagenet_recipe.py) use 'jax'; the embedded datasets keep 'sklearn', with which their study ran.
+    # same seed; inertia within 0.02 % of scikit-learn's). At SOP scale 'jax' is much the faster even on a CPU, and
+    # the devices idle while the host clusters (one restart of each measured in docs/benchmarks.md, section "The
+    # hierarchy refresh's k-means"), so the real-dataset configs (configs/imagenet_recipe.py) use 'jax'; the
+    # embedded datasets keep 'sklearn', with which their study ran.
     hpl.kmeans_backend = "sklearn"
     # Use the dataset's ground-truth super-classes for level 1 instead of k-means (ablation).
     hpl.ground_truth_level1 = False
@@ -198,16 +202,16 @@ def get_config():
     # K of the Recall@K table.
     eval_config.recall_at = (1, 2, 4, 8)
     # Also compute NMI: hpl_jax.kmeans (on the default device) of the test embeddings into as many clusters as
-    # classes, against the labels. Its cost per evaluation per dataset: docs/benchmarks.md.
+    # classes, against the labels. Its cost per evaluation per dataset: docs/benchmarks.md, section "Evaluation".
     eval_config.nmi = True
     # Also the retrieval metrics at the ground-truth super-class level ('super/...'), where the dataset has
-    # super-classes. They rank each query's first R items on the host, R in the thousands for SOP: about 53 s more
-    # per SOP evaluation on a loaded 2-core CPU (docs/benchmarks.md).
+    # super-classes. They rank each query's first R items on the host, R in the thousands for SOP; what they add to
+    # an SOP evaluation is measured in docs/benchmarks.md, section "Evaluation".
     eval_config.super_metrics = True
     # The costly metrics (eval.nmi, eval.super_metrics) only every this many epochs (and at epoch 0 and the last
-    # epoch); the other evaluations leave them out. Their cost at SOP scale, per evaluation: NMI (k-means of
-    # 60,502 embeddings into 11,316) 105 s and the super-class metrics about 53 s on a 2-core CPU, device work on a
-    # GPU or TPU (docs/benchmarks.md). checkpoint.best_metric 'nmi' needs 1.
+    # epoch); the other evaluations leave them out. Their cost at SOP scale, per evaluation (NMI: k-means of
+    # 60,502 embeddings into 11,316; the super-class metrics), host work on a CPU and device work on a GPU or TPU,
+    # is measured in docs/benchmarks.md, sections "Evaluation" and "On a GPU". checkpoint.best_metric 'nmi' needs 1.
     eval_config.costly_metrics_every_epochs = 1
     # Side of the similarity blocks of self-retrieval, or queries searched at once against the whole gallery
     # (hpl_jax.metrics.retrieval_metrics); memory is a few chunk_size x chunk_size (or x gallery) blocks.

@@ -26,7 +26,8 @@ def get_config():
     config.model.dtype = "bfloat16"
 
     config.hpl.weights = (1.0, 0.1)
-    # k-means of the refreshes on the device: at SOP scale 1.2 s, not 79 s of host work per restart (default.py).
+    # k-means of the refreshes on the device, not on the host (default.py; one SOP-scale restart of each measured in
+    # docs/benchmarks.md, section "The hierarchy refresh's k-means").
     config.hpl.kmeans_backend = "jax"
 
     config.optim.lr = 1e-4

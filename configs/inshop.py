@@ -5,9 +5,9 @@ Data: the TFDS builder `inshop_clothes` of this project (hpl_jax/data/inshop.py)
 Eval/list_eval_partition.txt next to it. Train: 3,997 items (25,882 images); evaluation: the 14,218 query
 images against the 12,612 gallery images of the other 3,985 items, Recall@1,10,20,30,40,50 plus P@1 /
 R-Precision / MAP@R, NMI of the gallery, and the retrieval metrics over the categories (super-classes, `super/`;
-the category in the image path, 'WOMEN/Dresses'). Evaluation cost beyond embedding, measured on planted data of
-about this size on a loaded 2-core CPU (docs/benchmarks.md): retrieval metrics 2.3 s, 3.1 s with the super-class
-metrics; NMI (hpl_jax.kmeans, 12,612 gallery items into 3,985 clusters) 7.4 s. The published
+the category in the image path, 'WOMEN/Dresses'). Evaluation cost beyond embedding (retrieval metrics, with and
+without the super-class metrics; NMI: hpl_jax.kmeans, 12,612 gallery items into 3,985 clusters), on planted data
+of about this size: measured in docs/benchmarks.md, section "Evaluation". The published
 recipe is for BN-Inception at batch 180; with ResNet-50 this config keeps batch 120, lr 6e-4, 1 warm-up epoch,
 BatchNorm in train mode (synchronised over devices), decay 0.25 every 20 epochs.
 
@@ -45,7 +45,7 @@ def get_config():
     config.optim.decay_gamma = 0.25
 
     config.eval.recall_at = (1, 10, 20, 30, 40, 50)
-    # One k-means restart per refresh: over 11,318 proxies one restart took 6.4 s at k = 100 on a 2-core CPU
-    # (measured; 64 s for the default 10), and k in the hundreds costs several times more.
+    # One k-means restart per refresh: a restart costs a full k-means of the proxies, more for k in the hundreds
+    # (measured in docs/benchmarks.md, section "The hierarchy refresh's k-means").
     config.hpl.kmeans_restarts = 1
     return config

@@ -4,12 +4,12 @@ Data: TFDS `stanford_online_products` (Stanford_Online_Products.zip, 3.1 GB, whi
 ftp://cs.stanford.edu/cs/cvgl/; if that fails place the zip in --config.dataset.manual_dir); its train split
 (11,318 products, 59,551 images) trains, its test split (11,316 products, 60,502 images) is the test set,
 self-retrieval, Recall@1,10,100,1000 plus P@1 / R-Precision / MAP@R, NMI, and the same retrieval metrics over the
-12 product types (super-classes, `super/`). Evaluation cost beyond embedding, measured on planted data of this size
-on a loaded 2-core CPU (docs/benchmarks.md): retrieval metrics 17 s, super-class metrics about 53 s more,
-NMI (hpl_jax.kmeans into 11,316 clusters) 105 s (one run); on a GPU the k-means and the similarities run there;
-both only every 5th epoch (eval.costly_metrics_every_epochs), at epoch 0 and at the last. The published recipe is for BN-Inception at batch 180; with
-ResNet-50 this config keeps batch 120, lr 6e-4, 1 warm-up epoch, BatchNorm in train mode (synchronised over
-devices), decay 0.25 every 20 epochs.
+12 product types (super-classes, `super/`). Evaluation cost beyond embedding (retrieval metrics, the super-class
+metrics, NMI: hpl_jax.kmeans into 11,316 clusters), on planted data of this size on a CPU, and on a GPU, where the
+k-means and the similarities run: measured in docs/benchmarks.md, sections "Evaluation" and "On a GPU". The
+super-class metrics and NMI run only every 5th epoch (eval.costly_metrics_every_epochs), at epoch 0 and at the
+last. The published recipe is for BN-Inception at batch 180; with ResNet-50 this config keeps batch 120, lr 6e-4,
+1 warm-up epoch, BatchNorm in train mode (synchronised over devices), decay 0.25 every 20 epochs.
 
 GPU host (all its GPUs, one process):
   python -m hpl_jax.main --config=configs/sop.py --workdir=/tmp/hpl_sop \
@@ -46,7 +46,7 @@ def get_config():
 
     config.eval.recall_at = (1, 10, 100, 1000)
     config.eval.costly_metrics_every_epochs = 5
-    # One k-means restart per refresh (hpl.kmeans_backend 'jax', configs/imagenet_recipe.py): 11,318 proxies into
-    # 512 took 1.2 s on a 2-core CPU (scikit-learn: 79.3 s; docs/benchmarks.md).
+    # One k-means restart per refresh (hpl.kmeans_backend 'jax', configs/imagenet_recipe.py) of the 11,318 proxies
+    # into 512: measured in docs/benchmarks.md, section "The hierarchy refresh's k-means".
     config.hpl.kmeans_restarts = 1
     return config

@@ -4,8 +4,8 @@ Data: `hpl_jax/data/synthetic_sop.py` generates, from dataset.seed, 12 super-cla
 of 2-12 photos each (mean 5, SOP's skew), 36x36 cropped to 32x32: 9,530 photos at data seed 0. Half of each
 sub-family's products train (960 classes, 4,813 photos, of which dataset.num_val_classes = 96 classes are held
 out for validation), the other half are the unseen test classes (960 classes, 4,717 photos); self-retrieval,
-Recall@1,10,100 plus P@1 / R-Precision / MAP@R and NMI (hpl_jax.kmeans into 960 clusters: 0.6 s per evaluation on
-a loaded 2-core CPU, docs/benchmarks.md).
+Recall@1,10,100 plus P@1 / R-Precision / MAP@R and NMI (hpl_jax.kmeans into 960 clusters; its cost per evaluation
+is measured in docs/benchmarks.md, section "Evaluation").
 Ground truth: class -> sub-family -> super-class; `dataset.synthetic_sop.super_level` says which level is each
 class's super-class (default 'sub_family'; see configs/default.py).
 

@@ -1,8 +1,9 @@
 """`python -m hpl_jax.convert_weights`: converts PyTorch ImageNet weights into the format `model.pretrained` loads.
 
-A thin entry point; the code is hpl_jax/models/convert.py.
+A thin entry point: it runs hpl_jax/models/convert.py as the program (`python -m hpl_jax.models.convert`
+is the same command).
 """
-from hpl_jax.models.convert import run
+import runpy
 
 if __name__ == "__main__":
-    run()
+    runpy.run_module("hpl_jax.models.convert", run_name="__main__", alter_sys=True)

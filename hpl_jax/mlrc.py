@@ -1,8 +1,9 @@
 """`python -m hpl_jax.mlrc`: the four cross-validation folds of "A Metric Learning Reality Check".
 
-A thin entry point; the code is hpl_jax/experiments/mlrc.py.
+A thin entry point: it runs hpl_jax/experiments/mlrc.py as the program (`python -m hpl_jax.experiments.mlrc`
+is the same command).
 """
-from hpl_jax.experiments.mlrc import run
+import runpy
 
 if __name__ == "__main__":
-    run()
+    runpy.run_module("hpl_jax.experiments.mlrc", run_name="__main__", alter_sys=True)

@@ -1,8 +1,9 @@
 """`python -m hpl_jax.mlrc_report`: the MLRC protocol's report over the folds of a `hpl_jax.mlrc` run.
 
-A thin entry point; the code is hpl_jax/experiments/mlrc_report.py.
+A thin entry point: it runs hpl_jax/experiments/mlrc_report.py as the program (`python -m hpl_jax.experiments.mlrc_report`
+is the same command).
 """
-from hpl_jax.experiments.mlrc_report import run
+import runpy
 
 if __name__ == "__main__":
-    run()
+    runpy.run_module("hpl_jax.experiments.mlrc_report", run_name="__main__", alter_sys=True)

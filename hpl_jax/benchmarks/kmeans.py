@@ -10,7 +10,8 @@ Three cases, all on the planted data of hpl_jax.benchmarks.retrieval (unit vecto
   class);
 for the NMI cases also the NMI of each clustering against the planted classes.
 Each side gets one restart (n_init=1, scikit-learn's own greedy k-means++ and its default max_iter and tol);
---no_sklearn times ours alone (scikit-learn's seeding grows with n x k: hours for the nmi case on 2 cores).
+--no_sklearn times ours alone (scikit-learn's seeding grows with n x k; what it cost here at the nmi cases:
+docs/benchmarks.md, the hpl_jax.benchmarks.kmeans row).
 Printed per case: wall and CPU seconds of each run (ours: the first run also compiles; its compile time is
 measured apart), Lloyd iterations, and the inertia of each result recomputed in float64 on the host from the
 assignment (so both sides are scored alike), with the ratio ours / scikit-learn.
@@ -42,7 +43,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--case", choices=(*CASES, "all"), default="all")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no_sklearn", action="store_true",
-                        help="time hpl_jax.kmeans alone (scikit-learn took 836 s at the nmi_inshop case on 2 cores)")
+                        help="time hpl_jax.kmeans alone (scikit-learn's times at the nmi cases: docs/benchmarks.md)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 

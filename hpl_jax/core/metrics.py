@@ -108,8 +108,8 @@ def retrieval_metrics(
       super_labels: int[num_classes] or None: super_labels[c] is the super-class of class c, for every class
         value c in `labels` (and `query_labels`). Adds the retrieval metrics at the super-class level under
         keys prefixed `super/`, from the same similarities. Self-retrieval then searches query chunks against
-        the whole gallery instead of symmetric blocks: at SOP test scale on 2 loaded CPU cores 70.7 s against
-        17.3 s without (docs/benchmarks.md).
+        the whole gallery instead of symmetric blocks, at a cost measured in docs/benchmarks.md, section
+        "Evaluation".
       nmi: also cluster the (gallery) embeddings with k-means (hpl_jax.kmeans, on the device), k = number of
         classes, and report the NMI of the clusters against the labels.
       chunk_size: side of the similarity blocks (rounded up to a multiple of 128); with super_labels, classes
@@ -357,7 +357,8 @@ def _counts_at_least(similarities: jax.Array, thresholds: jax.Array, axis: int) 
       similarities: f32[rows, columns], both multiples of 128.
       thresholds: f32[slots, rows] (axis=1: count along each row) or f32[slots, columns] (axis=0: along each
         column); slots a multiple of 4; +inf in an empty slot counts nothing. Slot-major, so that counting
-        along columns reads one slot's thresholds contiguously (items-major took a quarter longer on CPU).
+        along columns reads one slot's thresholds contiguously (items-major was slower on CPU: docs/benchmarks.md,
+        section "Evaluation").
     """
     rows, columns = similarities.shape
     if axis == 1:

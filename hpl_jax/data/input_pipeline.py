@@ -691,7 +691,7 @@ class EpochAhead:
     building the pipeline and filling its shuffle buffer then overlap whatever the host does meanwhile.
 
     Not a daemon thread: a process that ends meanwhile (early stopping, a preemption at an epoch's end) waits for
-    it (seconds) rather than tearing TensorFlow down under it.
+    it (a buffer fill: docs/benchmarks.md, section "The input") rather than tearing TensorFlow down under it.
     """
 
     def __init__(self, epoch: int, make_iterator: Callable[[], Iterator[Dict[str, np.ndarray]]]):
@@ -766,8 +766,8 @@ class TfDataset:
         Each epoch has a pipeline of its own (TFDS takes the file order's seed when the pipeline is built), but
         once this host yields an epoch's last batch, the next epoch's pipeline is built and its shuffle buffer
         filled on a background thread (`EpochAhead`), while the host works at the epoch boundary (refresh,
-        evaluation, checkpoint): the fill (seconds for 16,384 records of ~70 KB, docs/benchmarks.md) is then
-        off the critical path.
+        evaluation, checkpoint): the fill (16,384 records of ~70 KB; measured in docs/benchmarks.md, section "The
+        input") is then off the critical path.
         """
         if not 0 <= start_step <= self._steps_per_epoch:
             raise ValueError(f"start_step={start_step} is outside the epoch's {self._steps_per_epoch} steps.")

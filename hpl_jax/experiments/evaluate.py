@@ -130,11 +130,6 @@ def main(argv):
     cli.exit_on_user_error(run_command, FLAGS.workdir, FLAGS.checkpoint, FLAGS.split, FLAGS.export)
 
 
-def run() -> None:
-    """The command `python -m hpl_jax.evaluate`."""
+if __name__ == "__main__":
     define_flags()
     app.run(main, flags_parser=cli.parse_flags)
-
-
-if __name__ == "__main__":
-    run()

@@ -83,10 +83,5 @@ def main(argv):
     print(f"All {len(folds)} folds finished; the tables: python -m hpl_jax.mlrc_report {FLAGS.workdir}")
 
 
-def run() -> None:
-    """The command `python -m hpl_jax.mlrc`."""
-    app.run(main)
-
-
 if __name__ == "__main__":
-    run()
+    app.run(main)

@@ -233,10 +233,5 @@ def main(argv: Sequence[str]) -> None:
     print(format_markdown(report), end="", flush=True)
 
 
-def run() -> None:
-    """The command `python -m hpl_jax.mlrc_report`."""
-    main(sys.argv)
-
-
 if __name__ == "__main__":
-    run()
+    main(sys.argv)

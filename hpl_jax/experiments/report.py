@@ -405,11 +405,6 @@ def main(argv):
     print("wrote " + ", ".join([written["csv"], written["markdown"], *written["plots"]]))
 
 
-def run() -> None:
-    """The command `python -m hpl_jax.report`."""
+if __name__ == "__main__":
     define_flags()
     app.run(main)
-
-
-if __name__ == "__main__":
-    run()

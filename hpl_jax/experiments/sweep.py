@@ -288,11 +288,6 @@ def main(argv):
         sys.exit(1)
 
 
-def run() -> None:
-    """The command `python -m hpl_jax.sweep`."""
+if __name__ == "__main__":
     define_flags()
     app.run(main)
-
-
-if __name__ == "__main__":
-    run()

@@ -321,11 +321,6 @@ def main(argv):
     print("\n".join(f"wrote {path}" for path in paths))
 
 
-def run() -> None:
-    """The command `python -m hpl_jax.visualize`."""
+if __name__ == "__main__":
     define_flags()
     app.run(main, flags_parser=cli.parse_flags)
-
-
-if __name__ == "__main__":
-    run()

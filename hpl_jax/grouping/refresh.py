@@ -82,8 +82,8 @@ def kmeans_grouping(vectors, num_clusters: int, *, seed: int, n_init: int = KMEA
       vectors: f32[n, d] (jax or NumPy), any norm.
       num_clusters: k, 1 <= k <= n.
       seed: random state of the k-means initialisation.
-      n_init: number of k-means restarts; the one of lowest inertia is kept. Each took about 6 s for
-        11,318 x 512 random Gaussian vectors (SOP's class count) and k = 100 on two shared CPU cores.
+      n_init: number of k-means restarts; the one of lowest inertia is kept. What each costs is measured in
+        docs/benchmarks.md, section "The hierarchy refresh's k-means".
       backend: one of KMEANS_BACKENDS.
 
     Returns:

@@ -298,10 +298,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"input preprocessing these weights expect: {json.dumps(metadata['preprocessing'])}")
 
 
-def run() -> None:
-    """The command `python -m hpl_jax.convert_weights`."""
-    main()
-
-
 if __name__ == "__main__":
-    run()
+    main()

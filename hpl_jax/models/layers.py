@@ -65,7 +65,8 @@ def im2col_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dil
     Each of the kh * kw kernel taps reads a strided slice of the zero-padded input; the slices, concatenated
     along channels in (tap row, tap column, channel) order, are the HWIO kernel's rows. XLA:CPU runs the
     matmul (and the matmuls of its gradient) at several times the speed of its convolution kernels on small
-    feature maps. The patches hold kh * kw copies of the input, kept for the backward pass.
+    feature maps (docs/benchmarks.md, section "CPU convolutions"). The patches hold kh * kw copies of the input,
+    kept for the backward pass.
 
     Args:
       lhs: dtype[batch, H, W, C_in].
@@ -96,9 +97,8 @@ def smaller_than_kernel(lhs_shape, rhs_shape, window_strides, padding) -> bool:
     """Whether the input or output feature map of a convolution is smaller than its kernel in a dimension.
 
     That is where XLA:CPU's convolution leaves its fast path: a 3x3 convolution of 2x2 or 1x1 maps (ResNet-18's
-    layer4 at 64 px, layer3 and layer4 at 32 px), or the input gradient of a stride-2 one onto them, ran at
-    0.7-3.5 GFLOP/s on this project's 2-core CPU against 35-100 on maps of 3x3 and up, and im2col at 60-120
-    (issue 25; the step's profile: hpl_jax.benchmarks.cpu_vs_torch).
+    layer4 at 64 px, layer3 and layer4 at 32 px), or the input gradient of a stride-2 one onto them (issue 25;
+    measured in docs/benchmarks.md, section "CPU convolutions"; the step's profile: hpl_jax.benchmarks.cpu_vs_torch).
     """
     for axis in range(2):
         kernel = rhs_shape[axis]

@@ -1,6 +1,10 @@
 """Checks of every config field, run before any compile or data read.
 
-A bad value stops the run with one `ConfigError` whose message names the field and what to do.
+A bad value stops the run with one `ConfigError` whose message names the field and what to do. `validate_config`
+runs one checker per section of configs/default.py: `check_top_level`, `check_dataset` (and its subsections
+`check_dataset_synthetic`, `check_dataset_synthetic_sop`, `check_dataset_synthetic_source`), `check_model`,
+`check_loss`, `check_hpl`, `check_optim`, `check_eval`, `check_checkpoint`. `validate_against_dataset` holds the
+checks that need the dataset's sizes.
 """
 from __future__ import annotations
 
@@ -69,8 +73,11 @@ TUPLE_FIELDS = {
 }
 
 
-def _check_tuple_elements(config) -> None:
+def _check_tuple_elements(config, section: str) -> None:
+    """The TUPLE_FIELDS of `section` ('dataset', 'hpl', ...): each element of the right type."""
     for field, (is_valid, what, example) in TUPLE_FIELDS.items():
+        if field.rsplit(".", 1)[0] != section:
+            continue
         value = config
         for name in field.split("."):
             value = value[name]
@@ -79,6 +86,14 @@ def _check_tuple_elements(config) -> None:
         if bad:
             raise ConfigError(f"config.{field}: {values!r} holds {bad[0]!r}, which is not {what}; e.g. "
                               f"--config.{field}=\"{example}\".")
+
+
+def _require_bool(value, field: str) -> None:
+    _require(isinstance(value, bool), field, f"{value!r}: True or False.")
+
+
+def _require_seed(value, field: str) -> None:
+    _require(_is_int(value) and value >= 0, field, f"{value!r} must be an integer >= 0.")
 
 
 def unknown_field(error: BaseException, argv: Sequence[str]) -> Optional[str]:
@@ -105,11 +120,47 @@ def _check_regexes(patterns, field: str) -> None:
 
 
 def validate_config(config, *, device_count: int, process_count: int) -> None:
-    """Checks each field on its own and against the device layout; raises ConfigError."""
-    _check_tuple_elements(config)
+    """Checks each field on its own and against the device layout, one section of configs/default.py after the
+    other; raises ConfigError. The top-level fields go first: the sections' checks compare against them."""
+    check_top_level(config, device_count=device_count, process_count=process_count)
+    check_dataset(config)
+    check_dataset_synthetic(config)
+    check_dataset_synthetic_sop(config)
+    check_dataset_synthetic_source(config)
+    check_model(config)
+    check_loss(config)
+    check_hpl(config)
+    check_optim(config)
+    check_eval(config, device_count=device_count)
+    check_checkpoint(config)
+
+
+def check_top_level(config, *, device_count: int, process_count: int) -> None:
+    """config.seed, batch_size, num_epochs, steps_per_epoch, log_every_steps, export_backbone,
+    compilation_cache_dir."""
+    _require_seed(config.seed, "seed")
+    _require(config.num_epochs >= 1, "num_epochs", "must be >= 1.")
+    _require(isinstance(config.steps_per_epoch, int) and config.steps_per_epoch >= 0, "steps_per_epoch",
+             f"{config.steps_per_epoch!r} must be an integer >= 0 (0 = one pass over the training images).")
+    _require(config.batch_size >= device_count and config.batch_size % device_count == 0, "batch_size",
+             f"{config.batch_size} is not divisible by the {device_count} devices; use a multiple of "
+             f"{device_count}.")
+    _require(config.batch_size % process_count == 0, "batch_size",
+             f"{config.batch_size} is not divisible by the {process_count} processes.")
+    _require(config.log_every_steps >= 1, "log_every_steps", "must be >= 1.")
+    _require_bool(config.export_backbone, "export_backbone")
+    cache = config.compilation_cache_dir
+    _require(not cache or cache.startswith("gs://") or not os.path.isfile(cache), "compilation_cache_dir",
+             f"{cache!r} is a file; give a directory (it is created if missing) or '' (off).")
+
+
+def check_dataset(config) -> None:
+    """config.dataset's own fields (its synthetic* subsections have checkers of their own)."""
+    _check_tuple_elements(config, "dataset")
     dataset = config.dataset
     _require(dataset.name in data.DATASETS, "dataset.name",
              f"{dataset.name!r} is unknown; use one of {', '.join(data.DATASETS)}.")
+    _require_seed(dataset.seed, "dataset.seed")
     if dataset.name == "image_folder":
         _require(bool(dataset.data_dir), "dataset.data_dir",
                  "is empty; set it to the image folder root (ROOT/<class>/<images>).")
@@ -126,6 +177,7 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
     _require(0 < low <= high <= 1, "dataset.crop_scale", f"{dataset.crop_scale} must satisfy 0 < min <= max <= 1.")
     low, high = dataset.crop_ratio
     _require(0 < low <= high, "dataset.crop_ratio", f"{dataset.crop_ratio} must satisfy 0 < min <= max.")
+    _require_bool(dataset.horizontal_flip, "dataset.horizontal_flip")
     _require(len(dataset.mean) == 3 and len(dataset.std) == 3 and min(dataset.std) > 0, "dataset.mean/std",
              "need three values each, std > 0.")
     _require(dataset.color_order in ("rgb", "bgr"), "dataset.color_order",
@@ -147,12 +199,20 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
         _require(dataset.num_val_classes == 0, "dataset.num_folds",
                  f"{dataset.num_folds} folds and dataset.num_val_classes = {dataset.num_val_classes} both choose the "
                  "validation classes; set --config.dataset.num_val_classes=0 to validate on a fold (or num_folds=0).")
-    synthetic = dataset.synthetic
+
+
+def check_dataset_synthetic(config) -> None:
+    """config.dataset.synthetic: the embedded default dataset."""
+    synthetic = config.dataset.synthetic
     _require(synthetic.num_families >= 2, "dataset.synthetic.num_families", "must be >= 2.")
     _require(synthetic.classes_per_family >= 2, "dataset.synthetic.classes_per_family",
              "must be >= 2 (half train, half test).")
     _require(synthetic.images_per_class >= 2, "dataset.synthetic.images_per_class", "must be >= 2.")
-    sop = dataset.synthetic_sop
+
+
+def check_dataset_synthetic_sop(config) -> None:
+    """config.dataset.synthetic_sop: the embedded SOP-like dataset."""
+    sop = config.dataset.synthetic_sop
     _require(sop.num_super_classes >= 2, "dataset.synthetic_sop.num_super_classes", "must be >= 2.")
     _require(sop.sub_families_per_super_class >= 1, "dataset.synthetic_sop.sub_families_per_super_class",
              "must be >= 1.")
@@ -165,16 +225,23 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
              "must be > 0 (< 1: fewer large classes, 1: uniform).")
     _require(sop.super_level in SUPER_LEVELS, "dataset.synthetic_sop.super_level",
              f"{sop.super_level!r}; use one of {SUPER_LEVELS}.")
-    source = dataset.synthetic_source
+
+
+def check_dataset_synthetic_source(config) -> None:
+    """config.dataset.synthetic_source: the embedded pretraining source's draws."""
+    source = config.dataset.synthetic_source
     seeds = [*source.sop_seeds, *source.default_seeds]
     _require(all(isinstance(seed, int) and seed >= 0 for seed in seeds), "dataset.synthetic_source",
              f"sop_seeds {tuple(source.sop_seeds)} and default_seeds {tuple(source.default_seeds)} must be integers >= 0.")
     _require(len(set(source.sop_seeds)) == len(source.sop_seeds)
              and len(set(source.default_seeds)) == len(source.default_seeds), "dataset.synthetic_source",
              "lists a seed twice; each draw needs a seed of its own.")
-    if dataset.name == data.SYNTHETIC_SOURCE:
+    if config.dataset.name == data.SYNTHETIC_SOURCE:
         _require(len(seeds) >= 1, "dataset.synthetic_source", "has no draws; list at least one seed.")
 
+
+def check_model(config) -> None:
+    """config.model, and the pretrained weights it names against it and the dataset."""
     model = config.model
     _require(model.backbone in BACKBONES, "model.backbone", f"{model.backbone!r}; use one of {BACKBONES}.")
     _require(model.width > 0, "model.width", f"{model.width} must be > 0.")
@@ -182,17 +249,25 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
     _require(model.dtype in DTYPES, "model.dtype", f"{model.dtype!r}; use one of {DTYPES}.")
     _require(model.pooling in POOLINGS, "model.pooling", f"{model.pooling!r}; use one of {POOLINGS}.")
     _require(model.conv_impl in CONV_IMPLS, "model.conv_impl", f"{model.conv_impl!r}; use one of {CONV_IMPLS}.")
+    _require_bool(model.bn_frozen, "model.bn_frozen")
     problem = pretraining.pretrained_problem(config)
     if problem:
         _require(False, *problem)
-    _require(isinstance(config.export_backbone, bool), "export_backbone", f"{config.export_backbone!r}: True or False.")
 
+
+def check_loss(config) -> None:
+    """config.loss: the base loss (core.losses.BASE_LOSSES) and its settings."""
     loss = config.loss
     _require(loss.base in BASE_LOSSES, "loss.base", f"{loss.base!r}; use one of {BASE_LOSSES}.")
     _require(loss.alpha > 0, "loss.alpha", "must be > 0.")
     _require(loss.delta >= 0, "loss.delta", "must be >= 0.")
     _require(loss.temperature > 0, "loss.temperature", "must be > 0.")
+    _require_bool(loss.exclude_positive, "loss.exclude_positive")
 
+
+def check_hpl(config) -> None:
+    """config.hpl: the levels' weights and sizes, and how the groupings are made and refreshed."""
+    _check_tuple_elements(config, "hpl")
     hpl = config.hpl
     weights = tuple(hpl.weights)
     _require(len(weights) >= 1 and weights[0] > 0 and min(weights) >= 0, "hpl.weights",
@@ -216,10 +291,15 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
              f"{hpl.kmeans_backend!r}; use one of {grouping.KMEANS_BACKENDS}.")
     _require(hpl.coarse_policy in COARSE_POLICIES, "hpl.coarse_policy",
              f"{hpl.coarse_policy!r}; use one of {COARSE_POLICIES}.")
+    _require_bool(hpl.ground_truth_level1, "hpl.ground_truth_level1")
     if hpl.ground_truth_level1:
         _require(len(weights) == 2, "hpl.ground_truth_level1",
                  "the ground-truth hierarchy has one level above the classes; set hpl.weights to two entries.")
 
+
+def check_optim(config) -> None:
+    """config.optim: the optimiser, its schedule and the parameter groups (regexes on parameter paths)."""
+    _check_tuple_elements(config, "optim")
     optim = config.optim
     _require(optim.name in OPTIMIZERS, "optim.name", f"{optim.name!r}; use one of {OPTIMIZERS}.")
     _require(0 <= optim.momentum < 1, "optim.momentum", f"{optim.momentum} must be in [0, 1).")
@@ -234,18 +314,14 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
     _require(0 <= optim.warmup_epochs <= config.num_epochs, "optim.warmup_epochs",
              f"{optim.warmup_epochs} must be >= 0 and at most config.num_epochs ({config.num_epochs}).")
     _require(optim.grad_clip_value >= 0, "optim.grad_clip_value", "must be >= 0 (0 = off).")
+    _require_bool(optim.skip_nonfinite_steps, "optim.skip_nonfinite_steps")
     _require(optim.decay_epochs >= 1, "optim.decay_epochs", "must be >= 1.")
     _require(0 < optim.decay_gamma <= 1, "optim.decay_gamma", "must be in (0, 1].")
 
-    _require(config.num_epochs >= 1, "num_epochs", "must be >= 1.")
-    _require(isinstance(config.steps_per_epoch, int) and config.steps_per_epoch >= 0, "steps_per_epoch",
-             f"{config.steps_per_epoch!r} must be an integer >= 0 (0 = one pass over the training images).")
-    _require(config.batch_size >= device_count and config.batch_size % device_count == 0, "batch_size",
-             f"{config.batch_size} is not divisible by the {device_count} devices; use a multiple of "
-             f"{device_count}.")
-    _require(config.batch_size % process_count == 0, "batch_size",
-             f"{config.batch_size} is not divisible by the {process_count} processes.")
 
+def check_eval(config, *, device_count: int) -> None:
+    """config.eval: cadence, batch, metrics, early stopping (which needs validation classes in config.dataset)."""
+    _check_tuple_elements(config, "eval")
     evaluation = config.eval
     _require(evaluation.every_epochs >= 1, "eval.every_epochs", "must be >= 1.")
     _require(evaluation.batch_size >= device_count and evaluation.batch_size % device_count == 0,
@@ -253,20 +329,27 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
     recall_at = tuple(evaluation.recall_at)
     _require(len(recall_at) >= 1 and all(isinstance(k, int) and k >= 1 for k in recall_at), "eval.recall_at",
              f"{recall_at}: give positive integers.")
+    _require_bool(evaluation.nmi, "eval.nmi")
+    _require_bool(evaluation.super_metrics, "eval.super_metrics")
     _require(evaluation.chunk_size >= 1, "eval.chunk_size", "must be >= 1.")
     _require(_is_int(evaluation.costly_metrics_every_epochs) and evaluation.costly_metrics_every_epochs >= 1,
              "eval.costly_metrics_every_epochs",
              f"{evaluation.costly_metrics_every_epochs!r} must be an integer >= 1 (1 = every evaluation).")
     _require(evaluation.early_stopping_patience >= 0, "eval.early_stopping_patience", "must be >= 0 (0 = off).")
     if evaluation.early_stopping_patience:
-        _require(data.holds_out_classes(dataset), "eval.early_stopping_patience",
+        _require(data.holds_out_classes(config.dataset), "eval.early_stopping_patience",
                  f"{evaluation.early_stopping_patience} epochs: early stopping watches the validation classes, and "
                  "there are none; set dataset.num_folds (with dataset.val_fold) or dataset.num_val_classes, or 0.")
 
+
+def check_checkpoint(config) -> None:
+    """config.checkpoint: how many are kept, how often, and the metric best/ is chosen on (one config.eval
+    computes)."""
     checkpoint = config.checkpoint
+    evaluation = config.eval
     _require(checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1.")
     _require(checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0 = epoch ends only).")
-    valid_metrics = tuple(f"recall@{k}" for k in recall_at) + METRIC_NAMES
+    valid_metrics = tuple(f"recall@{k}" for k in evaluation.recall_at) + METRIC_NAMES
     if checkpoint.best_metric:
         _require(checkpoint.best_metric in valid_metrics, "checkpoint.best_metric",
                  f"{checkpoint.best_metric!r}; use '' or one of {valid_metrics}.")
@@ -275,10 +358,6 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
         _require(checkpoint.best_metric != "nmi" or evaluation.costly_metrics_every_epochs == 1,
                  "checkpoint.best_metric",
                  "'nmi' is chosen on at every evaluation; set config.eval.costly_metrics_every_epochs = 1.")
-    _require(config.log_every_steps >= 1, "log_every_steps", "must be >= 1.")
-    cache = config.compilation_cache_dir
-    _require(not cache or cache.startswith("gs://") or not os.path.isfile(cache), "compilation_cache_dir",
-             f"{cache!r} is a file; give a directory (it is created if missing) or '' (off).")
 
 
 def validate_against_dataset(config, info: data.DatasetInfo) -> None:
