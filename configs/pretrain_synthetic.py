@@ -12,7 +12,7 @@ Run (no download; the last state's backbone goes to WORKDIR/backbone):
   python -m hpl_jax.main --config=configs/pretrain_synthetic.py --workdir=/tmp/hpl_pretrain
 Fine-tune from it with the Proxy-Anchor recipe (frozen BN, a warm-up of the head and the proxies, lr 1e-4, proxies
 at 100x):
-  python -m hpl_jax.main --config=configs/finetune.py:synthetic_sop --workdir=/tmp/hpl_ft_sop \
+  python -m hpl_jax.main --config=configs/finetune_synthetic_sop.py --workdir=/tmp/hpl_ft_sop \
     --config.model.pretrained=/tmp/hpl_pretrain/backbone
 This recipe was fixed before any fine-tuning run was read; wall time and the source's test metrics: docs/study.md,
 "From pretrained features".

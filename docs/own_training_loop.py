@@ -4,7 +4,7 @@ coarse level between epochs, and Recall@1 on unseen classes at the end.
     pip install .                      # or: pip install -r requirements.txt, from a checkout
     python docs/own_training_loop.py   # about half a minute on a 2-core CPU
 
-The data are the embedded default dataset (hpl_jax.synthetic, 40 training and 40 unseen test classes in 8
+The data are the embedded default dataset (hpl_jax.data.synthetic, 40 training and 40 unseen test classes in 8
 families, 32x32 images). Nothing here uses the project's trainer: this is the whole loop.
 """
 import functools

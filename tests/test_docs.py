@@ -1,6 +1,9 @@
-"""Docs that stay true: README.md and docs/*.md link to files that exist, every `python -m hpl_jax.<command>` they
-show names a real module and real flags, every `--config=` path loads with the overrides beside it, the package's
-public API imports without TensorFlow, and the own-loop example runs and learns."""
+"""Docs that stay true: README.md and docs/*.md link to files that exist and name code that exists (docs/equations.md
+points at a definition for every equation), every `python -m hpl_jax.<command>` they, the configs' docstrings and the
+launch scripts show names a real module whose `--help` works and real flags, every `--config=` path loads with the
+overrides beside it, and the own-loop example runs and learns. (The package's shape and `import hpl_jax`:
+tests/test_package.py.)"""
+import ast
 import concurrent.futures
 import functools
 import glob
@@ -15,6 +18,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+# Records of past runs, kept as they were written (module names of their day included).
+RECORDS = sorted(glob.glob(os.path.join(ROOT, "docs", "device_check_h200*.md")))
+# Commands shown outside the pages: the configs' docstrings and the launch scripts.
+SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True)
+                 + glob.glob(os.path.join(ROOT, "launch", "*")))
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"```[a-z]*\n(.*?)```", re.S)
 INLINE_CODE = re.compile(r"`([^`\n]+)`")
@@ -35,12 +43,17 @@ def _command_lines(text):
     return [line for line in lines if line]
 
 
-def _commands(text):
-    """(module, tokens after it) of each `python -m hpl_jax.X ...` shown."""
+def _script_lines(text):
+    """Every line of a config or launch script, continuations joined."""
+    return re.sub(r"\\\n\s*", " ", text).splitlines()
+
+
+def _commands(text, lines=_command_lines):
+    """(module, tokens after it) of each `python -m hpl_jax.X ...` shown (in a script also `"$PYTHON" -m ...`)."""
     found = []
-    for line in _command_lines(text):
-        for match in re.finditer(r"python3? -m (hpl_jax(?:\.[a-z_]+)+)", line):
-            rest = line[match.end():].split("&&")[0].split("|")[0].split(";")[0]
+    for line in lines(text):
+        for match in re.finditer(r'(?:python3?|"\$[^"\s]*") -m (hpl_jax(?:\.[a-z_]+)+)', line):
+            rest = re.split(r"&&|\||;|`|\s#", line[match.end():])[0]
             try:
                 tokens = shlex.split(rest)
             except ValueError:
@@ -49,16 +62,24 @@ def _commands(text):
     return found
 
 
-def _config_uses(text):
-    """(config path, [override field paths]) of every `--config=PATH` shown, with the `--config.x.y=...` beside it."""
+def _config_uses(text, lines=_command_lines):
+    """(config path, [override field paths]) of every `--config=PATH` (or `PATH:ARGUMENT`) shown, with the
+    `--config.x.y=...` beside it."""
     uses = []
-    for line in _command_lines(text):
+    for line in lines(text):
         tokens = line.split()
         for token in tokens:
-            if token.startswith("--config=") and token.endswith(".py"):
+            path = token[len("--config="):].split(":")[0]
+            if token.startswith("--config=") and path.endswith(".py") and "$" not in path:
                 overrides = [t[len("--config."):].split("=")[0] for t in tokens if t.startswith("--config.")]
-                uses.append((token[len("--config="):], overrides))
+                uses.append((path, overrides))
     return uses
+
+
+def _shown(find):
+    """[(file, *found)] of `find(text, lines)` over the pages, the configs' docstrings and the launch scripts."""
+    found = [(page, *item) for page in PAGES for item in find(open(page).read(), _command_lines)]
+    return found + [(script, *item) for script in SCRIPTS for item in find(open(script).read(), _script_lines)]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=_page_id)
@@ -75,36 +96,46 @@ def test_relative_links_resolve(page):
 
 
 @functools.lru_cache(maxsize=None)
-def _known_flags(module):
-    """The flags `python -m module --help` lists (absl and argparse both print them as --name)."""
+def _help(module):
+    """(whether `python -m module --help` printed its usage, the flags it lists, its output's tail). argparse exits 0;
+    absl exits 1 by design after printing the usage, so its usage line and no traceback count there."""
     finished = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
                               env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
-    return frozenset(FLAG.findall(finished.stdout + finished.stderr))
+    printed_usage = finished.returncode == 0 or (
+        finished.returncode == 1 and "Try --helpfull to get a list of all flags." in finished.stdout
+        and "Traceback" not in finished.stderr)
+    return printed_usage, frozenset(FLAG.findall(finished.stdout + finished.stderr)), finished.stderr[-2000:]
 
 
 @pytest.mark.slow
 def test_every_command_shown_names_a_module_and_its_flags():
-    commands = [(page, module, tokens) for page in PAGES for module, tokens in _commands(open(page).read())]
-    assert len(commands) > 20, "README and docs/ show the commands"
+    commands = _shown(_commands)
+    assert len({page for page, _, _ in commands if page in PAGES}) > 5, "README and docs/ show the commands"
+    assert len({page for page, _, _ in commands if page in SCRIPTS}) > 10, "configs/ and launch/ show the commands"
     missing = sorted({module for _, module, _ in commands if importlib.util.find_spec(module) is None})
     assert not missing, f"commands shown for modules that do not exist: {missing}"
     modules = sorted({module for _, module, _ in commands})
+    assert {f"hpl_jax.{name}" for name in ("main", "evaluate", "convert_weights", "sweep", "report", "visualize",
+                                           "mlrc", "mlrc_report")} <= set(modules), "an entry point nobody shows"
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        flags = dict(zip(modules, pool.map(_known_flags, modules)))
+        helps = dict(zip(modules, pool.map(_help, modules)))
+    broken = [f"{module}: {helps[module][2]}" for module in modules if not helps[module][0]]
+    assert not broken, "python -m MODULE --help failed:\n" + "\n".join(broken)
     unknown = []
     for page, module, tokens in commands:
+        flags = helps[module][1]
         for token in tokens:
             if not token.startswith("--") or token.startswith("--config."):
                 continue
             name = token[2:].split("=")[0]
-            if name not in flags[module] and not (name.startswith("no") and name[2:] in flags[module]):
+            if name not in flags and not (name.startswith("no") and name[2:] in flags):
                 unknown.append(f"{_page_id(page)}: {module} {token}")
     assert not unknown, "flags the commands do not define:\n" + "\n".join(unknown)
 
 
 def test_every_config_shown_loads_with_its_overrides():
-    uses = {(path, tuple(overrides)) for page in PAGES for path, overrides in _config_uses(open(page).read())}
-    assert uses, "README shows --config= commands"
+    uses = {(path, tuple(overrides)) for _, path, overrides in _shown(_config_uses)}
+    assert len(uses) > 20, "README, docs/, configs/ and launch/ show --config= commands"
     sys.path.insert(0, ROOT)
     problems = []
     for path, overrides in sorted(uses):
@@ -126,11 +157,127 @@ def test_every_config_shown_loads_with_its_overrides():
     assert not problems, "\n".join(problems)
 
 
-def test_public_api_imports_without_tensorflow():
-    code = ("import sys, hpl_jax; missing = [n for n in hpl_jax.__all__ if not hasattr(hpl_jax, n)]; "
-            "print(missing, 'tensorflow' in sys.modules)")
-    finished = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert finished.stdout.split("\n")[0] == "[] False"
+# --------------------------------------------------------------------------------- code the docs name
+CODE_NAME = re.compile(r"\bhpl_jax(?:[./][A-Za-z_][A-Za-z0-9_]*)+|\btests/[\w/]+\.py")
+POINTER = re.compile(r"^(hpl_jax/[\w/]+\.py)(?::\s*(\w+))?$|^hpl_jax/[\w/]+/$")
+
+
+@functools.lru_cache(maxsize=None)
+def _bindings(path):
+    """{name: the dotted name it was imported from, or None for a definition} at the top level of a module (its
+    `if` and `try` blocks included). A module with a `__getattr__` also binds the strings it holds (its lazy
+    exports: hpl_jax/__init__.py's table)."""
+    tree = ast.parse(open(path).read(), path)
+    names = {}
+
+    def visit(body):
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names[node.name] = None
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names.update({n.id: None for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)})
+            elif isinstance(node, ast.Import):
+                names.update({alias.asname or alias.name.split(".")[0]: alias.name if alias.asname
+                              else alias.name.split(".")[0] for alias in node.names})
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names.update({alias.asname or alias.name: f"{node.module}.{alias.name}" for alias in node.names})
+            elif isinstance(node, (ast.If, ast.Try)):
+                visit(node.body + node.orelse + [n for handler in getattr(node, "handlers", []) for n in handler.body])
+
+    visit(tree.body)
+    if "__getattr__" in names:
+        names.update({node.value: None for node in ast.walk(tree)
+                      if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier()})
+    return names
+
+
+def _module_file(dotted):
+    """The source of module `dotted` (a package's __init__.py), the folder of a namespace package, or None."""
+    base = os.path.join(ROOT, *dotted.split("."))
+    for candidate in (base + ".py", os.path.join(base, "__init__.py"), base):
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def _names_code(dotted):
+    """True if `dotted` (hpl_jax.x.y...) is a module of the package or a name defined or imported in one."""
+    parts = dotted.split(".")
+    for k in range(len(parts), 0, -1):
+        path = _module_file(".".join(parts[:k]))
+        if path:
+            break
+    rest = parts[k:]
+    if not rest:
+        return True
+    if not path.endswith(".py") or rest[0] not in _bindings(path):
+        return False
+    source = _bindings(path)[rest[0]]
+    if source and source.split(".")[0] == "hpl_jax":
+        return _names_code(".".join([source] + rest[1:]))
+    return len(rest) == 1 or source is not None
+
+
+def _defines(path, name):
+    return name in _bindings(os.path.join(ROOT, path))
+
+
+def _pointer_problems(spans, *, pointers_only=False):
+    """What is wrong with the code pointers among inline code spans: `hpl_jax/x.py: name` and `hpl_jax/x.py` point at
+    a file (and a name in it), `hpl_jax/x/` at a folder. `pointers_only` (docs/equations.md's code cells and
+    paragraphs): every span must be a pointer, a bare `name` in the last file pointed at, or a config setting
+    (`field = value`)."""
+    problems, path = [], None
+    for span in spans:
+        pointer = POINTER.match(span)
+        if pointer:
+            path, name = pointer.groups()
+            if not os.path.exists(os.path.join(ROOT, path or span)):
+                problems.append(f"`{span}`: no such file or folder")
+                path = None
+            elif name and not _defines(path, name):
+                problems.append(f"`{span}`: {path} defines no {name}")
+        elif pointers_only and re.fullmatch(r"\w+", span) and path:
+            if not _defines(path, span):
+                problems.append(f"`{span}`: {path} defines no {span}")
+        elif pointers_only and " = " not in span:
+            problems.append(f"`{span}`: not a pointer `hpl_jax/<file>.py: <name>`")
+    return problems
+
+
+def test_equations_point_at_definitions_that_exist():
+    """docs/equations.md: each row's code cell, and each paragraph after the table, holds only pointers, and each
+    names a definition that exists."""
+    text = open(os.path.join(ROOT, "docs", "equations.md")).read()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| METHOD.md")]
+    assert len(rows) > 15, "docs/equations.md maps the equations in a table"
+    problems = []
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split(" | ")]
+        assert len(cells) == 2, row
+        found = _pointer_problems(INLINE_CODE.findall(cells[1]), pointers_only=True)
+        assert INLINE_CODE.findall(cells[1]), f"a row without a pointer: {row}"
+        problems += [f"{cells[0]}: {problem}" for problem in found]
+    for paragraph in re.split(r"\n\s*\n", text.split(rows[-1], 1)[1]):
+        problems += _pointer_problems(INLINE_CODE.findall(paragraph), pointers_only=True)
+    assert not problems, "docs/equations.md:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("page", [page for page in PAGES if page not in RECORDS], ids=_page_id)
+def test_code_the_pages_name_exists(page):
+    """Every `hpl_jax/...` and `tests/...` path and `hpl_jax.x.y` name a page mentions exists; so does each
+    `path.py: name`."""
+    text = open(page).read()
+    problems = []
+    for name in sorted(set(CODE_NAME.findall(text))):
+        if "/" in name:
+            if not os.path.exists(os.path.join(ROOT, name)):
+                problems.append(f"{name}: no such file")
+        elif not _names_code(name):
+            problems.append(f"{name}: no such module or name")
+    problems += _pointer_problems(INLINE_CODE.findall(text))
+    assert not problems, f"{_page_id(page)} names code that does not exist:\n" + "\n".join(problems)
 
 
 @pytest.mark.slow
@@ -141,14 +288,3 @@ def test_own_training_loop_example_learns(capsys):
     untrained, trained = example.main(epochs=3)
     assert trained > untrained + 0.05, (untrained, trained)
     assert "test Recall@1 (unseen classes)" in capsys.readouterr().out
-
-
-def test_the_package_exports_hide_no_submodule():
-    """An export named like a submodule (a function `kmeans` beside the module `hpl_jax.kmeans`) would hand every
-    later `from hpl_jax import <name>` the function instead of the module."""
-    import pkgutil
-
-    import hpl_jax
-
-    submodules = {info.name for info in pkgutil.iter_modules(hpl_jax.__path__)}
-    assert not submodules & set(hpl_jax.__all__)

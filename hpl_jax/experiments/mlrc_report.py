@@ -224,6 +224,9 @@ def write_report(root: str) -> Dict[str, Any]:
 
 
 def main(argv: Sequence[str]) -> None:
+    if len(argv) == 2 and argv[1] in ("-h", "--help", "--helpshort", "--helpfull"):
+        print(__doc__.strip())
+        return
     if len(argv) != 2:
         sys.exit("Usage: python -m hpl_jax.mlrc_report ROOT (the --workdir of `python -m hpl_jax.mlrc run`)")
     try:

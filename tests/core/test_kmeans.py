@@ -1,4 +1,5 @@
-"""Tests of hpl_jax.kmeans against scikit-learn and the invariants of hierarchy.kmeans_grouping."""
+"""Tests of hpl_jax.core.kmeans against scikit-learn, and its empty-cluster repair against the host grouping's
+(hpl_jax.grouping.refresh). kmeans_grouping's own tests, both backends: tests/grouping/test_refresh.py."""
 import numpy as np
 import pytest
 import sklearn.cluster
@@ -78,24 +79,10 @@ def test_repair_moves_the_same_points_as_hierarchy_fill_empty_clusters():
     points = rng.normal(size=(60, 5)).astype(np.float32)
     assignment = rng.integers(0, 4, size=60)  # clusters 4..9 empty
     ours = np.asarray(kmeans_lib._filled_empty_clusters(points, assignment.astype(np.int32), 10))
-    np.testing.assert_array_equal(ours, grouping.refresh._fill_empty_clusters(points.astype(np.float64), assignment, 10))
-
-
-def test_kmeans_grouping_jax_backend_invariants():
-    rng = np.random.default_rng(5)
-    vectors = rng.normal(size=(600, 8))
-    assignment, centres = grouping.kmeans_grouping(vectors, 8, seed=2, n_init=2, backend="jax")
-    again, _ = grouping.kmeans_grouping(vectors, 8, seed=2, n_init=2, backend="jax")
-    assignment = np.asarray(assignment)
-    np.testing.assert_array_equal(assignment, again)
-    assert assignment.dtype == np.int32 and np.all(np.bincount(assignment, minlength=8) >= 1)
-    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    means = np.stack([unit[assignment == j].mean(axis=0) for j in range(8)])
-    np.testing.assert_allclose(centres, means / np.linalg.norm(means, axis=1, keepdims=True), atol=1e-6)
+    theirs = grouping.refresh._fill_empty_clusters(points.astype(np.float64), assignment, 10)
+    np.testing.assert_array_equal(ours, theirs)
 
 
 def test_errors():
     with pytest.raises(ValueError, match="num_clusters = 5"):
         kmeans_lib.kmeans(np.ones((4, 2)), 5, seed=0)
-    with pytest.raises(ValueError, match="backend = 'faiss'"):
-        grouping.kmeans_grouping(np.ones((4, 2)), 2, seed=0, backend="faiss")

@@ -1,4 +1,4 @@
-"""Tests of hpl_jax.metrics against hand-worked cases and a brute-force NumPy ranking.
+"""Tests of hpl_jax.core.metrics against hand-worked cases and a brute-force NumPy ranking.
 
 The brute force (a full sort of every query's similarities, ties broken against the query) is the oracle: it
 is the behaviour of the earlier top-k implementation, which matched it exactly on these cases.
@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from hpl_jax.core.metrics import retrieval_metrics, sharded_retrieval_metrics
+from hpl_jax.core.metrics import normalized_mutual_information, retrieval_metrics, sharded_retrieval_metrics
 
 RETRIEVAL_KEYS = ("precision@1", "r_precision", "map@r", "num_queries", "num_queries_without_positive")
 
@@ -346,7 +346,7 @@ def test_sharded_metrics_equal_the_single_device_metrics(num_devices):
 def test_sharded_metrics_on_four_devices_equal_the_single_device_metrics():
     # Four simulated devices need a process of their own (the device count is fixed at JAX's start).
     code = (
-        "import jax, numpy as np, tests.test_metrics as t\n"
+        "import jax, numpy as np, tests.core.test_metrics as t\n"
         "mesh = jax.sharding.Mesh(np.array(jax.devices()), ('batch',)); assert mesh.size == 4\n"
         "for name, gallery, labels, options in t.sharded_cases(12):\n"
         "    single = t.retrieval_metrics(gallery, labels, recall_at=(1, 2, 4, 100), nmi=True, chunk_size=32,"
@@ -402,6 +402,60 @@ def test_nmi_in_query_mode_clusters_the_gallery():
                                 query_labels=np.zeros(5, dtype=int))
     assert metrics["nmi"] == pytest.approx(numpy_nmi(labels, blobs))
 
+
+def nmi_cases(seed, count):
+    """(labels, clusters) pairs: random labelings of 1-300 items into 1-n groups, their ids scaled and shifted
+    (non-contiguous, negative, large) half of the time."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for _ in range(count):
+        n = int(rng.integers(1, 300))
+        labels = rng.integers(0, rng.integers(1, n + 1), n)
+        clusters = rng.integers(0, rng.integers(1, n + 1), n)
+        if rng.random() < 0.5:
+            labels = labels * int(rng.integers(2, 10_000)) - int(rng.integers(0, 100))
+        cases.append((labels, clusters))
+    return cases
+
+
+_NMI_EDGE_CASES = {
+    "empty": ([], []),
+    "one item": ([3], [8]),
+    "one cluster each": ([4, 4, 4, 4], [1, 1, 1, 1]),
+    "one label, distinct clusters": ([0, 0, 0, 0], [0, 1, 2, 3]),
+    "distinct labels, one cluster": ([0, 1, 2, 3], [5, 5, 5, 5]),
+    "all distinct": ([0, 1, 2, 3, 4], [4, 2, 0, 1, 3]),
+    "permuted ids of the same partition": ([0, 0, 1, 1, 2, 2], [7, 7, 3, 3, 5, 5]),
+    "independent (I = 0 up to round-off)": ([0, 0, 1, 1] * 3, [0, 1, 0, 1] * 3),
+    "non-contiguous and negative ids": ([10, 500, -3, 10, 500, 10**9], [2, 2, 9, 0, 0, 9]),
+    "one group split in two": ([0] * 6 + [1] * 6, [0] * 3 + [1] * 3 + [2] * 6),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_NMI_EDGE_CASES))
+def test_numpy_nmi_equals_sklearn_on_edge_cases(case):
+    from sklearn.metrics import normalized_mutual_info_score
+
+    labels, clusters = (np.asarray(x, np.int64) for x in _NMI_EDGE_CASES[case])
+    ours = normalized_mutual_information(labels, clusters)
+    assert isinstance(ours, float)
+    assert ours == pytest.approx(normalized_mutual_info_score(labels, clusters), abs=1e-12)
+
+
+def test_numpy_nmi_equals_sklearn_on_random_labelings_and_is_invariant_to_renaming():
+    from sklearn.metrics import normalized_mutual_info_score
+
+    rng = np.random.default_rng(8)
+    for i, (labels, clusters) in enumerate(nmi_cases(7, 500)):
+        expected = normalized_mutual_info_score(labels, clusters)
+        assert normalized_mutual_information(labels, clusters) == pytest.approx(expected, abs=1e-12), i
+        assert normalized_mutual_information(clusters, labels) == pytest.approx(expected, abs=1e-12), i
+        # Renaming the clusters (a permutation of their ids, then a shift) changes nothing.
+        ids = np.unique(clusters)
+        renamed = dict(zip(ids.tolist(), (rng.permutation(ids.size) * 3 + 11).tolist()))
+        relabelled = np.array([renamed[c] for c in clusters.tolist()])
+        assert normalized_mutual_information(labels, relabelled) == pytest.approx(expected, abs=1e-12), i
+        assert normalized_mutual_information(labels, -labels) == pytest.approx(1.0), i
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"labels": np.zeros(3, dtype=int)}, "one label per row"),

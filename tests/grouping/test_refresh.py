@@ -1,4 +1,5 @@
-"""Tests of hpl_jax.hierarchy against independent NumPy references (METHOD.md, "The hierarchy")."""
+"""Tests of hpl_jax.grouping (the host-side k-means groupings: init_hierarchy, refresh_hierarchy, the ground-truth
+level 1) against independent NumPy references (METHOD.md, "The hierarchy")."""
 import itertools
 import warnings
 
@@ -7,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import sklearn.cluster
-import sklearn.metrics
 
 from hpl_jax import grouping
 from hpl_jax.core import hierarchy as hier
@@ -74,28 +74,6 @@ def _check_tree(h, sizes):
 
 # --- initialisation -------------------------------------------------------------------------------------
 
-def test_init_proxies_is_untruncated_normal_with_kaiming_fan_out_std():
-    num_proxies, dim = 2000, 512
-    proxies = hier.init_proxies(jax.random.key(3), num_proxies, dim)
-    assert proxies.shape == (num_proxies, dim) and proxies.dtype == jnp.float32
-    proxies = np.asarray(proxies, np.float64)
-    target = np.sqrt(2.0 / num_proxies)
-    # ~1e6 samples: relative standard error of the std is ~7e-4, of the mean ~1e-3 std.
-    assert abs(proxies.std() / target - 1.0) < 5e-3
-    assert abs(proxies.mean()) < 5e-3 * target
-    # An untruncated normal has ~60 of 1e6 samples beyond 4 std; a truncated (2 std) one has none.
-    assert np.abs(proxies).max() > 4.0 * target
-
-
-def test_init_proxies_dtype_and_determinism():
-    a = hier.init_proxies(jax.random.key(0), 7, 5)
-    b = hier.init_proxies(jax.random.key(0), 7, 5)
-    c = hier.init_proxies(jax.random.key(1), 7, 5)
-    assert a.dtype == jnp.float32
-    np.testing.assert_array_equal(a, b)
-    assert not np.allclose(a, c)
-
-
 def test_init_hierarchy_three_levels_from_fine_proxies():
     h = grouping.init_hierarchy(jax.random.key(0), 40, (8, 3), 16, seed=5)
     _check_tree(h, (40, 8, 3))
@@ -127,63 +105,6 @@ def test_init_hierarchy_is_deterministic():
     b = grouping.init_hierarchy(jax.random.key(2), 30, (6, 2), 8, seed=4)
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(x, y)
-
-
-# --- labels and the pytree ------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("coarse_norm", hier.COARSE_NORMS)
-def test_placeholder_hierarchy_is_a_valid_tree_of_the_final_sizes_without_kmeans(monkeypatch, coarse_norm):
-    monkeypatch.setattr(grouping.refresh, "kmeans_grouping", None)  # any k-means call fails
-    h = hier.placeholder_hierarchy(jax.random.key(3), 40, (8, 3), 16, coarse_norm=coarse_norm)
-    assert h.level_sizes == (40, 8, 3)
-    hier.validate_parents(h.parents, h.level_sizes)
-    np.testing.assert_array_equal(h.proxies[0], hier.init_proxies(jax.random.key(3), 40, 16))
-    for level in (1, 2):
-        children = np.asarray(h.proxies[level - 1], np.float64)
-        parents = np.asarray(h.parents[level - 1])
-        unit = children / np.linalg.norm(children, axis=1, keepdims=True)
-        for group in range(h.level_sizes[level]):
-            members = parents == group
-            direction = unit[members].mean(axis=0)
-            norm = np.linalg.norm(children[members], axis=1).mean() if coarse_norm == "children_mean" else 1.0
-            np.testing.assert_allclose(h.proxies[level][group], norm * direction / np.linalg.norm(direction),
-                                       rtol=1e-5, atol=1e-6)
-
-
-def test_lift_labels_three_levels_matches_hand_loop():
-    h = _random_hierarchy(0, (20, 6, 3, 2), 4)
-    labels = np.random.default_rng(1).integers(0, 20, 64)
-    lifted = hier.lift_labels(jnp.asarray(labels, jnp.int32), h.parents)
-    assert len(lifted) == 4
-    maps = [np.asarray(p) for p in h.parents]
-    for i, y in enumerate(labels):
-        expected = [int(y)]
-        for parent_map in maps:
-            expected.append(int(parent_map[expected[-1]]))
-        assert [int(level[i]) for level in lifted] == expected
-
-
-def test_hierarchy_is_a_pytree_usable_under_jit():
-    h = _random_hierarchy(3, (12, 4, 2), 5)
-    assert len(jax.tree_util.tree_leaves(h)) == 5
-
-    @jax.jit
-    def score(hierarchy, labels):
-        lifted = hier.lift_labels(labels, hierarchy.parents)
-        total = sum(jnp.sum(p[y]) for p, y in zip(hierarchy.proxies, lifted))
-        return total, hier.group_sizes(hierarchy)
-
-    labels = np.array([0, 5, 11, 3], np.int32)
-    total, sizes = score(h, jnp.asarray(labels))
-    maps = [np.asarray(p) for p in h.parents]
-    y1 = maps[0][labels]
-    y2 = maps[1][y1]
-    expected = sum(np.asarray(p, np.float64)[y].sum() for p, y in zip(h.proxies, (labels, y1, y2)))
-    np.testing.assert_allclose(total, expected, rtol=1e-5)
-    np.testing.assert_array_equal(sizes[0], np.bincount(maps[0], minlength=4))
-    np.testing.assert_array_equal(sizes[1], np.bincount(maps[1], minlength=2))
-    doubled = jax.tree_util.tree_map(lambda x: x * 2, h)
-    assert isinstance(doubled, hier.ProxyHierarchy)
 
 
 # --- k-means grouping -----------------------------------------------------------------------------------
@@ -238,6 +159,17 @@ def test_kmeans_fills_clusters_sklearn_leaves_empty():
     np.testing.assert_allclose(centres, _normalised_group_means(vectors, assignment, 5), atol=1e-6)
     # The two distinct points keep clusters of their own.
     assert np.sum(assignment == assignment[7]) == 1 and np.sum(assignment == assignment[13]) == 1
+
+
+def test_kmeans_grouping_jax_backend_invariants():
+    rng = np.random.default_rng(5)
+    vectors = rng.normal(size=(600, 8))
+    assignment, centres = grouping.kmeans_grouping(vectors, 8, seed=2, n_init=2, backend="jax")
+    again, _ = grouping.kmeans_grouping(vectors, 8, seed=2, n_init=2, backend="jax")
+    assignment = np.asarray(assignment)
+    np.testing.assert_array_equal(assignment, again)
+    assert assignment.dtype == np.int32 and np.all(np.bincount(assignment, minlength=8) >= 1)
+    np.testing.assert_allclose(centres, _normalised_group_means(vectors, assignment, 8), atol=1e-6)
 
 
 # --- refresh --------------------------------------------------------------------------------------------
@@ -343,7 +275,7 @@ def test_refresh_rematch_relabels_to_the_closest_existing_proxies():
     np.testing.assert_array_equal(refreshed.parents[0], expected)
 
 
-# --- ground-truth super-classes and class means ---------------------------------------------------------
+# --- ground-truth super-classes -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", grouping.KMEANS_BACKENDS)
 def test_hierarchy_from_super_labels(backend):
@@ -370,17 +302,6 @@ def test_hierarchy_from_super_labels_renumbers_the_super_classes_present():
     np.testing.assert_array_equal(h.parents[0], [2, 0, 0, 2, 1, 0])
 
 
-def test_class_means_matches_numpy_loop():
-    rng = np.random.default_rng(11)
-    embeddings = rng.normal(size=(50, 7)).astype(np.float32)
-    labels = np.concatenate([np.arange(5), rng.integers(0, 5, 45)]).astype(np.int32)
-    means = hier.class_means(jnp.asarray(embeddings), labels, 5)
-    normalised = _normalise(embeddings)
-    expected = np.stack([normalised[labels == c].mean(axis=0) for c in range(5)])
-    assert means.dtype == jnp.float32 and means.shape == (5, 7)
-    np.testing.assert_allclose(means, expected, atol=1e-6)
-
-
 # --- errors ---------------------------------------------------------------------------------------------
 
 _KEY = jax.random.key(0)
@@ -402,6 +323,9 @@ _ERROR_CASES = {
     "kmeans too many clusters": (
         lambda: grouping.kmeans_grouping(np.ones((4, 2)), 5, seed=0),
         r"num_clusters = 5 .* 4 vectors"),
+    "kmeans backend": (
+        lambda: grouping.kmeans_grouping(np.ones((4, 2)), 2, seed=0, backend="faiss"),
+        r"backend = 'faiss'"),
     "refresh policy": (
         lambda: grouping.refresh_hierarchy(_GOOD, seed=0, policy="keep"),
         r"policy = 'keep'.*'reset', 'rematch'"),
@@ -423,29 +347,8 @@ _ERROR_CASES = {
         r"super-classes among the classes \(K_1\) = 4 must be smaller than the 4 classes of level 0"),
     "num_coarse_above too large": (
         lambda: grouping.hierarchy_from_super_labels(np.ones((6, 3)), np.array([0, 1, 2, 3, 0, 1]),
-                                                 num_coarse_above=(4,)),
+                                                     num_coarse_above=(4,)),
         r"num_coarse_above\[0\] \(K_2\) = 4 must be smaller than the 4 proxies of level 1"),
-    "class without example": (
-        lambda: hier.class_means(np.ones((3, 2)), np.array([0, 2, 2]), 4),
-        r"classes 1, 3 \(2 in all\) have no example"),
-    "label out of range": (
-        lambda: hier.class_means(np.ones((3, 2)), np.array([0, 5, 1]), 4),
-        r"labels\[1\] = 5 is outside the 4 classes"),
-    "parents count": (
-        lambda: hier.validate_parents((np.zeros(5, np.int32),), (5, 2, 1)),
-        r"parents holds 1 maps but 3 levels need 2"),
-    "parents length": (
-        lambda: hier.validate_parents((np.array([0, 1, 0]), np.array([0, 0, 0])), (3, 2, 1)),
-        r"parents\[1\] \(a\^2, level 1 -> level 2\) has shape \(3,\); it needs shape \(2,\).*level 1"),
-    "parents out of range": (
-        lambda: hier.validate_parents((np.array([0, 1, 5, 1]),), (4, 2)),
-        r"maps proxy 2 of level 0 to 5, out of range for the 2 proxies of level 1"),
-    "parents childless": (
-        lambda: hier.validate_parents((np.array([0, 1, 0]), np.array([0, 0])), (3, 2, 2)),
-        r"parents\[1\] \(a\^2, level 1 -> level 2\) leaves proxy 1 of level 2 without children"),
-    "parents float": (
-        lambda: hier.validate_parents((np.array([0.0, 1.0]),), (2, 2)),
-        r"parents\[0\].*dtype float64"),
 }
 
 
@@ -454,28 +357,3 @@ def test_user_errors_raise_value_error_naming_the_level(case):
     call, message = _ERROR_CASES[case]
     with pytest.raises(ValueError, match=message):
         call()
-
-
-# --- what a grouping means --------------------------------------------------------------------------------
-
-def test_hierarchy_metrics_against_super_classes_and_the_previous_grouping():
-    rng = np.random.default_rng(12)
-    fine = rng.normal(size=(8, 5)).astype(np.float32)
-    truth = np.array([0, 0, 0, 0, 1, 1, 1, 1])
-    exact = grouping.hierarchy_from_super_labels(fine, truth)
-    values = grouping.hierarchy_metrics(exact, super_labels=truth + 7)
-    for name in ("level_1_nmi", "level_1_ari", "level_1_purity", "level_1_purity_min", "level_1_child_cosine_min"):
-        assert values[name] == pytest.approx(1.0), name
-    assert values["level_1_group_size_min"] == values["level_1_group_size_max"] == 4
-    np.testing.assert_allclose(values["level_1_norm_mean"], np.mean(np.linalg.norm(exact.proxies[1], axis=1)))
-
-    # Groups {0,1,2,4} and {3,5,6,7}: purities 3/4 and 3/4; contingency [[3, 1], [1, 3]].
-    mixed = exact.replace(parents=(jnp.asarray([0, 0, 0, 1, 0, 1, 1, 1], jnp.int32),))
-    values = grouping.hierarchy_metrics(mixed, super_labels=truth, previous=exact)
-    assert values["level_1_purity"] == pytest.approx(0.75) and values["level_1_purity_min"] == pytest.approx(0.75)
-    assert values["level_1_ari"] == pytest.approx(sklearn.metrics.adjusted_rand_score(truth, mixed.parents[0]))
-    assert values["level_1_nmi"] < 1.0
-    assert values["level_1_stability_ari"] == pytest.approx(values["level_1_ari"])
-    assert values["level_1_child_cosine_before_min"] == pytest.approx(1.0)
-    assert values["level_1_child_cosine_min"] < 1.0  # the proxies no longer sit on the new groups' centres
-    assert "level_1_nmi" not in grouping.hierarchy_metrics(mixed)
