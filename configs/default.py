@@ -88,16 +88,21 @@ def get_config():
     synthetic_source.default_seeds = (1000, 1001, 1002, 1003, 1004, 1005)  # draws of the default generator
 
     config.model = model = ml_collections.ConfigDict()
-    # 'resnet18', 'resnet34', 'resnet50' (torchvision v1.5 layout).
+    # 'resnet18', 'resnet34', 'resnet50' (torchvision v1.5 layout), 'bn_inception', or the Vision Transformers
+    # 'vit_tiny', 'vit_small', 'vit_base' (timm's vit_{tiny,small,base}_patch16_224 shapes; configs/vit_recipe.py).
     model.backbone = "resnet18"
-    # Channel multiplier of the backbone (1.0 = the published widths); small values for CPU runs.
+    # Channel multiplier of the backbone (1.0 = the published widths); small values for CPU runs. A ViT's scales its
+    # token channels and MLP and keeps its heads (3, 6, 12), whose count the scaled channels must divide.
     model.width = 0.25
     # d, the embedding dimension (512 in the benchmarks).
     model.embedding_dim = 64
     # Pooling of the backbone's feature map: 'avg_max' (average + max, summed: the official Proxy-Anchor code) or
-    # 'avg' (global average pooling: the BN-Inception trunk of "A Metric Learning Reality Check").
+    # 'avg' (global average pooling: the BN-Inception trunk of "A Metric Learning Reality Check"). A ViT pools its
+    # tokens after the final LayerNorm: 'token' (the class token: timm's default, as HIER and Hyp-ViT use it) or
+    # 'avg' (the mean of the patch tokens: HIER's --pool avg).
     model.pooling = "avg_max"
-    # True: BatchNorm uses fixed running statistics (CUB, Cars); False: train mode, synchronised over devices.
+    # True: BatchNorm uses fixed running statistics (CUB, Cars); False: train mode, synchronised over devices. (A ViT
+    # has no BatchNorm.)
     model.bn_frozen = False
     # Compute dtype of the backbone ('float32' or 'bfloat16'); parameters stay float32.
     model.dtype = "float32"
@@ -111,8 +116,15 @@ def get_config():
     # on CPUs patches + one matmul (im2col) for the convolutions whose feature map is smaller than their kernel,
     # where XLA:CPU's convolution leaves its fast path, and XLA's op elsewhere (faster than im2col there). 'xla':
     # XLA's op everywhere. 'im2col': patches + matmul everywhere. Measured in docs/benchmarks.md, section "CPU
-    # convolutions" (and python -m hpl_jax.benchmarks.cpu_vs_torch).
+    # convolutions" (and python -m hpl_jax.benchmarks.cpu_vs_torch). A ViT's one convolution, the patch projection,
+    # is always computed as patches times the kernel (one matmul).
     model.conv_impl = "auto"
+    # Side in pixels of a ViT's square patches: 16 for the published ViT-*/16, 14 for DINOv2-style weights, small
+    # values (e.g. 4) for CPU-sized images; converted weights must have it. The image is cut into
+    # dataset.image_size // patch_size patches a side (the remaining pixels left out, as timm's strided convolution
+    # does), the grid the position embeddings are learned for (weights learned for another grid are resampled as
+    # timm resamples them). Unused by the CNNs.
+    model.patch_size = 16
 
     config.loss = loss = ml_collections.ConfigDict()
     # Base proxy loss applied at every level: 'proxy_anchor' or 'proxy_nca'.

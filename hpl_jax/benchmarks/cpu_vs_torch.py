@@ -87,8 +87,7 @@ def jax_side(config, batch) -> Callable[[], None]:
     model = models.create_model(config.model, bn_axis_name=train.AXIS)
     state = train_state.create_train_state(jax.random.PRNGKey(0), config, model, info)
     labels, groups = optim.parameter_groups(train_state.trainable(state.params, state.hierarchy), config.optim)
-    step_fn = jax.pmap(functools.partial(train.train_step, model=model, config=config, labels=labels,
-                                         groups=groups, in_warmup=False),
+    step_fn = jax.pmap(train.create_train_step(config, model, labels, groups, in_warmup=False),
                        axis_name=train.AXIS, donate_argnums=(0,))
     sharded = data.shard_for_devices(batch, jax.local_device_count())
     holder = {"state": sharding.replicate(state, train.AXIS)}
@@ -280,7 +279,7 @@ def profile(config, batch, step_ms: float) -> None:
     grads = jax.tree_util.tree_map(lambda leaf: jnp.full_like(leaf, 1e-3), tree)
 
     def optimiser_step(grads, opt_state, tree):
-        updates, opt_state = optimizer.update(grads, opt_state, tree)
+        updates, opt_state = optimizer.update(grads, opt_state, tree, in_warmup=False)
         return optax.apply_updates(tree, updates), opt_state
 
     totals["optimiser (AdamW update + apply)"] = median_ms(jax.jit(optimiser_step), grads, state.opt_state, tree)

@@ -162,8 +162,7 @@ def jax_train_step(sizes: Sizes, num_classes: int, num_coarse: int, batch: int,
     model = models.create_model(config.model, bn_axis_name=None if config.model.bn_frozen else train.AXIS)
     state = train_state.create_train_state(jax.random.PRNGKey(0), config, model, info)
     labels, groups = optim.parameter_groups(train_state.trainable(state.params, state.hierarchy), config.optim)
-    per_device = functools.partial(train.train_step, model=model, config=config, labels=labels, groups=groups,
-                                   in_warmup=False)
+    per_device = train.create_train_step(config, model, labels, groups, in_warmup=False)
     rng = np.random.default_rng(0)
     # u8 pixels, as the trainer's batches carry them (the step normalises them on the device).
     host_batch = {"image": rng.integers(0, 256, (batch, sizes.image_size, sizes.image_size, 3), dtype=np.uint8),

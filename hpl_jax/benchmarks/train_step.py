@@ -4,11 +4,12 @@
   python -m hpl_jax.benchmarks.train_step --config=configs/cub.py --config.dataset.name=synthetic \
       --steps=20   # ResNet-50 at 224x224 on a GPU host without the dataset: synthetic images
 
-Prints images/s of the pmapped train step (compile excluded), the time per step spent producing the host
-batch (data), in the step itself (device), and in the host-side k-means refresh of the coarse groupings.
-The synthetic dataset is generated at the config's image size, so any backbone/size can be timed without data.
+Prints images/s of the pmapped train step (compile excluded) after the warm-up and, where the config has one
+(`optim.warmup_epochs` > 0), of the warm-up's step (train.create_train_step); the time per step spent producing
+the host batch (data), in the step itself (device), and in the host-side k-means refresh of the coarse
+groupings. The synthetic dataset is generated at the config's image size, so any
+backbone/size can be timed without data.
 """
-import functools
 import time
 
 import flax.jax_utils
@@ -47,9 +48,6 @@ def main(argv):
     model = models.create_model(config.model, bn_axis_name=None if config.model.bn_frozen else train.AXIS)
     state = train_state.create_train_state(jax.random.PRNGKey(config.seed), config, model, dataset.info)
     labels, groups = optim.parameter_groups(train_state.trainable(state.params, state.hierarchy), config.optim)
-    step_fn = jax.pmap(functools.partial(train.train_step, model=model, config=config, labels=labels,
-                                         groups=groups, in_warmup=False), axis_name=train.AXIS,
-                       donate_argnums=(0,))
 
     host_state = jax.device_get(state)
     train.refresh_groupings(host_state, config)  # the first call also pays for imports and thread pools
@@ -57,26 +55,30 @@ def main(argv):
     train.refresh_groupings(host_state, config)
     refresh_seconds = time.perf_counter() - start
 
-    batches = dataset.train_batches(0)
-    replicated = flax.jax_utils.replicate(state)
-    data_seconds, step_seconds = [], []
-    for step in range(FLAGS.steps + 2):
-        start = time.perf_counter()
-        batch = next(batches)
-        data_seconds.append(time.perf_counter() - start)
-        sharded = data.shard_for_devices(batch, jax.local_device_count())
-        start = time.perf_counter()
-        replicated, step_metrics = step_fn(replicated, sharded)
-        jax.block_until_ready(step_metrics)
-        step_seconds.append(time.perf_counter() - start)
-    data_seconds, step_seconds = np.array(data_seconds[2:]), np.array(step_seconds[2:])
-    per_step = np.median(step_seconds)
     print(f"backbone {config.model.backbone} width {config.model.width} dtype {config.model.dtype}, "
           f"image {config.dataset.image_size}px, global batch {config.batch_size} on {jax.device_count()} "
           f"{jax.devices()[0].platform} device(s), {dataset.info.num_train_classes} classes, "
           f"levels {len(config.hpl.weights)}")
-    print(f"train step: {per_step * 1e3:.1f} ms median over {FLAGS.steps} steps -> "
-          f"{config.batch_size / per_step:.1f} images/s (compile excluded)")
+    data_seconds = []
+    for in_warmup in (True, False) if config.optim.warmup_epochs else (False,):
+        step_fn = jax.pmap(train.create_train_step(config, model, labels, groups, in_warmup=in_warmup),
+                           axis_name=train.AXIS, donate_argnums=(0,))
+        batches = dataset.train_batches(0)
+        replicated = flax.jax_utils.replicate(state)
+        step_seconds = []
+        for step in range(FLAGS.steps + 2):
+            start = time.perf_counter()
+            batch = next(batches)
+            data_seconds.append(time.perf_counter() - start)
+            sharded = data.shard_for_devices(batch, jax.local_device_count())
+            start = time.perf_counter()
+            replicated, step_metrics = step_fn(replicated, sharded)
+            jax.block_until_ready(step_metrics)
+            step_seconds.append(time.perf_counter() - start)
+        per_step = np.median(step_seconds[2:])
+        phase = "warm-up" if in_warmup else "after warm-up"
+        print(f"train step ({phase}): {per_step * 1e3:.1f} ms median over {FLAGS.steps} steps -> "
+              f"{config.batch_size / per_step:.1f} images/s (compile excluded)")
     print(f"host data:  {np.median(data_seconds) * 1e3:.1f} ms per batch (synchronous here; the trainer "
           "prefetches it while the device runs)")
     print(f"host k-means refresh: {refresh_seconds:.2f} s per refresh "

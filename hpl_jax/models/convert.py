@@ -1,22 +1,32 @@
-"""ImageNet-pretrained PyTorch weights -> the Flax backbone of `models.Embedder` (issue 6).
+"""ImageNet-pretrained PyTorch weights -> the Flax backbone of `models.Embedder` (issues 6 and 32).
 
   python -m hpl_jax.convert_weights --arch resnet50 --input resnet50-11ad3fa6.pth --output weights/resnet50
+  python -m hpl_jax.convert_weights --arch vit_small --input model.safetensors --preprocessing inception \
+      --output weights/vit_small_augreg
 
 reads a state dict in torchvision's ResNet layout (ResNet-18/34/50; timm's `resnet50.tv_in1k` safetensors
-use the same names) or in the layout of the PyTorch BN-Inception port (`bn_inception-52deb4733.pth`), maps
-every tensor onto `params['backbone']` / `batch_stats['backbone']`, and writes an orbax checkpoint plus
-`metadata.json` naming the architecture, the source and the input preprocessing the weights expect.
-A `.safetensors` file needs only NumPy; a `.pth` file needs torch.
+use the same names), in the layout of the PyTorch BN-Inception port (`bn_inception-52deb4733.pth`) or in timm's
+ViT layout (timm's `vit_{tiny,small,base}_patch16_224.*`, the `.dino` ones included, `deit_*_patch16_224.fb_in1k`; any
+patch size: it is read off the weights), maps every tensor onto `params['backbone']` / `batch_stats['backbone']`, and
+writes an orbax checkpoint plus `metadata.json` naming the architecture, the source and the input preprocessing the
+weights expect. A `.safetensors` file needs only NumPy; a `.pth` file needs torch.
+
+A ViT's preprocessing is not in its weights file, so --preprocessing names it: 'inception' (mean = std = 0.5:
+timm's augreg weights and Google's original ViTs) or 'imagenet' (ImageNet mean/std: DINO, DeiT); the hub page of
+the weights (its `pretrained_cfg`) says which. The CNNs default to their own (torchvision's ImageNet statistics;
+BN-Inception's BGR 0-255 Caffe means).
 
 Every tensor the backbone needs must be present and every tensor present must be used, else the conversion
-stops naming the key; the classifier (`fc.*`, `last_linear.*`) is dropped by design and BatchNorm's
-`num_batches_tracked` counters are ignored.
+stops naming the key; the classifier (`fc.*`, `last_linear.*`, `head.*`) is dropped by design and BatchNorm's
+`num_batches_tracked` counters are ignored. A ViT's position embeddings are stored on the grid they were learned
+on; `load_pretrained` resamples them to the run's image size.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -47,15 +57,27 @@ BN_INCEPTION_PREPROCESSING = {
     "mean": [104, 117, 128],
     "std": [1, 1, 1],
 }
+# timm's IMAGENET_INCEPTION_MEAN / _STD, which its augreg ViTs (and Google's original ViTs) expect.
+INCEPTION_PREPROCESSING = {
+    "input_space": "RGB",
+    "input_range": [0, 1],
+    "mean": [0.5, 0.5, 0.5],
+    "std": [0.5, 0.5, 0.5],
+}
+# The preprocessing of each CNN's published weights; a ViT's depends on how its weights were trained (--preprocessing).
 PREPROCESSING = {
     "resnet18": TORCHVISION_PREPROCESSING,
     "resnet34": TORCHVISION_PREPROCESSING,
     "resnet50": TORCHVISION_PREPROCESSING,
     "bn_inception": BN_INCEPTION_PREPROCESSING,
 }
+# --preprocessing's choices.
+NAMED_PREPROCESSING = {"imagenet": TORCHVISION_PREPROCESSING, "inception": INCEPTION_PREPROCESSING}
 
 # The ImageNet classifier, which the embedding head replaces.
-CLASSIFIER_PREFIXES = ("fc.", "last_linear.")
+CLASSIFIER_PREFIXES = ("fc.", "last_linear.", "head.")
+# The keys under which training scripts save a model's state dict beside other things (DeiT's release files: 'model').
+WRAPPED_STATE_DICT_KEYS = ("model", "state_dict")
 CHECKPOINT_SUBDIR = "checkpoint"
 METADATA_FILE = "metadata.json"
 
@@ -83,7 +105,8 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
 
 
 def read_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
-    """Tensors of a PyTorch state dict saved with torch.save (needs torch)."""
+    """Tensors of a PyTorch state dict saved with torch.save (needs torch), or of the one a checkpoint holds under
+    'model' or 'state_dict' (WRAPPED_STATE_DICT_KEYS)."""
     try:
         import torch
     except ImportError as error:
@@ -92,6 +115,9 @@ def read_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
             "use the same weights as .safetensors."
         ) from error
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state_dict, Mapping):
+        wrapped = [key for key in WRAPPED_STATE_DICT_KEYS if isinstance(state_dict.get(key), Mapping)]
+        state_dict = state_dict[wrapped[0]] if wrapped else state_dict
     if not isinstance(state_dict, Mapping) or not all(torch.is_tensor(v) for v in state_dict.values()):
         raise ValueError(f"--input {path} is not a flat state dict of tensors (name -> tensor); save "
                          "model.state_dict() itself.")
@@ -112,27 +138,62 @@ def torch_module_name(flax_module_path: Sequence[str]) -> str:
     """PyTorch name of a backbone layer from its Flax path (BN-Inception's names are kept verbatim)."""
     name = ".".join(flax_module_path)
     name = re.sub(r"^layer(\d)_(\d+)", r"layer\1.\2", name)
+    name = re.sub(r"^blocks_(\d+)", r"blocks.\1", name)
+    name = re.sub(r"^patch_embed$", "patch_embed.proj", name)
     return name.replace("downsample_conv", "downsample.0").replace("downsample_bn", "downsample.1")
 
 
-# Flax leaf name -> PyTorch tensor name, per collection.
+# Flax leaf name -> PyTorch tensor name, per collection; other leaves (a ViT's cls_token, pos_embed) keep theirs.
 TORCH_LEAF_NAMES = {
     "params": {"kernel": "weight", "scale": "weight", "bias": "bias"},
     "batch_stats": {"mean": "running_mean", "var": "running_var"},
 }
 
 
-def backbone_variable_shapes(arch: str, width: float = 1.0) -> Dict[str, Any]:
-    """{'params': ..., 'batch_stats': ...} of `arch` at `width` (1.0: the published one), as ShapeDtypeStructs."""
-    model = models.Embedder(arch, embedding_dim=1, width=width)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False))
-    return {collection: shapes[collection]["backbone"] for collection in ("params", "batch_stats")}
+def torch_key(flax_path: Sequence[str], collection: str) -> str:
+    """PyTorch name of the tensor at `flax_path` ('blocks_0', 'attn', 'qkv', 'kernel') in `collection`."""
+    leaf = TORCH_LEAF_NAMES[collection].get(flax_path[-1], flax_path[-1])
+    return ".".join(name for name in (torch_module_name(flax_path[:-1]), leaf) if name)
+
+
+def backbone_variable_shapes(arch: str, width: float = 1.0, patch_size: int = 16,
+                             image_size: int = 224) -> Dict[str, Any]:
+    """{'params': ..., 'batch_stats': ...} of `arch` at `width` (1.0: the published one), as ShapeDtypeStructs; a ViT's
+    with `patch_size` and position embeddings for `image_size` ({} for its batch_stats: it has no BatchNorm)."""
+    model = models.Embedder(arch, embedding_dim=1, width=width, patch_size=patch_size)
+    image = jnp.zeros((1, image_size, image_size, 3))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), image, train=False))
+    return {collection: shapes.get(collection, {}).get("backbone", {}) for collection in ("params", "batch_stats")}
+
+
+def vit_geometry(state_dict: Mapping[str, np.ndarray], arch: str) -> Tuple[int, int]:
+    """(patch size, image size) of timm ViT weights: the patch kernel's side, and the side of the square grid their
+    position embeddings were learned on times it.
+
+    Raises:
+      ValueError naming the tensor if it is missing or not shaped as a timm ViT's.
+    """
+    for key, rank in (("patch_embed.proj.weight", 4), ("pos_embed", 3)):
+        if key not in state_dict:
+            raise ValueError(f"the weights have no tensor {key!r}, which {arch} needs; check --arch and that the file "
+                             "is a complete timm ViT state dict.")
+        if np.ndim(state_dict[key]) != rank:
+            raise ValueError(f"tensor {key!r} has shape {np.shape(state_dict[key])}, not a timm ViT's; check --arch.")
+    patch_size = np.shape(state_dict["patch_embed.proj.weight"])[-1]
+    grid_tokens = np.shape(state_dict["pos_embed"])[1] - 1
+    side = math.isqrt(max(grid_tokens, 0))
+    if side * side != grid_tokens:
+        raise ValueError(f"tensor 'pos_embed' holds {grid_tokens} patch positions, not a square grid (extra prefix "
+                         f"tokens, as in distilled DeiT or register ViTs, are not supported); check --arch.")
+    return patch_size, side * patch_size
 
 
 def flax_array(key: str, tensor: np.ndarray, expected_shape: Tuple[int, ...]) -> np.ndarray:
-    """The PyTorch tensor `key` in Flax layout: OIHW kernels -> HWIO; float32."""
+    """The PyTorch tensor `key` in Flax layout: OIHW kernels -> HWIO, Linear [out, in] -> [in, out]; float32."""
     if tensor.ndim == 4:
         tensor = tensor.transpose(2, 3, 1, 0)
+    elif len(expected_shape) == 2 and tensor.ndim == 2:
+        tensor = tensor.T
     elif len(expected_shape) == 1 and tensor.ndim == 2 and tensor.shape[0] == 1:
         # The BN-Inception port stores BatchNorm vectors as [1, C].
         tensor = tensor[0]
@@ -143,16 +204,18 @@ def flax_array(key: str, tensor: np.ndarray, expected_shape: Tuple[int, ...]) ->
 
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: str
-                       ) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, list]]:
+                       ) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
     """Map a PyTorch state dict onto the Flax backbone of `arch`.
 
     Args:
-      state_dict: PyTorch tensor name -> array in PyTorch layout (conv weights OIHW).
+      state_dict: PyTorch tensor name -> array in PyTorch layout (conv weights OIHW, Linear weights [out, in]).
       arch: one of `models.BACKBONES`.
 
     Returns:
-      (params, batch_stats, report): the backbone's trees of float32 arrays, and a report with the PyTorch
-      keys 'converted', 'unused_by_design' (the classifier) and 'ignored' (num_batches_tracked).
+      (params, batch_stats, report): the backbone's trees of float32 arrays ({} batch_stats for a ViT), and a
+      report with the PyTorch keys 'converted', 'unused_by_design' (the classifier) and 'ignored'
+      (num_batches_tracked); for a ViT also 'patch_size' and 'image_size' (the side its position embeddings were
+      learned for).
 
     Raises:
       ValueError naming the key if a tensor the backbone needs is missing, one present is not used, or a
@@ -160,14 +223,17 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: str
     """
     if arch not in models.BACKBONES:
         raise ValueError(f"--arch {arch!r} is not a backbone; use one of {models.BACKBONES}.")
-    shapes = backbone_variable_shapes(arch)
+    geometry = {}
+    if arch in models.VIT_BACKBONES:
+        geometry = dict(zip(("patch_size", "image_size"), vit_geometry(state_dict, arch)))
+    shapes = backbone_variable_shapes(arch, **geometry)
     converted: Dict[str, Any] = {}
     used = set()
     for collection, tree in shapes.items():
         leaves = {}
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
             names = tuple(entry.key for entry in path)
-            key = f"{torch_module_name(names[:-1])}.{TORCH_LEAF_NAMES[collection][names[-1]]}"
+            key = torch_key(names, collection)
             if key not in state_dict:
                 raise ValueError(f"the weights have no tensor {key!r}, which {arch} needs; check --arch and "
                                  "that the file is a complete state dict.")
@@ -180,7 +246,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], arch: str
     if unused:
         raise ValueError(f"the weights have {len(unused)} tensor(s) that {arch} does not use, first "
                          f"{unused[0]!r}; check --arch.")
-    report = {"converted": sorted(used), "unused_by_design": unused_by_design, "ignored": ignored}
+    report = {"converted": sorted(used), "unused_by_design": unused_by_design, "ignored": ignored, **geometry}
     return converted["params"], converted["batch_stats"], report
 
 
@@ -217,14 +283,24 @@ def save_converted(output_dir, params: Dict[str, Any], batch_stats: Dict[str, An
         (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
 
 
-def convert_file(arch: str, input_path: str, output_dir: str) -> Dict[str, Any]:
-    """Read, convert and write; returns the metadata written (with the conversion report)."""
+def convert_file(arch: str, input_path: str, output_dir: str, preprocessing: Optional[str] = None
+                 ) -> Dict[str, Any]:
+    """Read, convert and write; returns the metadata written (with the conversion report).
+
+    `preprocessing` is a key of NAMED_PREPROCESSING; None = the architecture's own (PREPROCESSING), which a ViT
+    has not.
+    """
+    if preprocessing is None and arch not in PREPROCESSING:
+        raise ValueError(f"--preprocessing is needed for {arch}: 'inception' for weights trained on mean = std = 0.5 "
+                         "(timm's augreg ViTs), 'imagenet' for ImageNet mean/std (DINO, DeiT); the weights' "
+                         "pretrained_cfg on their hub page says which.")
     params, batch_stats, report = convert_state_dict(read_state_dict(input_path), arch)
     metadata = {
         "architecture": arch,
         "source": os.path.abspath(input_path),
         "source_sha256": file_sha256(input_path),
-        "preprocessing": PREPROCESSING[arch],
+        "preprocessing": NAMED_PREPROCESSING[preprocessing] if preprocessing else PREPROCESSING[arch],
+        **{key: report[key] for key in ("patch_size", "image_size") if key in report},
         "converted_tensors": len(report["converted"]),
         "unused_by_design": report["unused_by_design"],
         "ignored": report["ignored"],
@@ -251,16 +327,19 @@ def read_metadata(path: str) -> Dict[str, Any]:
     return json.loads(metadata_path.read_text())
 
 
-def load_pretrained(path: str, backbone: str, width: float = 1.0
-                    ) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
+def load_pretrained(path: str, backbone: str, width: float = 1.0, *, patch_size: Optional[int] = None,
+                    image_size: Optional[int] = None) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
     """Converted (or pretrained here: pretraining.export_backbone) weights for the trainer: (backbone params,
     backbone batch_stats, metadata).
 
     The trees replace `variables['params']['backbone']` and `variables['batch_stats']['backbone']` of an
-    `Embedder(backbone, ..., width=width)`; `metadata['preprocessing']` says how images must be normalised.
+    `Embedder(backbone, ..., width=width, patch_size=patch_size)`; `metadata['preprocessing']` says how images must
+    be normalised. A ViT has no batch_stats ({}); its position embeddings are resampled to the grid of `image_size`
+    (`models.resample_pos_embed`, timm's resampling) and kept on the grid they were learned on where it is None.
 
     Raises:
-      ValueError if `path` is not a directory written by this module, or holds another architecture or width.
+      ValueError if `path` is not a directory written by this module, or holds another architecture, width or
+      (a ViT's) patch size.
     """
     metadata = read_metadata(path)
     if metadata["architecture"] != backbone:
@@ -271,14 +350,32 @@ def load_pretrained(path: str, backbone: str, width: float = 1.0
                          f"but config.model.width is {width}; make them agree.")
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(_weights_dir(path) / CHECKPOINT_SUBDIR)
-    expected = backbone_variable_shapes(backbone, width)
+    restored = {collection: restored.get(collection, {}) for collection in ("params", "batch_stats")}
+    geometry = {}
+    if backbone in models.VIT_BACKBONES:
+        geometry = _vit_weights_geometry(path, restored["params"], patch_size)
+    expected = backbone_variable_shapes(backbone, width, **geometry)
     for collection in ("params", "batch_stats"):
         got = jax.tree.map(np.shape, restored[collection])
         want = jax.tree.map(lambda leaf: leaf.shape, expected[collection])
         if got != want:
             raise ValueError(f"config.model.pretrained = {path!r} does not match the {backbone} "
                              f"{collection} tree; convert the weights again with this version.")
-    return restored["params"], restored["batch_stats"], metadata
+    params = restored["params"]
+    if geometry and image_size:
+        grid = (image_size // geometry["patch_size"],) * 2
+        params = {**params, "pos_embed": np.asarray(models.resample_pos_embed(params["pos_embed"], grid))}
+    return params, restored["batch_stats"], metadata
+
+
+def _vit_weights_geometry(path: str, params: Mapping[str, Any], patch_size: Optional[int]) -> Dict[str, int]:
+    """{'patch_size', 'image_size'} of restored ViT params (read off their shapes), checked against `patch_size`."""
+    weights_patch = np.shape(params["patch_embed"]["kernel"])[0]
+    if patch_size is not None and weights_patch != patch_size:
+        raise ValueError(f"config.model.pretrained = {path!r} holds a ViT with {weights_patch}-pixel patches but "
+                         f"config.model.patch_size is {patch_size}; set it to {weights_patch}.")
+    side = math.isqrt(np.shape(params["pos_embed"])[1] - 1)
+    return {"patch_size": weights_patch, "image_size": side * weights_patch}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -286,12 +383,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--arch", required=True, choices=models.BACKBONES)
     parser.add_argument("--input", required=True, help="a .pth (needs torch) or .safetensors state dict")
     parser.add_argument("--output", required=True, help="a new directory for the checkpoint and metadata")
+    parser.add_argument("--preprocessing", choices=tuple(NAMED_PREPROCESSING),
+                        help="the input normalisation the weights were trained with: 'inception' (mean = std = 0.5; "
+                             "timm's augreg ViTs) or 'imagenet' (ImageNet mean/std; DINO, DeiT, torchvision). Needed "
+                             "for a ViT; a CNN defaults to its own.")
     args = parser.parse_args(argv)
     try:
-        metadata = convert_file(args.arch, args.input, args.output)
+        metadata = convert_file(args.arch, args.input, args.output, args.preprocessing)
     except ValueError as error:
         sys.exit(f"error: {error}")
-    print(f"converted {metadata['converted_tensors']} tensors of {args.arch} from {args.input}; "
+    geometry = (f" ({metadata['patch_size']}-pixel patches, position embeddings learned at {metadata['image_size']} px)"
+                if "patch_size" in metadata else "")
+    print(f"converted {metadata['converted_tensors']} tensors of {args.arch}{geometry} from {args.input}; "
           f"unused by design: {', '.join(metadata['unused_by_design']) or 'none'}; "
           f"ignored: {len(metadata['ignored'])} num_batches_tracked")
     print(f"wrote {os.path.join(args.output, CHECKPOINT_SUBDIR)} and {os.path.join(args.output, METADATA_FILE)}")

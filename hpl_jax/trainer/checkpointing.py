@@ -7,7 +7,9 @@
   WORKDIR/tensorboard/    TensorBoard scalars
 
 `restore_state` reads a checkpoint into a template of the train state; hpl_jax/trainer/restore.py rebuilds a
-whole run (config, dataset, model, state) for the commands that read one without training.
+whole run (config, dataset, model, state) for the commands that read one without training. A checkpoint an
+older version wrote in another layout of the train state (0.3.0's optimiser state) is read in that layout and
+migrated (`restore_checkpoint`, train_state.OLDER_LAYOUTS).
 
 What a run may rely on: a resume compares the config with config.json first (`check_resumed_config`); what a
 save cut short left is removed (`remove_unfinished_saves`); best/ is made to agree with metrics.json
@@ -22,7 +24,7 @@ import logging as std_logging
 import os
 import re
 import time
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
 import jax
 import ml_collections
@@ -133,7 +135,40 @@ def _steps(directory: epath.Path) -> List[int]:
 def _manager(directory: epath.Path, best_metric: Optional[str] = None) -> ocp.CheckpointManager:
     """A manager that reads `directory` (never creates it; orbax's read_only mode would warn on every open)."""
     best = dict(best_fn=lambda m: m[best_metric], best_mode="max") if best_metric else {}
-    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False, **best))
+    return ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler(),
+                                 options=ocp.CheckpointManagerOptions(create=False, **best))
+
+
+def _leaf_paths(tree) -> Set[Tuple[str, ...]]:
+    """The paths of `tree`'s leaves as orbax names them in a checkpoint (attribute, key or index, as text)."""
+    def name(key) -> str:
+        for attribute in ("key", "name", "idx"):
+            if hasattr(key, attribute):
+                return str(getattr(key, attribute))
+        return str(key)
+    return {tuple(map(name, path)) for path, _ in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, step: int, template, config):
+    """The state `manager` saved at `step`, with the structure and dtypes of `template` (NumPy leaves).
+
+    A checkpoint whose leaves are not `template`'s is compared with the layouts older versions saved
+    (train_state.OLDER_LAYOUTS, built for `config`); one that matches is restored in that layout and migrated,
+    with a line in the log. Any other mismatch is left to orbax's error.
+    """
+    # Imported here: the rest of this module (the workdir, the config, saving) needs no model or optimiser.
+    from hpl_jax.trainer import train_state
+
+    saved = manager.item_metadata(step)
+    if saved is not None and _leaf_paths(saved.tree) != _leaf_paths(template):
+        for version, old_template, migrate in train_state.OLDER_LAYOUTS:
+            old = old_template(template, config)
+            if _leaf_paths(saved.tree) == _leaf_paths(old):
+                restored = manager.restore(step, args=ocp.args.StandardRestore(old))
+                logging.info("%s/%d was written by hpl-jax %s: its optimiser state is migrated to this version's "
+                             "layout.", manager.directory, step, version)
+                return migrate(restored, template, config)
+    return manager.restore(step, args=ocp.args.StandardRestore(template))
 
 
 def checkpoint_location(workdir, which: Union[str, int] = "latest", best_metric: Optional[str] = None):
@@ -166,9 +201,10 @@ def checkpoint_location(workdir, which: Union[str, int] = "latest", best_metric:
 
 def restore_state(workdir, template, which: Union[str, int] = "latest",
                   best_metric: Optional[str] = None):
-    """The train state of checkpoint `which` ('latest', 'best' or a step), as NumPy arrays shaped like `template`."""
+    """The train state of checkpoint `which` ('latest', 'best' or a step), as NumPy arrays shaped like `template`
+    (migrated from an older version's layout: `restore_checkpoint`, with the workdir's config)."""
     directory, step = checkpoint_location(workdir, which, best_metric)
-    return _manager(directory).restore(step, args=ocp.args.StandardRestore(jax.device_get(template)))
+    return restore_checkpoint(_manager(directory), step, jax.device_get(template), load_config(workdir))
 
 
 # --------------------------------------------------------------------------------------------- the config
@@ -292,13 +328,14 @@ class Checkpoints:
             remove_unfinished_saves(workdir / BEST_DIR)
         self._failures = _BackgroundSaveErrors()
         std_logging.getLogger("absl").addHandler(self._failures)
+        self._config = config
         self.all = ocp.CheckpointManager(
-            workdir / CHECKPOINTS_DIR,
+            workdir / CHECKPOINTS_DIR, item_handlers=ocp.StandardCheckpointHandler(),
             options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True))
         self.best = None
         if config.checkpoint.best_metric:
             self.best = ocp.CheckpointManager(
-                workdir / BEST_DIR,
+                workdir / BEST_DIR, item_handlers=ocp.StandardCheckpointHandler(),
                 options=ocp.CheckpointManagerOptions(
                     # The loop saves here only at an epoch metrics.json calls the best so far, so the latest save
                     # is the best: one rule (the summary's) decides, ties included.
@@ -314,8 +351,9 @@ class Checkpoints:
         return self.all.latest_step()
 
     def restore(self, step: int, template):
-        """The state saved at `step`, with the structure and dtypes of `template` (NumPy leaves)."""
-        return self.all.restore(step, args=ocp.args.StandardRestore(template))
+        """The state saved at `step`, with the structure and dtypes of `template` (NumPy leaves); one an older
+        version saved is migrated (`restore_checkpoint`)."""
+        return restore_checkpoint(self.all, step, template, self._config)
 
     def save(self, step: int, state) -> None:
         """Starts a background save of `state` (NumPy leaves) once the previous one has ended (orbax waits for

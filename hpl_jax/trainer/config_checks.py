@@ -21,6 +21,7 @@ from hpl_jax import grouping
 from hpl_jax import models
 from hpl_jax.core import hierarchy
 from hpl_jax.core import losses
+from hpl_jax.models import convert as convert_weights
 from hpl_jax.trainer import pretraining
 
 BASE_LOSSES = tuple(losses.BASE_LOSSES)
@@ -241,18 +242,37 @@ def check_dataset_synthetic_source(config) -> None:
 
 
 def check_model(config) -> None:
-    """config.model, and the pretrained weights it names against it and the dataset."""
+    """config.model, and the pretrained weights it names against it and the dataset. A ViT's pooling, width and
+    patch size are checked against it and dataset.image_size; bn_frozen and conv_impl are checked but do not apply."""
     model = config.model
     _require(model.backbone in BACKBONES, "model.backbone", f"{model.backbone!r}; use one of {BACKBONES}.")
     _require(model.width > 0, "model.width", f"{model.width} must be > 0.")
     _require(model.embedding_dim >= 2, "model.embedding_dim", f"{model.embedding_dim} must be >= 2.")
     _require(model.dtype in DTYPES, "model.dtype", f"{model.dtype!r}; use one of {DTYPES}.")
     _require(model.pooling in POOLINGS, "model.pooling", f"{model.pooling!r}; use one of {POOLINGS}.")
+    poolings = models.backbone_poolings(model.backbone)
+    _require(model.pooling in poolings, "model.pooling",
+             f"{model.pooling!r} is not a pooling of {model.backbone}; use one of {poolings}.")
     _require(model.conv_impl in CONV_IMPLS, "model.conv_impl", f"{model.conv_impl!r}; use one of {CONV_IMPLS}.")
     _require_bool(model.bn_frozen, "model.bn_frozen")
+    _require(_is_int(model.patch_size) and model.patch_size >= 1, "model.patch_size",
+             f"{model.patch_size!r} must be an integer >= 1 (16 = the published ViTs).")
+    if model.backbone in models.VIT_BACKBONES:
+        channels, heads = models.vit_width(model.backbone, model.width), models.VIT_LAYOUTS[model.backbone][2]
+        _require(channels % heads == 0, "model.width",
+                 f"{model.width} gives {model.backbone} {channels} channels, not a multiple of its {heads} heads; "
+                 f"choose a width for which it is (e.g. 0.25 or 0.5).")
+        image_size = config.dataset.image_size
+        _require(model.patch_size <= image_size, "model.patch_size",
+                 f"{model.patch_size} is larger than dataset.image_size ({image_size}); use a smaller patch.")
     problem = pretraining.pretrained_problem(config)
     if problem:
         _require(False, *problem)
+    if model.pretrained and model.backbone in models.VIT_BACKBONES:
+        patch_size = convert_weights.read_metadata(model.pretrained).get("patch_size", model.patch_size)
+        _require(patch_size == model.patch_size, "model.patch_size",
+                 f"{model.patch_size}, but model.pretrained holds a ViT with {patch_size}-pixel patches; set it to "
+                 f"{patch_size}.")
 
 
 def check_loss(config) -> None:

@@ -4,7 +4,14 @@ or saves the state.
 
 By default such a step stops the run with one line naming the step, the level losses and the learning rate;
 nothing non-finite is ever saved, so the latest checkpoint stays the resume point. With
-`optim.skip_nonfinite_steps` the step is dropped instead (the state stays as it was, but for the step counter).
+`optim.skip_nonfinite_steps` the step is dropped instead: the step selects the state it started from, but for the
+step counter (optax.tree_utils.tree_where in train.train_step).
+
+Why not optax.apply_if_finite around the optimiser: it sees the gradient only, not the loss or the updated
+parameters, and it is a conditional over the whole optimiser state at every step, skipping or not; on XLA:CPU it
+made the AdamW update of an 11.5M-parameter model 40-50% slower. The select costs nothing unless
+`optim.skip_nonfinite_steps` is set, and the optimiser state does not depend on that flag, which a resume may
+change.
 """
 from __future__ import annotations
 
@@ -25,11 +32,6 @@ def all_finite(tree) -> jax.Array:
     """bool[]: True iff every element of every leaf of `tree` is finite (one fused pass, no host sync)."""
     leaves = jax.tree_util.tree_leaves(tree)
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
-
-
-def keep_if_finite(finite: jax.Array, new_state, old_state):
-    """`new_state` where `finite`, else `old_state` (the same pytree structure): the skipped step's outcome."""
-    return jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
 
 
 def describe(step: int, epoch: int, values: Dict[str, Any]) -> str:

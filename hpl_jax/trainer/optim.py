@@ -1,18 +1,41 @@
 """The optimiser (METHOD.md, "Training recipe"): AdamW (or MLRC's RMSprop) per parameter group, element-wise
-clipping, step decay.
+clipping, step decay and a warm-up during which some groups wait, all optax pieces:
+
+    chain(clip(grad_clip_value), partition({group: group optimiser, ..., FROZEN: set_to_zero()}, labels))
+
+    group optimiser = chain(inject_hyperparams(adamw | torch_rmsprop)(learning_rate=base rate, ...),
+                            scale(the group's multiplier))
+    a group that waits out the warm-up: conditionally_mask(group optimiser, not in_warmup)
 
 Parameter groups are data, not code paths (big_vision style): config regexes on parameter paths
 ('model/backbone/...', 'model/embedding/kernel', 'proxies/<level>') give each parameter its learning-rate
 multiplier, whether it trains during warm-up, or FROZEN.
+
+Everything the loop changes in the state it changes by name (optax.tree_utils), never by position:
+- the learning rate: every group holds the same injected `learning_rate`, the base rate of the epoch;
+  `set_learning_rate` is tree_set(learning_rate=...). The multiplier is a static `optax.scale` after it, so
+  the proxies' 100x is config data, not state (the update is (lr * direction) * 100 where 0.3.0 computed
+  (lr * 100) * direction: equal up to float rounding).
+- the warm-up: `update(..., in_warmup=...)` (an extra argument: the loop runs the warm-up's step in the first
+  `optim.warmup_epochs` epochs, train.create_train_step) lets conditionally_mask zero a waiting group's updates
+  and keep its state. The epoch decides, not a count of updates: a skipped non-finite step or a refresh's reset
+  cannot shift the end of the warm-up.
+- a refresh's reset (`reset_group_states`): the named groups' states replaced by a fresh init of those groups
+  (tree_get / tree_set on the group names of the partition).
+
+`create_optimizer_v0_3_0` keeps the optimiser of hpl-jax 0.3.0 for one purpose: reading the checkpoints it
+wrote (`migrate_from_v0_3_0`).
 """
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from optax import tree_utils
 
 FROZEN = "frozen"
 
@@ -62,6 +85,11 @@ def parameter_groups(tree, optim_config) -> Tuple[Any, Dict[str, Tuple[float, bo
     return labels, groups
 
 
+def waiting_in_warmup(labels, groups) -> Any:
+    """bool per parameter (the structure of `labels`): True where its group waits out the warm-up."""
+    return jax.tree_util.tree_map(lambda label: label in groups and not groups[label][1], labels)
+
+
 def torch_rmsprop(learning_rate, weight_decay, momentum) -> optax.GradientTransformation:
     """PyTorch's RMSprop, which "A Metric Learning Reality Check" trains with: the weight decay is added to the
     gradient, then g / (sqrt(v) + eps) with v the moving average of g^2 (alpha 0.99, eps 1e-8; no bias
@@ -72,57 +100,61 @@ def torch_rmsprop(learning_rate, weight_decay, momentum) -> optax.GradientTransf
                        optax.scale_by_learning_rate(learning_rate))
 
 
-def create_optimizer(labels, groups, optim_config) -> optax.GradientTransformation:
-    """`optim.name` per group, after element-wise clipping: AdamW (decoupled weight decay) as the Proxy-Anchor
-    code, or PyTorch's RMSprop as MLRC (`torch_rmsprop`).
+def _base_optimizer(optim_config, learning_rate) -> optax.GradientTransformation:
+    """`optim.name` with its hyperparameters in the state (`learning_rate` among them)."""
+    if optim_config.name == "rmsprop":
+        return optax.inject_hyperparams(torch_rmsprop)(learning_rate=learning_rate,
+                                                       weight_decay=optim_config.weight_decay,
+                                                       momentum=optim_config.momentum)
+    return optax.inject_hyperparams(optax.adamw)(learning_rate=learning_rate,
+                                                 weight_decay=optim_config.weight_decay)
 
-    The learning rates are hyperparameters in the state, set every step by `set_learning_rates`.
-    """
-    def group_optimizer():
-        if optim_config.name == "rmsprop":
-            return optax.inject_hyperparams(torch_rmsprop)(learning_rate=optim_config.lr,
-                                                           weight_decay=optim_config.weight_decay,
-                                                           momentum=optim_config.momentum)
-        return optax.inject_hyperparams(optax.adamw)(learning_rate=optim_config.lr,
-                                                     weight_decay=optim_config.weight_decay)
 
-    transforms = {group: group_optimizer() for group in groups}
+def _not_in_warmup(count, *, in_warmup):
+    del count  # the epoch decides (see the module docstring), not how many updates the group has seen
+    return jnp.logical_not(in_warmup)
+
+
+def group_optimizer(multiplier: float, trains_in_warmup: bool, optim_config) -> optax.GradientTransformation:
+    """One group's optimiser: the base optimiser at the base rate, then its multiplier; a group that waits out the
+    warm-up is masked (zero updates, state kept) while the update's `in_warmup` is true."""
+    optimizer = optax.chain(_base_optimizer(optim_config, optim_config.lr), optax.scale(multiplier))
+    if trains_in_warmup:
+        return optimizer
+    return optax.conditionally_mask(optimizer, _not_in_warmup, forward_extra_args=True)
+
+
+def _group_transforms(groups, optim_config,
+                      only: Optional[Iterable[str]] = None) -> Dict[str, optax.GradientTransformation]:
+    """{group: its optimiser} (the groups not in `only`, where given, and FROZEN: set_to_zero)."""
+    transforms = {group: group_optimizer(multiplier, trains_in_warmup, optim_config)
+                  if only is None or group in only else optax.set_to_zero()
+                  for group, (multiplier, trains_in_warmup) in groups.items()}
     transforms[FROZEN] = optax.set_to_zero()
-    steps = [optax.multi_transform(transforms, labels)]
+    return transforms
+
+
+def create_optimizer(labels, groups, optim_config) -> optax.GradientTransformationExtraArgs:
+    """The run's optimiser (see the module docstring). `update(grads, state, params, in_warmup=bool)`; set the
+    learning rate of the epoch first (`set_learning_rate`)."""
+    steps = [optax.partition(_group_transforms(groups, optim_config), labels)]
     if optim_config.grad_clip_value > 0:
         # torch.nn.utils.clip_grad_value_: each gradient entry clipped to [-c, c] before the optimiser.
         steps.insert(0, optax.clip(optim_config.grad_clip_value))
     return optax.chain(*steps)
 
 
-def learning_rate(optim_config, epoch):
-    """Step decay per epoch, counted from epoch 0: lr * gamma^(epoch // decay_epochs)."""
-    return optim_config.lr * optim_config.decay_gamma ** (epoch // optim_config.decay_epochs)
+def create_learning_rate_fn(optim_config):
+    """epoch (i32[]) -> f32[] base learning rate: step decay per epoch, counted from epoch 0,
+    lr * gamma^(epoch // decay_epochs)."""
+    def learning_rate_fn(epoch):
+        return optim_config.lr * optim_config.decay_gamma ** (epoch // optim_config.decay_epochs)
+    return learning_rate_fn
 
 
-def _partition_state(opt_state) -> optax.MultiTransformState:
-    return opt_state[-1]
-
-
-def set_learning_rates(opt_state, groups, base_lr):
-    partition = _partition_state(opt_state)
-    inner = dict(partition.inner_states)
-    for group, (multiplier, _) in groups.items():
-        masked = inner[group]
-        hyper = dict(masked.inner_state.hyperparams)
-        hyper["learning_rate"] = jnp.asarray(base_lr * multiplier, jnp.float32)
-        inner[group] = masked._replace(inner_state=masked.inner_state._replace(hyperparams=hyper))
-    return opt_state[:-1] + (partition._replace(inner_states=inner),)
-
-
-def keep_waiting_groups(new_opt_state, old_opt_state, groups):
-    """During warm-up, the groups that wait keep their optimiser state untouched (no step, no decay)."""
-    new_partition, old_partition = _partition_state(new_opt_state), _partition_state(old_opt_state)
-    inner = dict(new_partition.inner_states)
-    for group, (_, in_warmup) in groups.items():
-        if not in_warmup:
-            inner[group] = old_partition.inner_states[group]
-    return new_opt_state[:-1] + (new_partition._replace(inner_states=inner),)
+def set_learning_rate(opt_state, base_lr):
+    """The optimiser state with every group's base rate `base_lr` (the multipliers stay in the transforms)."""
+    return tree_utils.tree_set(opt_state, learning_rate=jnp.asarray(base_lr, jnp.float32))
 
 
 def proxy_group(labels, level: int) -> str:
@@ -130,17 +162,49 @@ def proxy_group(labels, level: int) -> str:
     return labels["proxies"][level]
 
 
-def reset_group_states(opt_state, group_names):
-    """The optimiser state with the state of the named groups as a fresh init leaves it.
+def reset_group_states(opt_state, group_names, tree, labels, groups, optim_config):
+    """The optimiser state with the states of the named groups as a fresh init leaves them (moments and step
+    counts zero: the bias correction of AdamW's next step is a first step's); the other groups and the learning
+    rate (set at every step) stay."""
+    if not group_names:
+        return opt_state
+    fresh = optax.partition(_group_transforms(groups, optim_config, only=group_names), labels).init(tree)
+    return tree_utils.tree_set(opt_state, **{group: tree_utils.tree_get(fresh, group) for group in group_names})
 
-    Moments (AdamW's, or RMSprop's average and momentum) and step counts go to zero (the bias correction of
-    AdamW's next step is a first step's); the hyperparameters (learning rate, weight decay) stay.
+
+# --------------------------------------------------------------------------------------------- 0.3.0's layout
+def create_optimizer_v0_3_0(labels, groups, optim_config) -> optax.GradientTransformation:
+    """The optimiser of hpl-jax 0.3.0, kept only to read the checkpoints it wrote: per group the base optimiser
+    with the multiplier folded into its injected learning rate, no warm-up mask.
+
+    Its state: (clip's EmptyState, if clipping,) PartitionState({group: MaskedState(InjectStatefulHyperparamsState(
+    count, hyperparams {'learning_rate': lr x multiplier, ...}, inner_state=the base optimiser's))}).
     """
-    partition = _partition_state(opt_state)
-    inner = dict(partition.inner_states)
-    for group in group_names:
-        injected = inner[group].inner_state
-        fresh = injected._replace(count=jnp.zeros_like(injected.count),
-                                  inner_state=jax.tree_util.tree_map(jnp.zeros_like, injected.inner_state))
-        inner[group] = inner[group]._replace(inner_state=fresh)
-    return opt_state[:-1] + (partition._replace(inner_states=inner),)
+    transforms = {group: _base_optimizer(optim_config, optim_config.lr) for group in groups}
+    transforms[FROZEN] = optax.set_to_zero()
+    steps = [optax.partition(transforms, labels)]
+    if optim_config.grad_clip_value > 0:
+        steps.insert(0, optax.clip(optim_config.grad_clip_value))
+    return optax.chain(*steps)
+
+
+def migrate_from_v0_3_0(old_opt_state, new_opt_state, groups, *, updates_seen):
+    """`new_opt_state` (a fresh init of `create_optimizer`) holding what `old_opt_state` (0.3.0's layout) held.
+
+    Per group: the base optimiser's moments and step counts as they were, and its hyperparameters but the learning
+    rate, which 0.3.0 held multiplied by the group's multiplier: it is the fresh state's base rate (every step sets
+    its epoch's, `set_learning_rate`). A waiting group's warm-up mask counts `updates_seen` (the train state's
+    step; the mask never reads it).
+    """
+    migrated = new_opt_state
+    for group in groups:
+        old = tree_utils.tree_get(tree_utils.tree_get(old_opt_state, group), "InjectStatefulHyperparamsState")
+        new_group = tree_utils.tree_get(new_opt_state, group)
+        new = tree_utils.tree_get(new_group, "InjectStatefulHyperparamsState")
+        hyperparams = {**old.hyperparams, "learning_rate": new.hyperparams["learning_rate"]}
+        new_group = tree_utils.tree_set(new_group, InjectStatefulHyperparamsState=new._replace(
+            count=old.count, hyperparams=hyperparams, inner_state=old.inner_state))
+        if tree_utils.tree_get(new_group, "ConditionallyMaskState") is not None:
+            new_group = tree_utils.tree_set(new_group, step=np.asarray(updates_seen, np.int32))
+        migrated = tree_utils.tree_set(migrated, **{group: new_group})
+    return migrated

@@ -110,6 +110,6 @@ def export_backbone(state, config, workdir, *, info: data.DatasetInfo) -> epath.
         "pretraining": {"epoch": int(state.epoch), "step": int(state.step), "loss": config.loss.base,
                         "temperature": float(config.loss.temperature), "image_size": config.dataset.image_size},
     }
-    convert_weights.save_converted(output, state.params["backbone"], state.batch_stats["backbone"], metadata,
+    convert_weights.save_converted(output, state.params["backbone"], state.batch_stats.get("backbone", {}), metadata,
                                    write_metadata=jax.process_index() == 0)
     return output

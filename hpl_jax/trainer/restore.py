@@ -46,7 +46,8 @@ def restore_run(workdir, which: Union[str, int] = "latest") -> RestoredRun:
     """Rebuilds the run in `workdir` from WORKDIR/config.json and restores checkpoint `which`.
 
     The state template is created as the training loop creates it, without pretrained weights (the checkpoint
-    holds them) and with a single k-means restart (the checkpoint holds the groupings).
+    holds them) and with a single k-means restart (the checkpoint holds the groupings). A checkpoint an older
+    version wrote in another layout (0.3.0's optimiser state) is migrated to this one's (checkpointing.restore_state).
     """
     workdir = workdir_path(str(workdir))
     config = load_config(workdir)

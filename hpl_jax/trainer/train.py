@@ -49,7 +49,14 @@ def create_base_loss(loss_config) -> Callable:
 
 
 # --------------------------------------------------------------------------------------------- steps
-def loss_and_gradients(state: TrainState, batch, *, model, config, labels, groups, in_warmup: bool):
+def create_loss_fn(config) -> Callable:
+    """(embeddings f32[B, d], labels i32[B], hierarchy) -> (L_HPL f32[], per-level losses f32[L + 1]) of `config`:
+    core.losses.hierarchical_proxy_loss with the base loss and the level weights bound."""
+    return functools.partial(losses.hierarchical_proxy_loss, base_loss=create_base_loss(config.loss),
+                             weights=tuple(config.hpl.weights))
+
+
+def loss_and_gradients(state: TrainState, batch, *, model, loss_fn, normalize_fn, waiting=None):
     """L_HPL of one global batch and its gradient on the trainable tree; runs on every device
     (sharding.over_devices, or pmap).
 
@@ -58,31 +65,27 @@ def loss_and_gradients(state: TrainState, batch, *, model, config, labels, group
     batch B get the gradient 1 device with batch B gets.
 
     Args:
-      batch: {'image': u8[per_device, H, W, 3] (or f32 in 0..255), 'label': i32[per_device]} on this device; the
-        pixels are normalised here, on the device, by `config.dataset` (data.normalize_pixels).
-      in_warmup: static; True during the first `optim.warmup_epochs` epochs, when the groups that wait get no
-        gradient and the backbone's backward pass is not even computed.
+      batch: {'image': u8[per_device, H, W, 3] (or f32 in 0..255), 'label': i32[per_device]} on this device;
+        `normalize_fn` makes the network's input of its pixels, on the device (data.normalize_pixels).
+      loss_fn: (embeddings, labels, hierarchy) -> (total, per-level losses) (`create_loss_fn`).
+      waiting: None, or bool per trainable parameter (optim.waiting_in_warmup): the True ones are held constant,
+        so their gradient is zero and the backbone's backward pass is not even computed (the warm-up).
 
     Returns:
-      (total f32[], per-level losses (f32[], ...), new BatchNorm statistics, gradients like `trainable(...)`).
+      (total f32[], per-level losses f32[L + 1], new BatchNorm statistics, gradients like `trainable(...)`).
     """
-    base_loss = create_base_loss(config.loss)
-    weights = tuple(config.hpl.weights)
-    images = data.normalize_pixels(batch["image"], config.dataset)
+    images = normalize_fn(batch["image"])
 
     def objective(tree):
-        if in_warmup:
-            tree = jax.tree_util.tree_map(
-                lambda leaf, group: leaf if groups.get(group, (0, True))[1] else jax.lax.stop_gradient(leaf),
-                tree, labels)
+        if waiting is not None:
+            tree = jax.tree_util.tree_map(lambda leaf, wait: jax.lax.stop_gradient(leaf) if wait else leaf,
+                                          tree, waiting)
         embeddings, new_model_state = model.apply(
             {"params": tree["model"], "batch_stats": state.batch_stats}, images, train=True,
             mutable=["batch_stats"])
         global_embeddings = jax.lax.all_gather(embeddings, AXIS, tiled=True)
         global_labels = jax.lax.all_gather(batch["label"], AXIS, tiled=True)
-        hierarchy = state.hierarchy.replace(proxies=tree["proxies"])
-        total, per_level = losses.hierarchical_proxy_loss(global_embeddings, global_labels, hierarchy,
-                                                          base_loss=base_loss, weights=weights)
+        total, per_level = loss_fn(global_embeddings, global_labels, state.hierarchy.replace(proxies=tree["proxies"]))
         return total, (per_level, new_model_state["batch_stats"])
 
     tree = trainable(state.params, state.hierarchy)
@@ -93,32 +96,64 @@ def loss_and_gradients(state: TrainState, batch, *, model, config, labels, group
     return total, per_level, batch_stats, grads
 
 
-def train_step(state: TrainState, batch, *, model, config, labels, groups, in_warmup: bool):
-    """One AdamW step on one global batch (see `loss_and_gradients`); runs on every device (over_devices or pmap)."""
-    total, per_level, batch_stats, grads = loss_and_gradients(
-        state, batch, model=model, config=config, labels=labels, groups=groups, in_warmup=in_warmup)
-    tree = trainable(state.params, state.hierarchy)
-    opt_state = optim.set_learning_rates(state.opt_state, groups, optim.learning_rate(config.optim, state.epoch))
-    optimizer = optim.create_optimizer(labels, groups, config.optim)
-    updates, new_opt_state = optimizer.update(grads, opt_state, tree)
-    if in_warmup:
-        new_opt_state = optim.keep_waiting_groups(new_opt_state, opt_state, groups)
-        updates = jax.tree_util.tree_map(
-            lambda update, group: update if groups.get(group, (0, True))[1] else jnp.zeros_like(update),
-            updates, labels)
-    tree = optax.apply_updates(tree, updates)
+def train_step(state: TrainState, batch, *, model, loss_fn, normalize_fn, optimizer, learning_rate_fn,
+               waiting=None, skip_nonfinite: bool = False):
+    """One optimiser step on one global batch (see `loss_and_gradients`); runs on every device (over_devices or
+    pmap). The functions it uses come in built (`create_train_step`), as the Flax ImageNet example's do.
 
+    Args:
+      optimizer: optim.create_optimizer's; its update takes `in_warmup`.
+      learning_rate_fn: epoch -> base learning rate (optim.create_learning_rate_fn).
+      waiting: None after the warm-up; during it (static), bool per trainable parameter: the parameters that wait
+        (optim.waiting_in_warmup) get no gradient and no update.
+      skip_nonfinite: a step that is not `finite` leaves the state as it was, but for the step counter
+        (guards.py).
+
+    Returns:
+      (the new state, {'loss', 'loss/level_<l>', 'lr': f32[], 'finite': bool[]}); `finite`: the loss, the
+      gradients and the updated parameters are finite.
+    """
+    total, per_level, batch_stats, grads = loss_and_gradients(state, batch, model=model, loss_fn=loss_fn,
+                                                              normalize_fn=normalize_fn, waiting=waiting)
+    tree = trainable(state.params, state.hierarchy)
+    learning_rate = learning_rate_fn(state.epoch)
+    opt_state = optim.set_learning_rate(state.opt_state, learning_rate)
+    # Under over_devices (shard_map) the state, passed with a device axis, is typed as varying over the devices
+    # and the pmean-ed gradients as invariant; the branches of optax's conditionally_mask (the warm-up) mix the
+    # two and must agree, so the gradients are typed varying too (a type, no data moves).
+    grads = jax.lax.pcast(grads, AXIS, to="varying")
+    updates, opt_state = optimizer.update(grads, opt_state, tree, in_warmup=waiting is not None)
+    tree = optax.apply_updates(tree, updates)
     new_state = state.replace(
-        step=state.step + 1, params=tree["model"], batch_stats=batch_stats, opt_state=new_opt_state,
+        step=state.step + 1, params=tree["model"], batch_stats=batch_stats, opt_state=opt_state,
         hierarchy=state.hierarchy.replace(proxies=tree["proxies"]))
     # The same on every device (the gradients are pmean-ed); the host reads it with the metrics (guards.py).
     finite = guards.all_finite((total, grads, tree))
-    if config.optim.skip_nonfinite_steps:
-        new_state = guards.keep_if_finite(finite, new_state, state.replace(step=state.step + 1))
-    step_metrics = {"loss": total, "lr": optim.learning_rate(config.optim, state.epoch), "finite": finite}
+    if skip_nonfinite:
+        new_state = optax.tree_utils.tree_where(finite, new_state, state.replace(step=state.step + 1))
+    step_metrics = {"loss": total, "lr": learning_rate, "finite": finite}
     for level in range(len(per_level)):
         step_metrics[f"loss/level_{level}"] = per_level[level]
     return new_state, step_metrics
+
+
+def create_train_step(config, model, labels, groups, *, in_warmup: bool) -> Callable:
+    """The per-device step of the run `config` describes, during the warm-up or after it: `train_step` with its
+    loss, optimiser, learning-rate schedule and waiting parameters bound, built once (labels, groups:
+    optim.parameter_groups of the trainable tree).
+
+    A run compiles the two steps and runs each in its epochs. One step choosing its gradient by the epoch
+    (jax.lax.cond) would put the backbone's gradient convolutions inside a conditional, where XLA:CPU (jaxlib
+    0.10.2) runs them an order of magnitude slower than outside one: the default config's step went from 36 to
+    404 ms on a 2-core CPU.
+    """
+    return functools.partial(
+        train_step, model=model, loss_fn=create_loss_fn(config),
+        normalize_fn=functools.partial(data.normalize_pixels, dataset_config=config.dataset),
+        optimizer=optim.create_optimizer(labels, groups, config.optim),
+        learning_rate_fn=optim.create_learning_rate_fn(config.optim),
+        waiting=optim.waiting_in_warmup(labels, groups) if in_warmup else None,
+        skip_nonfinite=config.optim.skip_nonfinite_steps)
 
 
 def kmeans_seed(state: TrainState, step: int) -> int:
@@ -149,9 +184,10 @@ def refresh_groupings(state: TrainState, config, *, level1_vectors=None,
     if jax.process_count() > 1:
         hierarchy, reset = multihost_utils.broadcast_one_to_all((hierarchy, reset))
         hierarchy = jax.tree_util.tree_map(jnp.asarray, hierarchy)
-    labels, _ = optim.parameter_groups(trainable(state.params, state.hierarchy), config.optim)
+    tree = trainable(state.params, state.hierarchy)
+    labels, groups = optim.parameter_groups(tree, config.optim)
     reset_groups = [optim.proxy_group(labels, level) for level, mask in enumerate(reset, start=1) if np.any(mask)]
-    opt_state = optim.reset_group_states(state.opt_state, reset_groups) if reset_groups else state.opt_state
+    opt_state = optim.reset_group_states(state.opt_state, reset_groups, tree, labels, groups, config.optim)
     return state.replace(hierarchy=hierarchy, opt_state=opt_state)
 
 
@@ -224,6 +260,11 @@ def with_pretrained_preprocessing(config):
 
 
 # --------------------------------------------------------------------------------------------- the run
+def due(count: int, period: int) -> bool:
+    """The loop's one cadence: True at every `period`-th step or epoch (count % period == 0); period 0 = never."""
+    return period > 0 and count % period == 0
+
+
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     """Trains and evaluates per `config`, checkpointing to and resuming from `workdir` (local or gs://).
 
@@ -283,10 +324,9 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
     # multi-process run (docs/scaling.md).
     mesh = device_mesh(AXIS)
     p_embed = evaluation.embed_on_devices(model, mesh, config.dataset)
-    step_fns = {
-        warm: over_devices(functools.partial(train_step, model=model, config=config, labels=labels, groups=groups,
-                                             in_warmup=warm), mesh, donate_argnums=(0,))
-        for warm in (True, False)}
+    step_fns = {warm: over_devices(create_train_step(config, model, labels, groups, in_warmup=warm), mesh,
+                                   donate_argnums=(0,))
+                for warm in (True, False)}
 
     untrained = None
     resumed = checkpoints.latest_step() is not None
@@ -350,18 +390,18 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
                 reporter.restart_clock(step)
             last_of_epoch = step_in_epoch == steps_per_epoch - 1
             step_metrics_seen.add(step, epoch + 1, step_metrics,
-                                  report=step % config.log_every_steps == 0 or last_of_epoch)
+                                  report=due(step, config.log_every_steps) or last_of_epoch)
             checkpoints.raise_if_a_save_failed()
             # A log step's line is written once the next step is dispatched: the host reads metrics one step behind
             # and never drains the device queue to log. At an epoch's end it waits for the state anyway.
             report_progress(reporter, config, step_metrics_seen.fetch(behind=0 if last_of_epoch else 1))
-            if config.hpl.refresh_every_steps and step % config.hpl.refresh_every_steps == 0 and not last_of_epoch:
+            # Mid-epoch work (a refresh, a checkpoint) leaves an epoch's last step to the epoch boundary's own.
+            if due(step, config.hpl.refresh_every_steps) and not last_of_epoch:
                 report_progress(reporter, config, step_metrics_seen.fetch())
                 state, _, _ = refresh_on_host(state, config, reporter, info, end_of_epoch=False, mesh=mesh)
             # The last step of an epoch is asked after the epoch's checkpoint, so a stop there needs no save.
             preempted = not last_of_epoch and preemption.reached(step)
-            if preempted or (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
-                             and not last_of_epoch):
+            if preempted or (due(step, config.checkpoint.every_steps) and not last_of_epoch):
                 report_progress(reporter, config, step_metrics_seen.fetch())
                 checkpoints.save(step, host_copy(state))
             if preempted:
@@ -373,7 +413,7 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
         state, host_state, hierarchy_values = refresh_on_host(state, config, reporter, info, end_of_epoch=True,
                                                               mesh=mesh)
         values = None
-        if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
+        if due(epoch + 1, config.eval.every_epochs) or epoch + 1 == config.num_epochs:
             values = {**evaluation.evaluate(p_embed, state, dataset, config,
                                             costly=evaluation.costly_metrics_due(config, epoch + 1), mesh=mesh),
                       **hierarchy_values}

@@ -86,12 +86,38 @@ def create_train_state(rng, config, model, info: data.DatasetInfo) -> TrainState
     params = variables["params"]
     if config.model.pretrained:
         backbone_params, backbone_stats, _ = convert_weights.load_pretrained(
-            config.model.pretrained, config.model.backbone, config.model.width)
+            config.model.pretrained, config.model.backbone, config.model.width,
+            patch_size=config.model.patch_size, image_size=info.image_shape[0])
         params = {**params, "backbone": backbone_params}
-        variables = {**variables, "batch_stats": {**variables["batch_stats"], "backbone": backbone_stats}}
+        if backbone_stats:  # a ViT has no BatchNorm
+            variables = {**variables, "batch_stats": {**variables["batch_stats"], "backbone": backbone_stats}}
     labels, groups = optim.parameter_groups(trainable(params, hierarchy), config.optim)
     optimizer = optim.create_optimizer(labels, groups, config.optim)
     return TrainState(
         step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32), params=params,
         batch_stats=variables.get("batch_stats", {}), hierarchy=hierarchy,
         opt_state=optimizer.init(trainable(params, hierarchy)), rng=run_rng)
+
+
+# --------------------------------------------------------------------------------------------- older layouts
+def v0_3_0_template(template: TrainState, config) -> TrainState:
+    """`template` (host copy) with the optimiser state laid out as hpl-jax 0.3.0 saved it
+    (optim.create_optimizer_v0_3_0): what a checkpoint of 0.3.0 is restored into before `from_v0_3_0` migrates it."""
+    tree = trainable(template.params, template.hierarchy)
+    labels, groups = optim.parameter_groups(tree, config.optim)
+    old_optimizer = optim.create_optimizer_v0_3_0(labels, groups, config.optim)
+    return jax.device_get(template.replace(opt_state=old_optimizer.init(tree)))
+
+
+def from_v0_3_0(old: TrainState, template: TrainState, config) -> TrainState:
+    """A train state restored in 0.3.0's layout (`v0_3_0_template`) in this version's: the same parameters,
+    statistics, proxies, groupings and counters, its optimiser state mapped into `template`'s
+    (optim.migrate_from_v0_3_0)."""
+    _, groups = optim.parameter_groups(trainable(old.params, old.hierarchy), config.optim)
+    return old.replace(opt_state=optim.migrate_from_v0_3_0(old.opt_state, template.opt_state, groups,
+                                                           updates_seen=old.step))
+
+
+# (version, the template of its layout, the migration to this version's) for every older layout a checkpoint
+# may hold; checkpointing.restore_checkpoint reads the one a checkpoint's tree matches.
+OLDER_LAYOUTS = (("0.3.0", v0_3_0_template, from_v0_3_0),)

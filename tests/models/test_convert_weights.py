@@ -1,12 +1,17 @@
-"""Converted PyTorch weights give the Flax backbones PyTorch's features (issue 6).
+"""Converted PyTorch weights give the Flax backbones PyTorch's features (issues 6 and 32).
 
-The PyTorch references are forward passes written here with torch.nn.functional (torchvision is not
+The CNN references are forward passes written here with torch.nn.functional (torchvision is not
 importable beside the pinned torch build), over state dicts with the torchvision / BN-Inception-port key
-names, random weights and random BatchNorm running statistics.
+names, random weights and random BatchNorm running statistics. The ViT references are timm's own models
+(`pip install --no-deps timm`; skipped without it) with random weights.
 """
+import importlib.util
 import json
 import math
 import os
+import re
+import sys
+from unittest import mock
 
 import jax
 import numpy as np
@@ -323,3 +328,193 @@ def test_command_line_reports_a_missing_tensor_and_exits(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"'bn1\.bias'"):
         convert_weights.main(["--arch", "resnet18", "--input", str(weights), "--output", str(tmp_path / "o")])
     assert not os.path.exists(tmp_path / "o")
+
+
+# ------------------------------------------------------------------------------------- Vision Transformers (issue 32)
+# The module names timm imports from torchvision when it is imported; its ViTs run none of their code.
+TORCHVISION_MODULES = ("torchvision", "torchvision.datasets", "torchvision.models",
+                       "torchvision.models.feature_extraction", "torchvision.ops", "torchvision.ops.misc",
+                       "torchvision.transforms", "torchvision.transforms.functional", "torchvision.utils")
+
+
+def import_timm():
+    """timm, or a skip where it is not installed. timm imports torchvision (its data transforms, a frozen BatchNorm);
+    where torchvision cannot be imported (PyPI's wheels are CUDA builds, which do not load beside the CPU build of
+    torch) stand-ins take its module names, which is all timm's ViTs need of it."""
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed (pip install --no-deps timm)")
+    try:
+        import torchvision  # noqa: F401
+    except (ImportError, RuntimeError):
+        for name in [name for name in sys.modules if name.split(".")[0] == "torchvision"]:
+            del sys.modules[name]
+        for name in TORCHVISION_MODULES:
+            sys.modules[name] = mock.MagicMock(name=name)
+    import timm
+    return timm
+
+
+def vit_state_dict(arch="vit_tiny", patch_size=16, image_size=224, seed=0, head=True):
+    """timm's ViT key names and PyTorch shapes (Linear [out, in], Conv2d OIHW), random values; float32 NumPy."""
+    width, depth, _ = models.VIT_LAYOUTS[arch]
+    grid = image_size // patch_size
+    rng = np.random.default_rng(seed)
+    state_dict = {"cls_token": rng.normal(0, 0.5, (1, 1, width)),
+                  "pos_embed": rng.normal(0, 0.5, (1, 1 + grid * grid, width)),
+                  "patch_embed.proj.weight": rng.normal(0, 0.05, (width, 3, patch_size, patch_size)),
+                  "patch_embed.proj.bias": rng.normal(0, 0.1, width)}
+
+    def linear(name, in_features, out_features):
+        state_dict[name + ".weight"] = rng.normal(0, 1 / math.sqrt(in_features), (out_features, in_features))
+        state_dict[name + ".bias"] = rng.normal(0, 0.1, out_features)
+
+    def norm(name):
+        state_dict[name + ".weight"] = rng.uniform(0.5, 1.5, width)
+        state_dict[name + ".bias"] = rng.normal(0, 0.1, width)
+
+    for index in range(depth):
+        prefix = f"blocks.{index}"
+        norm(prefix + ".norm1")
+        linear(prefix + ".attn.qkv", width, 3 * width)
+        linear(prefix + ".attn.proj", width, width)
+        norm(prefix + ".norm2")
+        linear(prefix + ".mlp.fc1", width, 4 * width)
+        linear(prefix + ".mlp.fc2", 4 * width, width)
+    norm("norm")
+    if head:
+        linear("head", width, 1000)
+    return {key: np.asarray(value, np.float32) for key, value in state_dict.items()}
+
+
+def randomize_timm(model, seed):
+    """timm's parameters redrawn at the scale of `vit_state_dict`: timm's own init (std 0.02) leaves the blocks'
+    contributions too small for the comparison to see each one."""
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name in ("cls_token", "pos_embed"):
+                value = rng.normal(0, 0.5, parameter.shape)
+            elif name.endswith(".bias"):
+                value = rng.normal(0, 0.1, parameter.shape)
+            elif parameter.ndim == 1:  # LayerNorm scales
+                value = rng.uniform(0.5, 1.5, parameter.shape)
+            elif parameter.ndim == 4:  # the patch projection
+                value = rng.normal(0, 0.05, parameter.shape)
+            else:  # Linear [out, in]
+                value = rng.normal(0, 1 / math.sqrt(parameter.shape[1]), parameter.shape)
+            parameter.copy_(torch.from_numpy(value.astype(np.float32)))
+
+
+def vit_features(arch, patch_size, params, images, pooling="token"):
+    model = models.Embedder(arch, embedding_dim=8, patch_size=patch_size, pooling=pooling)
+    return np.asarray(model.apply({"params": {"backbone": params}}, images, train=False, method="features"))
+
+
+def timm_tokens(model, images):
+    with torch.no_grad():
+        return model.forward_features(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+
+
+def assert_relative_close(got, expected, message):
+    """Within 1e-4 of the features' largest magnitude (which is of order 1)."""
+    assert got.shape == expected.shape, message
+    assert np.abs(expected).max() > 0.1, message
+    np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE * np.abs(expected).max(), err_msg=message)
+
+
+# (arch, patch size, another image size: the position embeddings resampled to its grid, up or down)
+SLOW = pytest.mark.slow
+TIMM_CASES = [
+    ("vit_tiny", 16, 160), ("vit_tiny", 14, 280),
+    pytest.param("vit_small", 16, 112, marks=SLOW), pytest.param("vit_small", 14, 154, marks=SLOW),
+    pytest.param("vit_base", 16, 288, marks=SLOW), pytest.param("vit_base", 14, 126, marks=SLOW),
+]
+
+
+@pytest.mark.parametrize("arch, patch_size, other_size", TIMM_CASES)
+def test_converted_vit_gives_timm_features_at_224_and_resampled_at_another_size(arch, patch_size, other_size,
+                                                                               tmp_path):
+    """timm's `forward_features(x)[:, 0]` (and the mean patch token) of `{arch}_patch16_224` with `patch_size`, its
+    random weights converted by the command line and read by load_pretrained as the trainer reads them; at another
+    size timm's model of that size loads the same weights through its own checkpoint filter (which resamples the
+    position embeddings)."""
+    timm = import_timm()
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    reference = timm.create_model(f"{arch}_patch16_224", pretrained=False, patch_size=patch_size).eval()
+    randomize_timm(reference, seed=patch_size)
+    weights = tmp_path / "model.safetensors"
+    write_safetensors(weights, {key: value.numpy() for key, value in reference.state_dict().items()})
+    output = tmp_path / "converted"
+    convert_weights.main(["--arch", arch, "--input", str(weights), "--output", str(output),
+                          "--preprocessing", "inception"])
+    for size in (224, other_size):
+        if size != 224:
+            resized = timm.create_model(f"{arch}_patch16_224", pretrained=False, patch_size=patch_size,
+                                        img_size=size).eval()
+            resized.load_state_dict(checkpoint_filter_fn(reference.state_dict(), resized))
+        params, batch_stats, metadata = convert_weights.load_pretrained(str(output), arch, patch_size=patch_size,
+                                                                        image_size=size)
+        assert batch_stats == {} and (metadata["patch_size"], metadata["image_size"]) == (patch_size, 224)
+        images = np.random.default_rng(size).normal(size=(2, size, size, 3)).astype(np.float32)
+        expected = timm_tokens(reference if size == 224 else resized, images)
+        message = f"{arch}, {patch_size}-pixel patches, {size} px"
+        assert_relative_close(vit_features(arch, patch_size, params, images), expected[:, 0], message)
+        if size == 224:
+            assert_relative_close(vit_features(arch, patch_size, params, images, "avg"), expected[:, 1:].mean(1),
+                                  message + ", mean patch token")
+
+
+def test_vit_report_drops_the_head_and_reads_patch_and_image_size():
+    params, batch_stats, report = convert_weights.convert_state_dict(vit_state_dict(patch_size=14, image_size=518),
+                                                                     "vit_tiny")
+    assert (report["patch_size"], report["image_size"]) == (14, 518)
+    assert report["unused_by_design"] == ["head.bias", "head.weight"] and report["ignored"] == [] and batch_stats == {}
+    assert params["pos_embed"].shape == (1, 1 + 37 * 37, 192)
+    state_dict = vit_state_dict()
+    params, _, _ = convert_weights.convert_state_dict(state_dict, "vit_tiny")
+    np.testing.assert_array_equal(params["blocks_3"]["attn"]["qkv"]["kernel"], state_dict["blocks.3.attn.qkv.weight"].T)
+    np.testing.assert_array_equal(params["patch_embed"]["kernel"],
+                                  state_dict["patch_embed.proj.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(params["norm"]["scale"], state_dict["norm.weight"])
+    np.testing.assert_array_equal(params["cls_token"], state_dict["cls_token"])
+
+
+@pytest.mark.parametrize("extra", ["blocks.0.ls1.gamma", "dist_token"])
+def test_vit_weights_with_parts_the_backbone_has_not_fail_naming_them(extra):
+    """LayerScale (DINOv2, CaiT) and DeiT's distillation token are not part of these ViTs."""
+    state_dict = vit_state_dict(head=False)
+    state_dict[extra] = np.ones((1, 1, 192) if extra == "dist_token" else 192, np.float32)
+    with pytest.raises(ValueError, match=re.escape(repr(extra))):
+        convert_weights.convert_state_dict(state_dict, "vit_tiny")
+    with pytest.raises(ValueError, match=r"no tensor 'blocks\.11\.norm1\.weight'|shape"):
+        convert_weights.convert_state_dict(vit_state_dict(head=False), "vit_small")
+
+
+def test_vit_conversion_needs_the_preprocessing_and_records_it(tmp_path, capsys):
+    weights = tmp_path / "vit.safetensors"
+    write_safetensors(weights, vit_state_dict(seed=1))
+    with pytest.raises(SystemExit, match="--preprocessing is needed for vit_tiny"):
+        convert_weights.main(["--arch", "vit_tiny", "--input", str(weights), "--output", str(tmp_path / "no")])
+    assert not os.path.exists(tmp_path / "no")
+    for name, mean in (("inception", [0.5, 0.5, 0.5]), ("imagenet", [0.485, 0.456, 0.406])):
+        convert_weights.main(["--arch", "vit_tiny", "--input", str(weights), "--output", str(tmp_path / name),
+                              "--preprocessing", name])
+        assert convert_weights.read_metadata(str(tmp_path / name))["preprocessing"]["mean"] == mean
+    assert "16-pixel patches, position embeddings learned at 224 px" in capsys.readouterr().out
+
+
+def test_load_pretrained_resamples_vit_position_embeddings_and_checks_the_patch_size(tmp_path):
+    state_dict = vit_state_dict(seed=2)
+    weights = tmp_path / "vit.pth"
+    torch.save({"model": {key: torch.from_numpy(value) for key, value in state_dict.items()}}, weights)
+    convert_weights.main(["--arch", "vit_tiny", "--input", str(weights), "--output", str(tmp_path / "out"),
+                          "--preprocessing", "imagenet"])
+    native, _, _ = convert_weights.load_pretrained(str(tmp_path / "out"), "vit_tiny")
+    np.testing.assert_array_equal(native["pos_embed"], state_dict["pos_embed"])
+    resized, _, _ = convert_weights.load_pretrained(str(tmp_path / "out"), "vit_tiny", patch_size=16, image_size=96)
+    np.testing.assert_allclose(resized["pos_embed"],
+                               models.resample_pos_embed(state_dict["pos_embed"], (6, 6)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(resized["blocks_0"]["mlp"]["fc1"]["kernel"],
+                                  native["blocks_0"]["mlp"]["fc1"]["kernel"])
+    with pytest.raises(ValueError, match="16-pixel patches but config.model.patch_size is 14"):
+        convert_weights.load_pretrained(str(tmp_path / "out"), "vit_tiny", patch_size=14)

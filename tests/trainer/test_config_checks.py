@@ -59,6 +59,7 @@ BAD_VALUES = {
     "model.dtype": ("float16",),
     "model.pretrained": ("/no/such/dir",),
     "model.conv_impl": ("winograd",),
+    "model.patch_size": (0,),
     "loss.base": ("triplet",),
     "loss.alpha": (0.0,),
     "loss.delta": (-0.1,),

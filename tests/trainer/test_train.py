@@ -20,6 +20,7 @@ from hpl_jax import grouping
 from hpl_jax import models
 from hpl_jax.core import hierarchy as hierarchy_lib
 from hpl_jax.data import datasets
+from hpl_jax.grouping import refresh as grouping_refresh
 from hpl_jax.trainer import checkpointing
 from hpl_jax.trainer import config_checks
 from hpl_jax.trainer import evaluation
@@ -69,8 +70,7 @@ def _run_steps(config, num_devices, num_steps, in_warmup=False, wrapper="pmap"):
     (jit + shard_map, what the loop runs)."""
     dataset, model, state, labels, groups = _setup(config)
     devices = jax.local_devices()[:num_devices]
-    step = functools.partial(train.train_step, model=model, config=config, labels=labels, groups=groups,
-                             in_warmup=in_warmup)
+    step = train.create_train_step(config, model, labels, groups, in_warmup=in_warmup)
     batches = (batch for epoch in range(num_steps) for batch in dataset.train_batches(epoch))
     batches = data.prefetch_to_devices(itertools.islice(batches, num_steps), devices=devices)
     if wrapper == "pmap":
@@ -122,12 +122,13 @@ def test_warmup_leaves_backbone_and_its_optimizer_state_untouched():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.allclose(initial.params["embedding"]["kernel"], after.params["embedding"]["kernel"])
     assert not np.allclose(initial.hierarchy.proxies[0], after.hierarchy.proxies[0])
-    inner = optim._partition_state(after.opt_state).inner_states
-    waiting = [g for g in inner if g.endswith("_after_warmup")]
+    _, groups = optim.parameter_groups(train_state.trainable(after.params, after.hierarchy), config.optim)
+    waiting = [group for group, (_, trains_in_warmup) in groups.items() if not trains_in_warmup]
     assert waiting, "the backbone should be in a group that waits for the end of warm-up"
     for group in waiting:
-        assert int(inner[group].inner_state.inner_state[0].count) == 0
-        for leaf in jax.tree_util.tree_leaves(inner[group].inner_state.inner_state[0].mu):
+        state = optax.tree_utils.tree_get(after.opt_state, group)
+        assert {int(count) for _, count in optax.tree_utils.tree_get_all_with_path(state, "count")} == {0}
+        for leaf in jax.tree_util.tree_leaves(optax.tree_utils.tree_get(state, "mu")):
             assert not np.any(np.asarray(leaf))
 
 
@@ -138,6 +139,66 @@ def test_proxies_learn_100x_faster_than_the_embedding():
     assert labels["proxies"][0] == "proxies_0_lr_x100" and labels["proxies"][1] == "proxies_1_lr_x100"
     assert labels["model"]["embedding"]["kernel"] == "lr_x1"
     assert groups["lr_x1_after_warmup"] == (1.0, False)
+
+
+def _small_tree():
+    """A trainable tree of the trainer's paths: a backbone and an embedding layer, two proxy levels."""
+    rng = np.random.default_rng(0)
+    leaf = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    return {"model": {"backbone": {"kernel": leaf(3, 2)}, "embedding": {"kernel": leaf(2, 2)}},
+            "proxies": (leaf(4, 2), leaf(2, 2))}
+
+
+def test_the_learning_rate_is_set_by_name_and_the_multiplier_scales_each_group():
+    config = tiny_config()
+    tree = _small_tree()
+    labels, groups = optim.parameter_groups(tree, config.optim)
+    optimizer = optim.create_optimizer(labels, groups, config.optim)
+    opt_state = optim.set_learning_rate(optimizer.init(tree), 0.5)
+    rates = optax.tree_utils.tree_get_all_with_path(opt_state, "learning_rate")
+    assert len(rates) == len(groups) and all(float(rate) == 0.5 for _, rate in rates)
+    grads = jax.tree_util.tree_map(jnp.ones_like, tree)
+    updates, _ = optimizer.update(grads, opt_state, tree, in_warmup=False)
+    # A first AdamW step moves each entry by about lr x multiplier (plus the tiny weight decay).
+    np.testing.assert_allclose(updates["model"]["embedding"]["kernel"], -0.5, rtol=1e-3)
+    np.testing.assert_allclose(updates["proxies"][1], -50.0, rtol=1e-3)
+
+
+def test_waiting_groups_are_masked_while_the_step_says_warm_up_whatever_their_counts():
+    """The warm-up is the step's `in_warmup` (the loop's choice by the epoch), not a count of updates: neither a
+    skipped non-finite step nor a reset can shift it."""
+    config = tiny_config()
+    tree = _small_tree()
+    labels, groups = optim.parameter_groups(tree, config.optim)
+    assert groups["lr_x1_after_warmup"] == (1.0, False)
+    optimizer = optim.create_optimizer(labels, groups, config.optim)
+    opt_state = optimizer.init(tree)
+    grads = jax.tree_util.tree_map(jnp.ones_like, tree)
+    updates, warm = optimizer.update(grads, opt_state, tree, in_warmup=True)
+    assert not np.any(updates["model"]["backbone"]["kernel"]) and np.all(updates["model"]["embedding"]["kernel"])
+    waiting = optax.tree_utils.tree_get(warm, "lr_x1_after_warmup")
+    assert {int(count) for _, count in optax.tree_utils.tree_get_all_with_path(waiting, "count")} == {0}
+    assert int(optax.tree_utils.tree_get(optax.tree_utils.tree_get(warm, "lr_x1"), "ScaleByAdamState").count) == 1
+    updates, trained = optimizer.update(grads, warm, tree, in_warmup=False)
+    assert np.all(updates["model"]["backbone"]["kernel"])
+    # The waiting group's first step after the warm-up is a fresh AdamW's first step.
+    np.testing.assert_allclose(updates["model"]["backbone"]["kernel"], -config.optim.lr, rtol=1e-3)
+
+
+def test_a_reset_gives_the_named_groups_a_fresh_state_and_keeps_the_others():
+    config = tiny_config()
+    tree = _small_tree()
+    labels, groups = optim.parameter_groups(tree, config.optim)
+    optimizer = optim.create_optimizer(labels, groups, config.optim)
+    grads = jax.tree_util.tree_map(jnp.ones_like, tree)
+    _, trained = optimizer.update(grads, optimizer.init(tree), tree, in_warmup=False)
+    reset = optim.reset_group_states(trained, ["proxies_1_lr_x100"], tree, labels, groups, config.optim)
+    fresh = optimizer.init(tree)
+    for group in groups:
+        expected = fresh if group == "proxies_1_lr_x100" else trained
+        for a, b in zip(jax.tree_util.tree_leaves(optax.tree_utils.tree_get(reset, group)),
+                        jax.tree_util.tree_leaves(optax.tree_utils.tree_get(expected, group))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=group)
 
 
 @pytest.mark.slow
@@ -183,10 +244,11 @@ def test_refresh_regroups_without_empty_groups_and_resets_moments():
     after = np.asarray(refreshed.hierarchy.parents[0])
     assert not np.array_equal(before, after)
     assert np.all(np.bincount(after, minlength=3) >= 1)
-    inner = optim._partition_state(refreshed.opt_state).inner_states
-    fine, coarse = (inner[f"proxies_{level}_lr_x100"].inner_state.inner_state[0] for level in (0, 1))
-    assert int(coarse.count) == 0 and not np.any(np.asarray(coarse.mu["proxies"][1]))
-    assert int(fine.count) == 3 and np.any(np.asarray(fine.mu["proxies"][0]))
+    fine, coarse = (optax.tree_utils.tree_get(refreshed.opt_state, f"proxies_{level}_lr_x100") for level in (0, 1))
+    assert {int(count) for _, count in optax.tree_utils.tree_get_all_with_path(coarse, "count")} == {0}
+    assert not np.any(np.asarray(optax.tree_utils.tree_get(coarse, "mu")["proxies"][1]))
+    assert {int(count) for _, count in optax.tree_utils.tree_get_all_with_path(fine, "count")} == {3}
+    assert np.any(np.asarray(optax.tree_utils.tree_get(fine, "mu")["proxies"][0]))
 
 
 @pytest.mark.slow
@@ -195,7 +257,7 @@ def test_the_state_starts_without_kmeans_and_the_jax_backend_makes_the_first_and
     config = tiny_config(**{"hpl.kmeans_backend": "jax"})
     calls = []
     kmeans_grouping = grouping.kmeans_grouping
-    monkeypatch.setattr(hierarchy_lib, "kmeans_grouping",
+    monkeypatch.setattr(grouping_refresh, "kmeans_grouping",
                         lambda *args, **kwargs: calls.append(kwargs["backend"]) or kmeans_grouping(*args, **kwargs))
     _, _, state, _, _ = _setup(config)
     # The loop's first grouping (or a restore) replaces the initial one: no k-means is made for it.
@@ -226,8 +288,8 @@ def test_a_reset_coarse_proxy_takes_the_step_of_a_fresh_adamw():
     tree = train_state.trainable(refreshed.params, refreshed.hierarchy)
     grads = jax.tree_util.tree_map(
         lambda x: jnp.asarray(np.random.default_rng(x.size).normal(size=x.shape), x.dtype), tree)
-    opt_state = optim.set_learning_rates(refreshed.opt_state, groups, config.optim.lr)
-    updates, _ = optim.create_optimizer(labels, groups, config.optim).update(grads, opt_state, tree)
+    opt_state = optim.set_learning_rate(refreshed.opt_state, config.optim.lr)
+    updates, _ = optim.create_optimizer(labels, groups, config.optim).update(grads, opt_state, tree, in_warmup=False)
 
     proxy_lr = config.optim.lr * 100
     coarse = refreshed.hierarchy.proxies[1]
@@ -242,8 +304,10 @@ def test_a_reset_coarse_proxy_takes_the_step_of_a_fresh_adamw():
 def _gradients(config, num_devices):
     dataset, model, state, labels, groups = _setup(config)
     devices = jax.local_devices()[:num_devices]
-    grad_fn = jax.pmap(functools.partial(train.loss_and_gradients, model=model, config=config, labels=labels,
-                                         groups=groups, in_warmup=False), axis_name=train.AXIS, devices=devices)
+    grad_fn = jax.pmap(functools.partial(train.loss_and_gradients, model=model, loss_fn=train.create_loss_fn(config),
+                                         normalize_fn=functools.partial(data.normalize_pixels,
+                                                                        dataset_config=config.dataset)),
+                       axis_name=train.AXIS, devices=devices)
     batch = data.shard_for_devices(next(dataset.train_batches(0)), num_devices)
     total, _, _, grads = grad_fn(flax.jax_utils.replicate(state, devices), batch)
     return float(total[0]), jax.device_get(sharding.unreplicate(grads))
@@ -319,7 +383,8 @@ def test_the_compilation_cache_keeps_the_programs_a_restart_loads(tmp_path):
     cache = tmp_path / "compile_cache"
     # Every program is kept (the default keeps those that took >= 1 s to compile).
     code = ("import jax; jax.config.update('jax_persistent_cache_min_compile_time_secs', 0); "
-            "from absl import app; from hpl_jax import cli, main; app.run(main.main, flags_parser=cli.parse_flags)")
+            "from absl import app; from hpl_jax import main; from hpl_jax.trainer import cli; "
+            "app.run(main.main, flags_parser=cli.parse_flags)")
     first = _main(str(tmp_path / "run"), "--config.num_epochs=1", f"--config.compilation_cache_dir={cache}",
                   code=code)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -537,8 +602,7 @@ def test_progress_lines_read_the_metrics_one_step_behind(tmp_path, monkeypatch):
 def test_skip_nonfinite_steps_leaves_the_state_as_it_was_but_for_the_step():
     config = tiny_config(**{"optim.warmup_epochs": 0, "optim.skip_nonfinite_steps": True})
     dataset, model, state, labels, groups = _setup(config)
-    step_fn = jax.pmap(functools.partial(train.train_step, model=model, config=config, labels=labels,
-                                         groups=groups, in_warmup=False), axis_name=train.AXIS)
+    step_fn = jax.pmap(train.create_train_step(config, model, labels, groups, in_warmup=False), axis_name=train.AXIS)
     batch = data.shard_for_devices(next(dataset.train_batches(0)), 2)
     replicated = sharding.replicate(state, train.AXIS)
     after, metrics = step_fn(replicated, batch)
@@ -660,3 +724,9 @@ def test_a_failed_save_stops_the_run_and_a_rerun_resumes_with_best_consistent(tm
     best = ocp.CheckpointManager(os.path.join(tmp_path, "best"))
     assert best.all_steps() == [5 * summary["best"]["epoch"]] and summary["best_checkpoint_epoch"] == summary["best"]["epoch"]
     assert sorted(summary["history"], key=int) == ["0", "1", "2", "3"]
+
+
+def test_due_is_the_loops_one_cadence():
+    assert [count for count in range(1, 13) if train.due(count, 5)] == [5, 10]
+    assert [count for count in range(1, 4) if train.due(count, 1)] == [1, 2, 3]
+    assert not any(train.due(count, 0) for count in range(1, 10))  # 0 = off (refresh_every_steps, every_steps)
