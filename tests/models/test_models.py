@@ -349,8 +349,8 @@ def convolutions_in_lowered_steps(conv_impl, platform):
     config.model.conv_impl = conv_impl
     model = models.create_model(config.model, bn_axis_name=train.AXIS, platform=platform)
     labels, groups = optim.parameter_groups(train_state.trainable(state.params, state.hierarchy), config.optim)
-    train_step = jax.pmap(functools.partial(train.train_step, model=model, config=config, labels=labels,
-                                            groups=groups, in_warmup=False), axis_name=train.AXIS)
+    train_step = jax.pmap(train.create_train_step(config, model, labels, groups, in_warmup=False),
+                          axis_name=train.AXIS)
     embed_step = jax.pmap(functools.partial(evaluation.embed_step, model=model, dataset_config=config.dataset),
                           axis_name=train.AXIS)
     return tuple(step.lower(state_shapes, batch_shapes).as_text().count("stablehlo.convolution")

@@ -239,3 +239,40 @@ def test_a_vit_tiny_trains_the_embedded_default_end_to_end(tmp_path):
     result = train.train_and_evaluate(config, str(tmp_path))
     assert set(result["history"]) == {0, 1, 2}
     assert all(np.isfinite(values["map@r"]) for values in result["history"].values())
+
+
+@pytest.mark.slow
+def test_a_vit_backbone_exported_here_fine_tunes_from_its_weights(tmp_path):
+    """The pretraining pipeline with a ViT: a run exports its backbone (no BatchNorm statistics), and a fine-tuning
+    run on other data starts from exactly those weights (the backbone waits out the warm-up's first step)."""
+    from configs import finetune_synthetic_sop
+    from hpl_jax.models import convert
+    from hpl_jax.trainer import restore
+
+    source = vit_config(**{"model.width": 0.25, "model.embedding_dim": 16, "dataset.image_size": 16,
+                           "dataset.resize_size": 18, "dataset.synthetic.num_families": 3,
+                           "dataset.synthetic.classes_per_family": 4, "dataset.synthetic.images_per_class": 7,
+                           "dataset.num_val_classes": 0, "hpl.weights": (1.0,), "batch_size": 16,
+                           "eval.batch_size": 16, "eval.nmi": False, "num_epochs": 1, "steps_per_epoch": 1,
+                           "export_backbone": True})
+    train.train_and_evaluate(source, str(tmp_path / "source"))
+    exported = str(tmp_path / "source" / "backbone")
+    params, batch_stats, metadata = convert.load_pretrained(exported, "vit_tiny", 0.25, patch_size=4, image_size=16)
+    assert batch_stats == {} and metadata["architecture"] == "vit_tiny"
+
+    config = finetune_synthetic_sop.get_config()
+    config.update_from_flattened_dict({
+        "model.pretrained": exported, "model.backbone": "vit_tiny", "model.pooling": "token", "model.patch_size": 4,
+        "model.width": 0.25, "model.embedding_dim": 16, "dataset.image_size": 16, "dataset.resize_size": 18,
+        "dataset.synthetic_sop.num_super_classes": 2, "dataset.synthetic_sop.sub_families_per_super_class": 2,
+        "dataset.synthetic_sop.classes_per_sub_family": 4, "dataset.synthetic_sop.images_per_class": (2, 4),
+        "dataset.num_val_classes": 0, "hpl.num_coarse": (3,), "batch_size": 16, "eval.batch_size": 16,
+        "num_epochs": 1, "steps_per_epoch": 1})
+    assert config.optim.warmup_epochs >= 1
+    result = train.train_and_evaluate(config, str(tmp_path / "target"))
+    assert np.isfinite(result["last"]["map@r"])
+    tuned = restore.restore_run(str(tmp_path / "target")).state
+    assert int(tuned.step) == 1
+    for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(tuned.params["backbone"])[0],
+                                 jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
