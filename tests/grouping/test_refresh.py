@@ -11,11 +11,7 @@ import sklearn.cluster
 
 from hpl_jax import grouping
 from hpl_jax.core import hierarchy as hier
-
-
-def _normalise(x):
-    x = np.asarray(x, np.float64)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+from tests.core.test_hierarchy import _normalise, _random_hierarchy
 
 
 def _normalised_group_means(vectors, assignment, k):
@@ -31,17 +27,6 @@ def _same_partition(a, b):
     a, b = np.asarray(a), np.asarray(b)
     pairs = set(zip(a.tolist(), b.tolist()))
     return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
-
-
-def _random_hierarchy(seed, sizes, dim):
-    """A hierarchy with random proxies at every level and random valid parent maps (every proxy a child)."""
-    rng = np.random.default_rng(seed)
-    proxies = tuple(jnp.asarray(rng.normal(size=(k, dim)), jnp.float32) for k in sizes)
-    parents = []
-    for below, size in zip(sizes[:-1], sizes[1:]):
-        parent_map = np.concatenate([np.arange(size), rng.integers(0, size, below - size)])
-        parents.append(jnp.asarray(rng.permutation(parent_map), jnp.int32))
-    return hier.ProxyHierarchy(proxies=proxies, parents=tuple(parents))
 
 
 def _assert_centres_of_children(h, level, children):
