@@ -7,7 +7,7 @@ the path this config reads unless --config.model.pretrained names another. Then:
 Flat Proxy-Anchor from the same backbone: add --config.hpl.weights='(1.0,)'.
 
 The recipe (`finetune_recipe`, also configs/finetune_synthetic_sop.py's) is the published Proxy-Anchor fine-tuning
-of an ImageNet backbone (METHOD.md, "Recipe"), fixed before any fine-tuning run was read: BatchNorm frozen at the
+of an ImageNet backbone (docs/method.md), fixed before any fine-tuning run was read: BatchNorm frozen at the
 pretrained statistics, a first epoch that trains only the embedding layer and the proxies, AdamW at lr 1e-4 with
 the proxies at 100x, weight decay 1e-4; everything else is configs/default.py's (12 epochs, lr halved every 5).
 Results against training from scratch, and HPL against Proxy-Anchor in this regime: docs/study.md.

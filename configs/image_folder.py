@@ -10,6 +10,9 @@ GPU host (all its GPUs, one process):
   python -m hpl_jax.main --config=configs/image_folder.py --workdir=/tmp/hpl_mine \
       --config.dataset.data_dir=/data/my_images --config.model.pretrained=/path/to/resnet50
   (or launch/gpu_host.sh with the same flags)
+/path/to/resnet50: torchvision's ImageNet weights, converted once with
+  python -m hpl_jax.convert_weights --arch resnet50 --input resnet50-0676ba61.pth --output /path/to/resnet50
+(docs/datasets.md, "ImageNet-pretrained weights"); the recipe fine-tunes them.
 TPU pod (every host must see ROOT, e.g. on GCS):
   launch/tpu_pod.sh --config=configs/image_folder.py --workdir=gs://BUCKET/hpl_mine \
       --config.dataset.data_dir=gs://BUCKET/my_images --config.model.pretrained=gs://BUCKET/resnet50

@@ -1,7 +1,9 @@
-"""The public Proxy-Anchor recipe for ImageNet-pretrained ResNet-50 at 224x224 (METHOD.md, "Training recipe"):
+"""The public Proxy-Anchor recipe for ImageNet-pretrained ResNet-50 at 224x224 (docs/method.md, "Training recipe"):
 the base of every real-dataset config, with CUB's schedule; each dataset file overrides what differs.
 
-Not run on its own: it names no dataset. Each field is documented in configs/default.py.
+Not run on its own: it names no dataset. Each field is documented in configs/default.py. The recipe fine-tunes an
+ImageNet-pretrained backbone (lr 1e-4, BatchNorm frozen where the dataset keeps it so): every real-dataset run passes
+--config.model.pretrained, weights converted once with python -m hpl_jax.convert_weights (docs/datasets.md).
 """
 from configs import default
 
@@ -15,7 +17,7 @@ def get_config():
     config.dataset.color_order = "rgb"
     config.dataset.pixel_scale = 1.0
     # The published protocol trains on every training class and reports the best test epoch by Recall@1
-    # (METHOD.md). For honest hyperparameter choices hold out validation classes instead, e.g.
+    # (docs/method.md). For honest hyperparameter choices hold out validation classes instead, e.g.
     # --config.dataset.num_val_classes=20 --config.checkpoint.best_metric=map@r.
     config.dataset.num_val_classes = 0
 

@@ -1,4 +1,4 @@
-"""In-Shop Clothes Retrieval: HPL on Proxy-Anchor, ResNet-50, 512-d, Proxy-Anchor's In-Shop recipe (METHOD.md).
+"""In-Shop Clothes Retrieval: HPL on Proxy-Anchor, ResNet-50, 512-d, Proxy-Anchor's In-Shop recipe (docs/method.md).
 
 Data: the TFDS builder `inshop_clothes` of this project (hpl_jax/data/inshop.py) reads the official files from
 --config.dataset.manual_dir: unzip Img/img.zip there (MANUAL_DIR/img/WOMEN/Dresses/...) and copy
@@ -15,6 +15,9 @@ GPU host (all its GPUs, one process):
   python -m hpl_jax.main --config=configs/inshop.py --workdir=/tmp/hpl_inshop \
       --config.dataset.manual_dir=/data/inshop --config.model.pretrained=/path/to/resnet50
   (or launch/gpu_host.sh with the same flags)
+/path/to/resnet50: torchvision's ImageNet weights, converted once with
+  python -m hpl_jax.convert_weights --arch resnet50 --input resnet50-0676ba61.pth --output /path/to/resnet50
+(docs/datasets.md, "ImageNet-pretrained weights"); the recipe fine-tunes them.
 TPU pod (e.g. v4-16, 8 chips on 2 hosts; prepare once first with `tfds build --imports=hpl_jax.inshop
 inshop_clothes --data_dir=gs://BUCKET/tensorflow_datasets --manual_dir=/data/inshop`):
   launch/tpu_pod.sh --config=configs/inshop.py --workdir=gs://BUCKET/hpl_inshop \
@@ -23,7 +26,7 @@ Flat Proxy-Anchor, the baseline: add --config.hpl.weights='(1.0,)'.
 
 Expected runtime (estimate, not measured): 60 epochs of 215 steps, about 2 hours on one A100-class GPU fed by
 16 CPU cores.
-Compare with: Proxy-Anchor's official code, BN-Inception 512-d, In-Shop Recall@1 91.9 (METHOD.md; no ResNet-50
+Compare with: Proxy-Anchor's official code, BN-Inception 512-d, In-Shop Recall@1 91.9 (docs/method.md; no ResNet-50
 figure there).
 """
 from configs import imagenet_recipe
@@ -36,7 +39,7 @@ def get_config():
     config.model.bn_frozen = False
 
     # K_1 = 256: about 16 items per coarse proxy, far finer than the 23 garment categories (the paper's K_1 is not
-    # recoverable here, METHOD.md).
+    # recoverable here, docs/method.md).
     config.hpl.num_coarse = (256,)
 
     config.optim.lr = 6e-4

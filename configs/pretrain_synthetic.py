@@ -2,7 +2,7 @@
 
 Data: `hpl_jax/data/synthetic_source.py`, 6 draws of the SOP-like generator and 6 of the default one at data seeds
 1000-1005 (none a target's: the study's targets use data seeds 0-2), 36 x 36 cropped to 32 x 32: 6,000 training
-classes, 36,006 training photos; its test split (the draws' unseen classes) is evaluated as retrieval, the
+classes, 35,696 training photos; its test split (the draws' unseen classes) is evaluated as retrieval, the
 pretraining's own check. Task: classification of the training classes by a normalised softmax (Proxy-NCA with the
 positive in the denominator, T = 0.1: a softmax over cosine / 0.05, Zhai & Wu 2019; hpl_jax/trainer/pretraining.py), the
 whole network training from epoch 0 with BatchNorm in train mode, as an ImageNet classifier does. The backbone is
@@ -11,11 +11,12 @@ the targets' (ResNet-18 at width 0.25, configs/default.py), so its weights fit t
 Run (no download; the last state's backbone goes to WORKDIR/backbone):
   python -m hpl_jax.main --config=configs/pretrain_synthetic.py --workdir=/tmp/hpl_pretrain
 Fine-tune from it with the Proxy-Anchor recipe (frozen BN, a warm-up of the head and the proxies, lr 1e-4, proxies
-at 100x):
+at 100x): configs/finetune_synthetic_sop.py (SOP-like data) or configs/finetune_default.py (default data), e.g.
   python -m hpl_jax.main --config=configs/finetune_synthetic_sop.py --workdir=/tmp/hpl_ft_sop \
     --config.model.pretrained=/tmp/hpl_pretrain/backbone
-This recipe was fixed before any fine-tuning run was read; wall time and the source's test metrics: docs/study.md,
-"From pretrained features".
+This recipe was fixed before any fine-tuning run was read. The pretraining's wall time and its test metrics:
+docs/training.md, "Pretraining a backbone here"; what fine-tuning from it gives: docs/study.md, "From pretrained
+features".
 """
 from configs import default
 

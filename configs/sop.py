@@ -1,4 +1,4 @@
-"""Stanford Online Products: HPL on Proxy-Anchor, ResNet-50, 512-d, Proxy-Anchor's SOP recipe (METHOD.md).
+"""Stanford Online Products: HPL on Proxy-Anchor, ResNet-50, 512-d, Proxy-Anchor's SOP recipe (docs/method.md).
 
 Data: TFDS `stanford_online_products` (Stanford_Online_Products.zip, 3.1 GB, which TFDS fetches from
 ftp://cs.stanford.edu/cs/cvgl/; if that fails place the zip in --config.dataset.manual_dir); its train split
@@ -15,6 +15,9 @@ GPU host (all its GPUs, one process):
   python -m hpl_jax.main --config=configs/sop.py --workdir=/tmp/hpl_sop \
       --config.dataset.data_dir=$HOME/tensorflow_datasets --config.model.pretrained=/path/to/resnet50
   (or launch/gpu_host.sh with the same flags)
+/path/to/resnet50: torchvision's ImageNet weights, converted once with
+  python -m hpl_jax.convert_weights --arch resnet50 --input resnet50-0676ba61.pth --output /path/to/resnet50
+(docs/datasets.md, "ImageNet-pretrained weights"); the recipe fine-tunes them.
 TPU pod (e.g. v4-16, 8 chips on 2 hosts; prepare once first with
 `tfds build stanford_online_products --data_dir=gs://BUCKET/tensorflow_datasets`):
   launch/tpu_pod.sh --config=configs/sop.py --workdir=gs://BUCKET/hpl_sop \
@@ -23,7 +26,7 @@ Flat Proxy-Anchor, the baseline: add --config.hpl.weights='(1.0,)'.
 
 Expected runtime (estimate, not measured): 60 epochs of 496 steps, about 4-5 hours on one A100-class GPU fed by
 16 CPU cores; every start first reads the labels of all records (the 3 GB are read, no image is decoded).
-Compare with: Proxy-Anchor's official code, BN-Inception 512-d, SOP Recall@1 79.2 (METHOD.md; no ResNet-50
+Compare with: Proxy-Anchor's official code, BN-Inception 512-d, SOP Recall@1 79.2 (docs/method.md; no ResNet-50
 figure there); HPL's own table (BN-Inception) gives P@1 / R-Precision / MAP@R 76.97 / 51.97 / 49.07.
 """
 from configs import imagenet_recipe

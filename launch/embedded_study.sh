@@ -36,7 +36,7 @@ PYTHON="${PYTHON:-python}"
 # since. The synthetic_sop sweeps keep their 10 epochs (the study's runs; 30 would triple the study's time), except
 # sop_long, sop_w1_long and sop_k1_long, which train 30.
 SOP10=(--set=num_epochs=10)
-NCA=(--set=loss.base=proxy_nca '--set=optim.lr_mults=(("proxies/.*",1.0),)')   # METHOD.md: NCA proxies at 1 x lr
+NCA=(--set=loss.base=proxy_nca '--set=optim.lr_mults=(("proxies/.*",1.0),)')   # docs/method.md: NCA proxies at 1 x lr
 
 sweep() {  # sweep DATASET QUESTION SWEEP-FLAGS...
   local dataset="$1" question="$2"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One host, all its GPUs: a single hpl_jax.main process whose pmap spans every visible GPU. No
-# jax.distributed is needed for one process.
+# One host, all its GPUs: a single hpl_jax.main process whose train step, jax.jit of jax.shard_map, runs on a
+# mesh of every visible GPU (hpl_jax/trainer/sharding.py). No jax.distributed is needed for one process.
 #
-# Needs: NVIDIA GPUs with a CUDA 12 driver, and the project's environment with the GPU build of JAX:
-#          pip install -r requirements.txt "jax[cuda12]>=0.10.2,<0.11"
+# Needs: NVIDIA GPUs, and the project's environment with the CUDA build of JAX that matches the driver:
+#          pip install -r requirements.txt "jax[cuda13]>=0.10.2,<0.11"   (jax[cuda12] for a CUDA 12 driver;
+#        the recorded H200 runs used jax 0.11.2 with CUDA 13: docs/scaling.md, "Installing JAX for an accelerator")
 #        config.batch_size and config.eval.batch_size must divide by the number of GPUs.
 # Usage:   launch/gpu_host.sh --config=CONFIG --workdir=WORKDIR [more hpl_jax.main flags...]
 # Example: launch/gpu_host.sh --config=configs/cub.py --workdir=/data/runs/cub_r50 \

@@ -10,7 +10,8 @@
 # Usage:   [TPU_NAME=NAME] [ZONE=ZONE] launch/tpu_pod.sh --config=CONFIG --workdir=gs://BUCKET/DIR [more flags...]
 # Example: TPU_NAME=hpl-v4-16 ZONE=us-central2-b ACCELERATOR_TYPE=v4-16 launch/tpu_pod.sh \
 #            --config=configs/sop.py --workdir=gs://my-bucket/hpl_sop \
-#            --config.dataset.data_dir=gs://my-bucket/tensorflow_datasets
+#            --config.dataset.data_dir=gs://my-bucket/tensorflow_datasets \
+#            --config.model.pretrained=gs://my-bucket/resnet50
 # Environment:
 #   TPU_NAME          the slice's name (default: hpl-jax)
 #   ZONE              the TPU zone (default: gcloud's compute/zone)

@@ -13,7 +13,7 @@ Flat Proxy-Anchor, the table's baseline: add --config.hpl.weights='(1.0,)'.
 
 Validation every 5 epochs of 100 iterations, early stopping after 14 epochs without a better validation MAP@R.
 Expected runtime (estimate, not measured): about an hour per fold on one A100-class GPU.
-Compare with (METHOD.md, concatenated 512-d, P@1 / R-Precision / MAP@R): Proxy-Anchor 86.38 / 37.53 / 27.77,
+Compare with (docs/method.md, concatenated 512-d, P@1 / R-Precision / MAP@R): Proxy-Anchor 86.38 / 37.53 / 27.77,
 HPL on Proxy-Anchor 86.84 / 38.36 / 28.67.
 """
 from configs.mlrc import protocol

@@ -15,7 +15,7 @@ Flat Proxy-Anchor, the table's baseline: add --config.hpl.weights='(1.0,)'.
 Validation every 2 epochs of 100 iterations, early stopping after 9 epochs without a better validation MAP@R.
 Expected runtime (estimate, not measured): a few hundred epochs of 100 steps of 32 images per fold, under an
 hour per fold on one A100-class GPU.
-Compare with (METHOD.md, concatenated 512-d, P@1 / R-Precision / MAP@R): Proxy-Anchor 67.64 / 37.29 / 26.47,
+Compare with (docs/method.md, concatenated 512-d, P@1 / R-Precision / MAP@R): Proxy-Anchor 67.64 / 37.29 / 26.47,
 HPL on Proxy-Anchor 68.25 / 37.57 / 26.72.
 """
 from configs.mlrc import protocol

@@ -1,4 +1,4 @@
-"""The protocol of "A Metric Learning Reality Check" (Musgrave et al., ECCV 2020; METHOD.md), under which the HPL
+"""The protocol of "A Metric Learning Reality Check" (Musgrave et al., ECCV 2020; docs/method.md), under which the HPL
 paper's Tables 1-3 were made: the base of configs/mlrc/{cub,cars,sop}.py (each sets its dataset and its
 validation interval and patience). Not run on its own: it names no dataset. Every field is documented in
 configs/default.py.
@@ -23,7 +23,7 @@ from Proxy-Anchor's init (normal, std sqrt(2/d)) rather than PyTorch's Linear de
 differ slightly (data.fold_split); SOP's halves are the dataset's own train/test files (11,318 / 11,316
 products) where MLRC halves the sorted product ids.
 
-Unknown (METHOD.md): HPL's own settings under this protocol. MLRC tuned the proxies' optimiser (RMSprop, its
+Unknown (docs/method.md): HPL's own settings under this protocol. MLRC tuned the proxies' optimiser (RMSprop, its
 learning rate searched in [1e-6, 1] by Bayesian optimisation) and published no value for Proxy-Anchor, which it
 did not benchmark; the proxies here keep the Proxy-Anchor recipe's 100x of the base learning rate (1e-4), and
 alpha 32 / delta 0.1. HPL's w = (1.0, 0.1) and K_1 per dataset are as in configs/{cub,cars,sop}.py.

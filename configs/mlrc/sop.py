@@ -15,7 +15,7 @@ Flat Proxy-Anchor, the table's baseline: add --config.hpl.weights='(1.0,)'.
 Validation every 20 epochs of 100 iterations, early stopping after 39 epochs without a better validation MAP@R.
 Every evaluation also embeds the 60,502 test images (logged, never used for selection).
 Expected runtime (estimate, not measured): several hours per fold on one A100-class GPU.
-Compare with (METHOD.md, concatenated 512-d, P@1 / R-Precision / MAP@R): Proxy-Anchor 76.12 / 50.82 / 47.88,
+Compare with (docs/method.md, concatenated 512-d, P@1 / R-Precision / MAP@R): Proxy-Anchor 76.12 / 50.82 / 47.88,
 HPL on Proxy-Anchor 76.97 / 51.97 / 49.07.
 """
 from configs.mlrc import protocol

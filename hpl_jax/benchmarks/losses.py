@@ -2,7 +2,7 @@
 
     python -m hpl_jax.benchmarks.losses [--batch 180 --dim 512 --num_classes 11318 --num_coarse 512]
 
-Defaults are SOP scale (METHOD.md: 11,318 training classes, batch 180, d = 512) with a 2-level hierarchy,
+Defaults are SOP scale (docs/method.md: 11,318 training classes, batch 180, d = 512) with a 2-level hierarchy,
 on random data with a fixed seed. Each function is jit-compiled (compile excluded), differentiated w.r.t.
 the embeddings and every level's proxies, and timed with block_until_ready; the functions are timed in
 turn within each repeat so that a load shared with other processes hits all of them alike, and the
@@ -65,7 +65,7 @@ def time_against_bound(*, batch: int, dim: int, num_classes: int, num_coarse: in
     labels = jax.random.randint(keys[1], (batch,), 0, num_classes)
     fine = jax.random.normal(keys[2], (num_classes, dim))
     coarse = jax.random.normal(keys[3], (num_coarse, dim))
-    # Every coarse proxy keeps at least one child (METHOD.md), as after a k-means refresh.
+    # Every coarse proxy keeps at least one child (docs/method.md), as after a k-means refresh.
     parents = jax.random.permutation(keys[4], jnp.arange(num_classes) % num_coarse)
     parents = parents.astype(jnp.int32)
     similarity_grads = [jax.random.normal(keys[5], (batch, n)) for n in (num_classes, num_coarse)]

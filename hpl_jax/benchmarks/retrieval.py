@@ -2,7 +2,7 @@
 
     python -m hpl_jax.benchmarks.retrieval [--num_items 60502 --num_classes 11316 --dim 512 --repeats 3]
 
-Defaults are the SOP test split (METHOD.md: 60,502 images of 11,316 classes in 12 super-classes, d = 512):
+Defaults are the SOP test split (docs/method.md: 60,502 images of 11,316 classes in 12 super-classes, d = 512):
 random unit vectors with a planted structure (each super-class a random centre, each class its super-class's
 centre plus noise, each item its class's centre plus Gaussian noise of norm about --noise), class sizes 2-12,
 fixed seed. Timed, in turn within each repeat so that a load shared with other processes hits all alike, and

@@ -1,4 +1,4 @@
-"""The proxy hierarchy of HPL (METHOD.md, "The hierarchy").
+"""The proxy hierarchy of HPL (docs/method.md, "The hierarchy").
 
 Levels l = 0..L. Level 0 holds one fine proxy per training class; level l >= 1 holds K_l coarse proxies.
 The parent map a^l sends each proxy of level l-1 to one proxy of level l, so a sample's label at level l is
@@ -67,7 +67,7 @@ def lift_labels(labels: jax.Array, parents: Tuple[jax.Array, ...]) -> Tuple[jax.
 
 
 def group_sizes(hierarchy: ProxyHierarchy) -> Tuple[jax.Array, ...]:
-    """Number of children of every coarse proxy (METHOD.md: every coarse proxy keeps at least one child).
+    """Number of children of every coarse proxy (docs/method.md: every coarse proxy keeps at least one child).
 
     Works on the host and under jit.
 
@@ -81,7 +81,7 @@ def group_sizes(hierarchy: ProxyHierarchy) -> Tuple[jax.Array, ...]:
 
 
 def init_proxies(rng: jax.Array, num_proxies: int, dim: int) -> jax.Array:
-    """Initial proxies, normal with std sqrt(2 / num_proxies) (METHOD.md, "Training recipe": Proxies).
+    """Initial proxies, normal with std sqrt(2 / num_proxies) (docs/method.md, "Training recipe": Proxies).
 
     This is PyTorch's untruncated kaiming-normal in fan-out mode on a [num_proxies, dim] matrix, which the
     official Proxy-Anchor code uses.
@@ -104,7 +104,7 @@ def host_matrix(vectors) -> np.ndarray:
 
 
 def l2_normalised(vectors: np.ndarray) -> np.ndarray:
-    """Rows of f64[n, d] scaled to unit L2 norm (the cosine geometry of METHOD.md)."""
+    """Rows of f64[n, d] scaled to unit L2 norm (the cosine geometry of docs/method.md)."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors / np.maximum(norms, _NORM_EPS)
 
@@ -118,7 +118,7 @@ def cluster_means(vectors: np.ndarray, assignment: np.ndarray, num_clusters: int
 
 
 def validate_parents(parents: Sequence, level_sizes: Sequence[int]) -> None:
-    """Checks that the parent maps a^1..a^L form a tree over levels of the given sizes (METHOD.md).
+    """Checks that the parent maps a^1..a^L form a tree over levels of the given sizes (docs/method.md).
 
     Args:
       parents: per level l >= 1, i32[K_{l-1}] (see `ProxyHierarchy.parents`).
@@ -157,7 +157,7 @@ def validate_parents(parents: Sequence, level_sizes: Sequence[int]) -> None:
 
 def validate_coarse_sizes(sizes: Sequence[int], names: Sequence[str], size_below: int,
                            first_level: int = 1) -> None:
-    """Checks 2 <= K_l < K_{l-1} for the coarse levels from `first_level` up (METHOD.md: K_1 > K_2 > ...).
+    """Checks 2 <= K_l < K_{l-1} for the coarse levels from `first_level` up (docs/method.md: K_1 > K_2 > ...).
 
     Args:
       sizes: (K_{first_level}, K_{first_level+1}, ...).
@@ -178,7 +178,7 @@ def validate_coarse_sizes(sizes: Sequence[int], names: Sequence[str], size_below
 
 
 def coarse_proxy_norms(children, assignment, num_groups: int, coarse_norm: str) -> np.ndarray:
-    """f64[num_groups]: the norm each coarse proxy takes at a (re)set (METHOD.md, "Coarse-proxy bookkeeping").
+    """f64[num_groups]: the norm each coarse proxy takes at a (re)set (docs/method.md, "Coarse-proxy bookkeeping").
 
     'children_mean': the mean L2 norm of the proxies of the level below assigned to it (a unit-norm proxy over
     children of norm ~sqrt(2d/C) would turn several times faster than they do under the same Adam step);
@@ -207,7 +207,7 @@ def placeholder_hierarchy(rng: jax.Array, num_classes: int, num_coarse: Sequence
                           coarse_norm: str = "children_mean") -> ProxyHierarchy:
     """A hierarchy of the final level sizes whose groupings are placeholders, made without k-means.
 
-    What a run holds from its creation until its first grouping (`refresh_hierarchy`, METHOD.md's default from
+    What a run holds from its creation until its first grouping (`refresh_hierarchy`, docs/method.md's default from
     the class means) replaces every coarse level, or a restore template: a k-means here would be discarded. Fine
     proxies come from `init_proxies` (as in `init_hierarchy`); proxy i of level l-1 gets parent i mod K_l, and a
     coarse proxy is the normalised mean of its children's normalised vectors at the norm `coarse_proxy_norms`
@@ -236,7 +236,7 @@ def placeholder_hierarchy(rng: jax.Array, num_classes: int, num_coarse: Sequence
 
 
 def class_means(embeddings, labels, num_classes: int) -> jax.Array:
-    """Mean of the L2-normalised embeddings of each class: METHOD.md's default first grouping's input.
+    """Mean of the L2-normalised embeddings of each class: docs/method.md's default first grouping's input.
 
     Args:
       embeddings: f32[n, d] (jax or NumPy), any norm.

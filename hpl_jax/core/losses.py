@@ -1,4 +1,4 @@
-"""The proxy losses of METHOD.md: Proxy-Anchor, Proxy-NCA, and HPL built on either.
+"""The proxy losses of docs/method.md: Proxy-Anchor, Proxy-NCA, and HPL built on either.
 
 One pure, jit-able function per equation, differentiable in the embeddings and the proxies. Embeddings
 and proxies are L2-normalised here, so callers may pass raw vectors; all arithmetic is float32, also for
@@ -56,7 +56,23 @@ def _cosine_similarity_bwd(residuals, similarity_grad):
     radial = jnp.sum(product_grad * product, axis=0) * inverse_norm**2
     embeddings_grad = product_grad @ proxies
     proxies_grad = product_grad.T @ unit_embeddings - radial[:, None] * proxies
-    return embeddings_grad, proxies_grad
+    return _like_primal(embeddings_grad, unit_embeddings), _like_primal(proxies_grad, proxies)
+
+
+def _like_primal(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+    """`cotangent` summed over the mesh axes along which it varies and `primal` does not (inside jax.shard_map
+    with its default check_vma): the transpose of the implicit broadcast of a replicated input, which JAX inserts
+    for its own operations but not into a custom VJP. Elsewhere, `cotangent` itself."""
+    extra = tuple(sorted(_varying_axes(cotangent) - _varying_axes(primal)))
+    return jax.lax.psum(cotangent, extra) if extra else cotangent
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+    """The mesh axes along which `x` varies inside jax.shard_map (frozenset() outside it). JAX 0.10 keeps them in
+    the type's manual_axis_type, earlier releases in its vma."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
 _cosine_similarity.defvjp(_cosine_similarity_fwd, _cosine_similarity_bwd)
@@ -140,7 +156,7 @@ def proxy_anchor_loss(
     delta: float = 0.1,
     mask: Optional[jax.Array] = None,
 ) -> jax.Array:
-    """Proxy-Anchor loss (Kim et al., CVPR 2020), METHOD.md "The base losses":
+    """Proxy-Anchor loss (Kim et al., CVPR 2020), docs/method.md "The base losses":
 
         L_PA = 1/|P+| * sum_{p in P+} log(1 + sum_{x in X_p+} exp(-alpha (s(x,p) - delta)))
              + 1/|P|  * sum_{p in P}  log(1 + sum_{x in X_p-} exp( alpha (s(x,p) + delta)))
@@ -180,11 +196,11 @@ def proxy_nca_loss(
     labels: jax.Array,
     proxies: jax.Array,
     *,
-    temperature: float = 1.0,
+    temperature: float = 1.0 / 32.0,
     exclude_positive: bool = False,
     mask: Optional[jax.Array] = None,
 ) -> jax.Array:
-    """Proxy-NCA loss, softmax form of Proxy-NCA++ (Teh et al., ECCV 2020), METHOD.md "The base losses":
+    """Proxy-NCA loss, softmax form of Proxy-NCA++ (Teh et al., ECCV 2020), docs/method.md "The base losses":
 
         L_NCA = mean_i -log( exp(-d(x_i, p_{y_i}) / T) / sum_{z in P} exp(-d(x_i, z) / T) )
 
@@ -194,7 +210,7 @@ def proxy_nca_loss(
       embeddings: f32 or bf16[batch, dim].
       labels: i32[batch], proxy index of each row's class.
       proxies: f32[num_proxies, dim].
-      temperature: T.
+      temperature: T; 1/32 is the softmax scale 32 of the Proxy-Anchor code's Proxy-NCA (the trainer's default).
       exclude_positive: if True, the denominator sums over z in P without p_{y_i}, as in the original
         Proxy-NCA (Movshovitz-Attias et al., ICCV 2017).
       mask: optional bool[batch], True for valid rows; the mean runs over valid rows only.
@@ -245,7 +261,7 @@ def hierarchical_proxy_loss(
     weights: Sequence[float],
     mask: Optional[jax.Array] = None,
 ) -> Tuple[jax.Array, jax.Array]:
-    """Hierarchical Proxy-based Loss (Yang et al., WACV 2022), METHOD.md "The hierarchy":
+    """Hierarchical Proxy-based Loss (Yang et al., WACV 2022), docs/method.md "The hierarchy":
 
         L_HPL = sum_{l=0..L} w_l * L_base(X, Y^l, P^l),   y^0 = y, y^l = a^l(y^{l-1})
 

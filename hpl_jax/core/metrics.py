@@ -1,4 +1,7 @@
-"""Retrieval metrics on embedding arrays (METHOD.md, "Benchmarks and class splits"); no model, no I/O.
+"""Retrieval metrics on embedding arrays (docs/method.md, "Benchmarks and class splits"); no model, no I/O.
+
+Host-side: called between steps with NumPy arrays, never under jit (they check their inputs, launch their own
+jitted searches on the default device and read the counts back).
 
 Recall@K as a hit rate, and the metrics of "A Metric Learning Reality Check" (Musgrave et al., 2020):
 Precision@1, R-Precision and MAP@R, where R is the number of other items of the query's class in the searched
@@ -106,10 +109,11 @@ def retrieval_metrics(
       query_labels: int[num_queries] or None; given together with query_embeddings.
       recall_at: the K of the `recall@K` keys.
       super_labels: int[num_classes] or None: super_labels[c] is the super-class of class c, for every class
-        value c in `labels` (and `query_labels`). Adds the retrieval metrics at the super-class level under
-        keys prefixed `super/`, from the same similarities. Self-retrieval then searches query chunks against
-        the whole gallery instead of symmetric blocks, at a cost measured in docs/benchmarks.md, section
-        "Evaluation".
+        value c in `labels` (and `query_labels`); one entry per class, not per item (`class_super_labels`
+        makes it from per-item super-classes; a per-item array is refused). Adds the retrieval metrics at the
+        super-class level under keys prefixed `super/`, from the same similarities. Self-retrieval then searches
+        query chunks against the whole gallery instead of symmetric blocks, at a cost measured in
+        docs/benchmarks.md, section "Evaluation".
       nmi: also cluster the (gallery) embeddings with k-means (hpl_jax.kmeans, on the device), k = number of
         classes, and report the NMI of the clusters against the labels.
       chunk_size: side of the similarity blocks (rounded up to a multiple of 128); with super_labels, classes
@@ -301,7 +305,37 @@ def _super_classes(super_labels, queries_labels: np.ndarray, gallery_labels: np.
         if values.min() < 0 or values.max() >= len(super_labels):
             raise ValueError(f"{name} holds classes outside [0, {len(super_labels)}), the range that "
                              f"super_labels maps; give super_labels one entry per class value.")
+    num_classes = int(max(gallery_labels.max(), queries_labels.max())) + 1
+    if len(super_labels) in (len(gallery_labels), len(queries_labels)) and len(super_labels) > num_classes:
+        # One entry per item, not per class (e.g. an `evaluate --export` file's example_super_labels): indexing it
+        # by class would give a wrong super-class to almost every item, silently.
+        raise ValueError(f"super_labels has one entry per item ({len(super_labels)}) but maps classes: the labels "
+                         f"hold {num_classes} class values. Give one entry per class, e.g. "
+                         "class_super_labels(labels, item_super_labels).")
     return super_labels[queries_labels], super_labels[gallery_labels]
+
+
+def class_super_labels(labels, item_super_labels) -> np.ndarray:
+    """int[max(labels) + 1]: the super-class of each class, from one super-class per item.
+
+    What `retrieval_metrics(super_labels=...)` takes, from per-item arrays such as `evaluate --export`'s
+    `labels` and `example_super_labels` (of one split). Classes without items map to -1.
+
+    Args:
+      labels: int[items], class of each item.
+      item_super_labels: int[items], super-class of each item; every item of a class must have the same.
+    """
+    labels, item_super_labels = np.asarray(labels), np.asarray(item_super_labels)
+    if labels.shape != item_super_labels.shape or labels.ndim != 1:
+        raise ValueError(f"labels {labels.shape} and item_super_labels {item_super_labels.shape} must be 1-D "
+                         "arrays of the same length, one entry per item.")
+    per_class = np.full(int(labels.max()) + 1, -1, dtype=item_super_labels.dtype)
+    per_class[labels] = item_super_labels
+    mixed = np.flatnonzero(per_class[labels] != item_super_labels)
+    if len(mixed):
+        raise ValueError(f"class {int(labels[mixed[0]])} has items of several super-classes; a class has one "
+                         "super-class.")
+    return per_class
 
 
 def _level(prefix: str, queries_labels: np.ndarray, gallery_labels: np.ndarray, self_retrieval: bool) -> _Level:

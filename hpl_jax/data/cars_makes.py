@@ -1,7 +1,7 @@
 """The make of each Cars196 model: the ground-truth super-class of the Cars196 benchmark.
 
 Cars196 labels name a model and year ("BMW M3 Coupe 2012"); its make ("BMW") is the natural level above it
-(METHOD.md, "Benchmarks and class splits"). `CLASS_MAKES` lists the 196 classes in the order of TFDS
+(docs/method.md, "Benchmarks and class splits"). `CLASS_MAKES` lists the 196 classes in the order of TFDS
 `cars196`'s label ids (0-based; the official class k is id k - 1), each with its make, written out so that the
 map can be read and checked; tests/data/test_input_pipeline.py checks it against TFDS's class names. The training
 classes 1-98 span 14 makes and the test classes 99-196 span 35 others: no make is shared.

@@ -13,7 +13,7 @@
   image_folder  config.dataset.data_dir = ROOT/<class>/<images>; optional ROOT/hierarchy.csv
                 (class,super_class rows) and ROOT/train_classes.txt / ROOT/test_classes.txt (one class a line);
                 without class lists the sorted classes' first half (rounded up) trains.
-(METHOD.md, "Benchmarks and class splits".) Labels are remapped to 0..C-1 within each label space (train; test,
+(docs/method.md, "Benchmarks and class splits".) Labels are remapped to 0..C-1 within each label space (train; test,
 which In-Shop's query and gallery share) in the order of the original class ids; super-classes keep one id
 space over train and test.
 
@@ -37,7 +37,7 @@ pass over the same epoch order for the shortfall; a resumed run then differs fro
 images skipped before the resume point. Evaluation pads the shortfall (mask False), so a broken image is the
 only one that is not counted.
 
-Augmentation (the public Proxy-Anchor recipe, METHOD.md "Training recipe"): train = random resized crop with
+Augmentation (the public Proxy-Anchor recipe, docs/method.md "Training recipe"): train = random resized crop with
 area fraction `crop_scale` and aspect ratio `crop_ratio` (uniform in the ratio, TensorFlow's sampler) to
 `image_size`, horizontal flip; test = resize the shorter side to `resize_size` and centre-crop `image_size`.
 Both crop before they resize, so JPEG bytes decode only the crop window (tf.image.decode_and_crop_jpeg). The

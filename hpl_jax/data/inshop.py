@@ -7,7 +7,7 @@ them from TFDS's `manual_dir` (`config.dataset.manual_dir`):
   MANUAL_DIR/img/<GENDER>/<Category>/id_XXXXXXXX/<view>.jpg    unzipped from Img/img.zip
 
 and writes three splits: 'train' (3,997 items, 25,882 images), 'query' (14,218 images) and 'gallery' (12,612
-images) of the same 3,985 test items (METHOD.md, "Benchmarks and class splits"). Each example keeps its JPEG
+images) of the same 3,985 test items (docs/method.md, "Benchmarks and class splits"). Each example keeps its JPEG
 bytes as they are, the item number (`id_00000123` -> 123) and the category from the image path
 ('WOMEN/Dresses'), the super-class of the hierarchy ablation.
 

@@ -1,6 +1,6 @@
 """What the training loop asks of a dataset, whichever source it comes from.
 
-A dataset is class-disjoint (METHOD.md, "Benchmarks and class splits"): train labels are 0..C-1, test labels
+A dataset is class-disjoint (docs/method.md, "Benchmarks and class splits"): train labels are 0..C-1, test labels
 are 0..C_test-1 and name other classes. Every host reads only its own shard. Two sources implement it:
 `synthetic.py` and `synthetic_sop.py` (NumPy, the embedded datasets) and `input_pipeline.py` (tf.data + TFDS,
 the only module that imports TensorFlow); `datasets.get_dataset` picks one. This module imports neither, so
@@ -155,7 +155,7 @@ def validation_split(num_classes: int, num_val_classes: int, seed: int) -> Tuple
 
 
 def fold_split(num_classes: int, num_folds: int, val_fold: int) -> Tuple[np.ndarray, np.ndarray]:
-    """The class-disjoint folds of "A Metric Learning Reality Check" (METHOD.md): the sorted training classes cut
+    """The class-disjoint folds of "A Metric Learning Reality Check" (docs/method.md): the sorted training classes cut
     into `num_folds` contiguous blocks; block `val_fold` validates, the others train.
 
     Block p starts at floor(p * num_classes / num_folds), where powerful-benchmarker's MLRCSplitManager starts
@@ -198,7 +198,7 @@ def normalize_pixels(pixels: jax.Array, dataset_config) -> jax.Array:
     sends u8 pixels and the device does the arithmetic. `dataset_config` is the config the loop holds (after
     train.with_pretrained_preprocessing), captured statically. ImageNet ResNets: 'rgb', pixel_scale 1, the
     ImageNet mean/std; BN-Inception weights: 'bgr', pixel_scale 255, mean (104, 117, 128), std (1, 1, 1)
-    (METHOD.md, "Training recipe").
+    (docs/method.md, "Training recipe").
 
     pixels: u8[..., 3] (or f32[..., 3] in 0..255). Returns f32[..., 3].
     """

@@ -1,6 +1,6 @@
 """An embedded SOP-like benchmark: a catalogue of products photographed a few times each, three levels deep.
 
-Stanford Online Products (METHOD.md, "Benchmarks") has many classes with few images each (11,318 training
+Stanford Online Products (docs/method.md, "Benchmarks") has many classes with few images each (11,318 training
 products of 2-12 photos, 5.3 on average), 12 super-classes (bicycle, chair, kettle, ...), and
 test products that are other products of the same super-classes. This module generates a small dataset of that
 kind from `config.dataset.seed` with vectorised NumPy, so the data stay fixed while training seeds

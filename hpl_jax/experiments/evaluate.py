@@ -88,8 +88,9 @@ def export_embeddings(path: str, embedded: Dict[str, evaluation.Embedded], info:
     """Writes an .npz with one row per example of every embedded split (In-Shop: the queries, then the gallery).
 
     Arrays: embeddings f32[n, d]; labels i32[n] (class within the split's label space); ids i64[n] (index of
-    the example within its split); split str[n]; super_labels i32[n] where the dataset has super-classes; and
-    step, epoch of the checkpoint.
+    the example within its split); split str[n]; example_super_labels i32[n], each example's super-class, where
+    the dataset has super-classes (per example: `metrics.class_super_labels` turns one split's into the per-class
+    `super_labels` of `retrieval_metrics`); and step, epoch of the checkpoint.
     """
     names = list(embedded)
     arrays = dict(
@@ -100,7 +101,7 @@ def export_embeddings(path: str, embedded: Dict[str, evaluation.Embedded], info:
         step=np.int64(step), epoch=np.int64(epoch))
     supers = [evaluation.split_super_labels(info, n) for n in names]
     if all(s is not None for s in supers):
-        arrays["super_labels"] = np.concatenate(
+        arrays["example_super_labels"] = np.concatenate(
             [np.asarray(s)[embedded[n].labels] for s, n in zip(supers, names)]).astype(np.int32)
     path = checkpointing.workdir_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

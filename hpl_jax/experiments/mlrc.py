@@ -1,4 +1,4 @@
-"""The folds of "A Metric Learning Reality Check" (METHOD.md, "The MLRC protocol"): one model per fold.
+"""The folds of "A Metric Learning Reality Check" (docs/method.md, "The MLRC protocol"): one model per fold.
 
   python -m hpl_jax.mlrc run --config=configs/mlrc/cub.py --workdir=ROOT [--run=local|print] [--config.x=y ...]
 

@@ -1,4 +1,4 @@
-"""The paper's tables under "A Metric Learning Reality Check" (METHOD.md): the test P@1 / R-Precision / MAP@R
+"""The paper's tables under "A Metric Learning Reality Check" (docs/method.md): the test P@1 / R-Precision / MAP@R
 of the fold models `python -m hpl_jax.mlrc run` trained, separated and concatenated, beside the published rows.
 
   python -m hpl_jax.mlrc_report ROOT
@@ -35,7 +35,7 @@ from hpl_jax.trainer.train_state import create_train_state
 
 METRICS = ("precision@1", "r_precision", "map@r")
 TITLES = ("P@1", "R-Precision", "MAP@R")
-# METHOD.md, "Published numbers to compare with" (a third-party transcription of the HPL paper's Tables 1-3):
+# docs/method.md, "Published numbers" (a third-party transcription of the HPL paper's Tables 1-3):
 # P@1, R-Precision, MAP@R in %, BN-Inception, four 128-d fold models concatenated to 512-d.
 PUBLISHED = {
     "sop": {"Proxy-Anchor": (76.12, 50.82, 47.88), "HPL on Proxy-Anchor": (76.97, 51.97, 49.07)},
@@ -194,10 +194,10 @@ def format_markdown(report: Dict[str, Any]) -> str:
              + " | ".join(f"{percent(report['separated'][name]['mean'])} ± {percent(report['separated'][name]['std'])}"
                           for name in METRICS) + " |"]
     for method, values in report["published"].items():
-        lines.append(f"| published: {method}, concatenated 512-d (METHOD.md) | "
+        lines.append(f"| published: {method}, concatenated 512-d (docs/method.md) | "
                      + " | ".join(f"{value:.2f}" for value in values) + " |")
     if not report["published"]:
-        lines += ["", f"No published rows for {report['dataset']} (METHOD.md has SOP, Cars196 and CUB-200)."]
+        lines += ["", f"No published rows for {report['dataset']} (docs/method.md has SOP, Cars196 and CUB-200)."]
     lines += ["", "| fold | training classes | best epoch | epochs trained | "
               f"{report['selected_on']} at best | " + " | ".join(f"test {title}" for title in TITLES) + " |",
               "|---|" + "---|" * (4 + len(TITLES))]

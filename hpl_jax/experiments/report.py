@@ -39,7 +39,7 @@ SEED_KEYS = ("seed", "dataset.seed")
 # with a compilation cache, say).
 HOW_IT_RAN = ("compilation_cache_dir", "log_every_steps", "checkpoint.keep", "checkpoint.every_steps",
               "dataset.data_dir", "dataset.manual_dir", "model.conv_impl")
-# Names of METHOD.md for the swept components that Figure 5 plots.
+# Names of docs/method.md for the swept components that Figure 5 plots.
 AXIS_NAMES = {"hpl.weights[1]": "w_1 (weight of level 1)", "hpl.num_coarse[0]": "K_1 (coarse proxies of level 1)"}
 DPI = 80
 

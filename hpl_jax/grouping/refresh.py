@@ -1,4 +1,5 @@
-"""Finding and refreshing the coarse groupings, on the host (METHOD.md, "How the groupings are found and refreshed").
+"""Finding and refreshing the coarse groupings, on the host (docs/method.md, "How the groupings are found
+and refreshed").
 
 k-means over the L2-normalised vectors of the level below, with no empty cluster allowed: scikit-learn on the
 host, or with backend='jax' (config.hpl.kmeans_backend) the JAX k-means of hpl_jax.core.kmeans on the default
@@ -35,7 +36,7 @@ KMEANS_N_INIT = 10
 
 
 def _fill_empty_clusters(vectors: np.ndarray, assignment: np.ndarray, num_clusters: int) -> np.ndarray:
-    """Moves points into empty clusters until none is empty (METHOD.md: empty clusters are not allowed).
+    """Moves points into empty clusters until none is empty (docs/method.md: empty clusters are not allowed).
 
     k-means leaves a cluster empty when, e.g., several initial centres coincide on duplicate points. While a
     cluster is empty, the point farthest from its own cluster's mean, among clusters with at least two
@@ -65,7 +66,7 @@ def _fill_empty_clusters(vectors: np.ndarray, assignment: np.ndarray, num_cluste
 
 def kmeans_grouping(vectors, num_clusters: int, *, seed: int, n_init: int = KMEANS_N_INIT,
                     backend: str = "sklearn") -> Tuple[jax.Array, jax.Array]:
-    """k-means over L2-normalised vectors with no empty cluster (METHOD.md, "How the groupings are found").
+    """k-means over L2-normalised vectors with no empty cluster (docs/method.md, "The hierarchy").
 
     scikit-learn's KMeans (k-means++ initialisation, `n_init` seeded restarts) runs on the normalised rows.
     If it leaves a cluster empty, `_fill_empty_clusters` moves the point farthest from its cluster's mean
@@ -148,9 +149,9 @@ def _check_level1_vectors(level1_vectors, num_classes: int, dim: int) -> None:
 def init_hierarchy(rng: jax.Array, num_classes: int, num_coarse: Sequence[int], dim: int, *,
                    level1_vectors=None, seed: int = 0, n_init: int = KMEANS_N_INIT,
                    coarse_norm: str = "children_mean", backend: str = "sklearn") -> ProxyHierarchy:
-    """The initial hierarchy (METHOD.md, "The hierarchy" and "How the groupings are found and refreshed").
+    """The initial hierarchy (docs/method.md, "The hierarchy" and "How the groupings are found and refreshed").
 
-    Fine proxies come from `init_proxies`. Level 1 groups `level1_vectors` (METHOD.md's default first
+    Fine proxies come from `init_proxies`. Level 1 groups `level1_vectors` (docs/method.md's default first
     grouping: the class-mean embeddings under the initial network, see `class_means`) or, when None, the
     initial fine proxies, by `kmeans_grouping`; level l >= 2 groups the level l-1 proxies. Coarse proxies
     are the cluster centres' directions with the norm `coarse_proxy_norms` gives.
@@ -196,11 +197,11 @@ def refresh_hierarchy(hierarchy: ProxyHierarchy, *, seed: int, policy: str = "re
                       level1_vectors=None, n_init: int = KMEANS_N_INIT,
                       coarse_norm: str = "children_mean",
                       backend: str = "sklearn") -> Tuple[ProxyHierarchy, Tuple[jax.Array, ...]]:
-    """Re-groups every coarse level (METHOD.md, "How the groupings are found and refreshed"), on the host.
+    """Re-groups every coarse level (docs/method.md, "How the groupings are found and refreshed"), on the host.
 
     Level 1 clusters the normalised fine proxies, or `level1_vectors` if given; level l >= 2 clusters the
     new level l-1 proxies. The fine proxies are never changed. What happens to the coarse proxies:
-      'reset' (METHOD.md's default): they take the cluster centres' directions, with the norm
+      'reset' (docs/method.md's default): they take the cluster centres' directions, with the norm
         `coarse_norm` says (default: the mean norm of their children), and `reset` flags all of them so the
         trainer re-initialises their optimiser state.
       'rematch': they are kept, and the new clusters are relabelled by Hungarian matching on the cosine
@@ -218,6 +219,12 @@ def refresh_hierarchy(hierarchy: ProxyHierarchy, *, seed: int, policy: str = "re
 
     Returns:
       (the new ProxyHierarchy, reset: per level l >= 1, bool[K_l], True where the proxy was replaced).
+
+    The defaults are the trainer's (configs/default.py: scikit-learn in float64, 10 restarts), with which the
+    embedded datasets' study ran. At SOP scale one scikit-learn restart takes 79 s on the host while the devices
+    wait (docs/benchmarks.md, "The hierarchy refresh's k-means"), so the real-dataset configs use backend='jax'
+    (configs/imagenet_recipe.py), with n_init=1 at SOP and In-Shop scale; do the same there. With 'reset', give the flagged levels a fresh optimiser state
+    (`reset_optimizer_groups`).
     """
     if policy not in REFRESH_POLICIES:
         raise ValueError(f"policy = {policy!r} is not a refresh policy; use one of {REFRESH_POLICIES}.")
@@ -253,7 +260,7 @@ def hierarchy_from_super_labels(fine_proxies, super_labels, *, num_coarse_above:
                                 seed: int = 0, n_init: int = KMEANS_N_INIT,
                                 coarse_norm: str = "children_mean",
                                 backend: str = "sklearn") -> ProxyHierarchy:
-    """A hierarchy whose level 1 is a dataset's ground-truth super-classes (METHOD.md's ablation).
+    """A hierarchy whose level 1 is a dataset's ground-truth super-classes (docs/method.md's ablation).
 
     The super-classes present among the classes are renumbered 0..S-1 in increasing order of their ids (a
     training split need not hold every super-class of a dataset: CIFAR-100's classes 0-49 miss some), so

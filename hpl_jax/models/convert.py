@@ -50,7 +50,7 @@ TORCHVISION_PREPROCESSING = {
     "mean": [0.485, 0.456, 0.406],
     "std": [0.229, 0.224, 0.225],
 }
-# The Caffe-trained BN-Inception: BGR, 0-255, per-channel means subtracted (METHOD.md, "Data").
+# The Caffe-trained BN-Inception: BGR, 0-255, per-channel means subtracted (docs/method.md, "Training recipe").
 BN_INCEPTION_PREPROCESSING = {
     "input_space": "BGR",
     "input_range": [0, 255],

@@ -1,4 +1,4 @@
-"""The embedding network (METHOD.md, "Training recipe": Model): backbone, pooling, linear layer, L2 normalisation.
+"""The embedding network (docs/method.md, "Training recipe": Model): backbone, pooling, linear layer, L2 normalisation.
 
 `create_model(config.model)` builds it; `Embedder.features` gives the pooled backbone features (what
 pretraining and `method='features'` read).
@@ -80,7 +80,7 @@ def standardize(x: jax.Array, epsilon: float = 1e-5) -> jax.Array:
 
 
 class Embedder(nn.Module):
-    """Image -> L2-normalised embedding: backbone, avg+max (or avg) pooling, linear layer (METHOD.md, Model); for a
+    """Image -> L2-normalised embedding: backbone, avg+max (or avg) pooling, linear layer (docs/method.md, Model); for a
     ViT: class token (or mean patch token), LayerNorm without affine, linear layer (HIER's head).
 
     Params tree: {'backbone': {...}, 'embedding': {'kernel', 'bias'}}; batch_stats: {'backbone': {...}} (none for a

@@ -259,12 +259,19 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *, write: b
     if (path / CONFIG_FILE).exists():
         check_resumed_config(read_saved_config(path / CONFIG_FILE), config, path / CONFIG_FILE)
     if write:
-        try:
-            save_config(path, config)
-        except OSError as error:
-            raise WorkdirError(f"--workdir {workdir} cannot be written ({error.strerror or error}); pass a "
-                               "writable directory.") from None
+        write_config(path, config)
     return path
+
+
+def write_config(path: epath.Path, config: ml_collections.ConfigDict) -> None:
+    """Writes the run's config.json into the workdir `path` (process 0); the trainer calls it once the config has
+    passed every check, the dataset's included, so a refused config leaves no record that a rerun would take for a
+    run to resume."""
+    try:
+        save_config(path, config)
+    except OSError as error:
+        raise WorkdirError(f"--workdir {path} cannot be written ({error.strerror or error}); pass a "
+                           "writable directory.") from None
 
 
 # --------------------------------------------------------------------------------------------- checkpoints

@@ -265,6 +265,13 @@ def check_model(config) -> None:
         image_size = config.dataset.image_size
         _require(model.patch_size <= image_size, "model.patch_size",
                  f"{model.patch_size} is larger than dataset.image_size ({image_size}); use a smaller patch.")
+    # The recipe's frozen BatchNorm keeps a pretrained network's statistics; with random weights it would keep
+    # their initial ones for the whole run. The embedded datasets' small studies may ask for it deliberately.
+    _require(not (model.bn_frozen and not model.pretrained and model.backbone not in models.VIT_BACKBONES
+                  and not data.embedded_draws(config.dataset)), "model.bn_frozen",
+             f"True freezes BatchNorm at its initial statistics, but model.pretrained is empty, so {model.backbone} "
+             "starts from random weights. Pass --config.model.pretrained=DIR (ImageNet weights converted by "
+             "`python -m hpl_jax.convert_weights`), or --config.model.bn_frozen=False to train from scratch.")
     problem = pretraining.pretrained_problem(config)
     if problem:
         _require(False, *problem)

@@ -116,7 +116,7 @@ def costly_metrics_due(config, epoch: int) -> bool:
 
 def split_metrics(embedded: Dict[str, Embedded], info: data.DatasetInfo, config, split: str, *,
                   costly: bool = True, mesh: Optional[jax.sharding.Mesh] = None) -> Dict[str, float]:
-    """The dataset's retrieval protocol on `split` (METHOD.md, "Benchmarks"), from its embedded eval splits.
+    """The dataset's retrieval protocol on `split` (docs/method.md, "Benchmarks"), from its embedded eval splits.
 
     embedded: {name: Embedded} for every name in `protocol_splits(info, split)`.
     costly: False leaves out NMI and the super-class metrics even where `config.eval` asks for them.
@@ -161,7 +161,7 @@ def selection_metric(config, info: data.DatasetInfo) -> str:
 
 def evaluate(p_embed, state, dataset: data.Dataset, config, *, costly: bool = True,
              mesh: Optional[jax.sharding.Mesh] = None) -> Dict[str, float]:
-    """The dataset's retrieval protocol (METHOD.md, "Benchmarks") on the unseen test classes, and on the
+    """The dataset's retrieval protocol (docs/method.md, "Benchmarks") on the unseen test classes, and on the
     held-out validation classes when there are any (keys prefixed 'val/'); `costly`, `mesh`: see `split_metrics`.
 
     Validation is always self-retrieval over its images (the training classes have no query/gallery split).

@@ -1,4 +1,4 @@
-"""The optimiser (METHOD.md, "Training recipe"): AdamW (or MLRC's RMSprop) per parameter group, element-wise
+"""The optimiser (docs/method.md, "Training recipe"): AdamW (or MLRC's RMSprop) per parameter group, element-wise
 clipping, step decay and a warm-up during which some groups wait, all optax pieces:
 
     chain(clip(grad_clip_value), partition({group: group optimiser, ..., FROZEN: set_to_zero()}, labels))
@@ -21,7 +21,8 @@ Everything the loop changes in the state it changes by name (optax.tree_utils), 
   and keep its state. The epoch decides, not a count of updates: a skipped non-finite step or a refresh's reset
   cannot shift the end of the warm-up.
 - a refresh's reset (`reset_group_states`): the named groups' states replaced by a fresh init of those groups
-  (tree_get / tree_set on the group names of the partition).
+  (core/optimizer_state.py: reset_optimizer_groups, by the partition's group labels; what a user's own optax
+  chain uses too).
 
 `create_optimizer_v0_3_0` keeps the optimiser of hpl-jax 0.3.0 for one purpose: reading the checkpoints it
 wrote (`migrate_from_v0_3_0`).
@@ -36,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from optax import tree_utils
+
+from hpl_jax.core import optimizer_state
 
 FROZEN = "frozen"
 
@@ -61,7 +64,7 @@ def parameter_groups(tree, optim_config) -> Tuple[Any, Dict[str, Tuple[float, bo
     """Labels every parameter by (learning-rate multiplier, trains during warm-up), or FROZEN.
 
     Each proxy level is a group of its own ('proxies_<level>_lr_x100'): a refresh re-initialises a coarse
-    level's whole AdamW state (moments and step count) without touching the other levels' (METHOD.md,
+    level's whole AdamW state (moments and step count) without touching the other levels' (docs/method.md,
     "Coarse-proxy bookkeeping"). A shared step count would leave a reset proxy's second moment under-corrected
     and its first steps several times larger than a fresh AdamW's.
 
@@ -134,10 +137,12 @@ def _group_transforms(groups, optim_config,
     return transforms
 
 
-def create_optimizer(labels, groups, optim_config) -> optax.GradientTransformationExtraArgs:
+def create_optimizer(labels, groups, optim_config,
+                     only: Optional[Iterable[str]] = None) -> optax.GradientTransformationExtraArgs:
     """The run's optimiser (see the module docstring). `update(grads, state, params, in_warmup=bool)`; set the
-    learning rate of the epoch first (`set_learning_rate`)."""
-    steps = [optax.partition(_group_transforms(groups, optim_config), labels)]
+    learning rate of the epoch first (`set_learning_rate`). With `only`, the groups not in it are set_to_zero (a
+    state of the same layout whose other groups are empty: what `reset_group_states` initialises)."""
+    steps = [optax.partition(_group_transforms(groups, optim_config, only), labels)]
     if optim_config.grad_clip_value > 0:
         # torch.nn.utils.clip_grad_value_: each gradient entry clipped to [-c, c] before the optimiser.
         steps.insert(0, optax.clip(optim_config.grad_clip_value))
@@ -168,8 +173,8 @@ def reset_group_states(opt_state, group_names, tree, labels, groups, optim_confi
     rate (set at every step) stay."""
     if not group_names:
         return opt_state
-    fresh = optax.partition(_group_transforms(groups, optim_config, only=group_names), labels).init(tree)
-    return tree_utils.tree_set(opt_state, **{group: tree_utils.tree_get(fresh, group) for group in group_names})
+    fresh = create_optimizer(labels, groups, optim_config, only=group_names).init(tree)
+    return optimizer_state.reset_optimizer_groups(opt_state, fresh, group_names)
 
 
 # --------------------------------------------------------------------------------------------- 0.3.0's layout

@@ -20,7 +20,8 @@ published recipe (ImageNet holds bird and car classes).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+import os
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 from etils import epath
@@ -29,6 +30,7 @@ from hpl_jax import data
 from hpl_jax.models import convert as convert_weights
 
 EXPORT_DIR = "backbone"
+IMAGE_FOLDER = "image_folder"
 
 
 def preprocessing(dataset_config) -> Dict[str, Any]:
@@ -41,13 +43,30 @@ def preprocessing(dataset_config) -> Dict[str, Any]:
     }
 
 
+def _folder(data_dir: str) -> str:
+    """An image folder's identity: its absolute, normalised path (a gs:// address as given, without a trailing /)."""
+    if data_dir.startswith("gs://"):
+        return data_dir.rstrip("/")
+    return os.path.realpath(os.path.expanduser(data_dir))
+
+
 def source_description(dataset_config) -> Dict[str, Any]:
-    """What metadata.json records of the source: its name and, for embedded data, its draws."""
-    return {"name": dataset_config.name, "draws": [list(draw) for draw in data.embedded_draws(dataset_config)]}
+    """What metadata.json records of the source data: its name and the data themselves, as far as they identify
+    it: an embedded dataset's draws; an image folder's path (its first half of the classes trained); a TFDS
+    benchmark's training split (the same whatever data_dir holds it)."""
+    description = {"name": dataset_config.name,
+                   "draws": [list(draw) for draw in data.embedded_draws(dataset_config)]}
+    if dataset_config.name == IMAGE_FOLDER:
+        description["folder"] = _folder(dataset_config.data_dir)
+    elif not description["draws"]:
+        description["split"] = "train"
+    return description
 
 
 def source_overlap(metadata: Dict[str, Any], dataset_config) -> Optional[str]:
-    """Why weights with `metadata` may not be fine-tuned on the dataset `dataset_config` names, or None."""
+    """Why weights with `metadata` may not be fine-tuned on the data `dataset_config` names, or None: the source's
+    training classes must not be this run's. Compared are the data, not the dataset's name: the generator draws of
+    embedded data, the folder of an image folder, the TFDS name of a benchmark."""
     source = metadata.get("source_dataset")
     if not source:
         return None
@@ -57,10 +76,18 @@ def source_overlap(metadata: Dict[str, Any], dataset_config) -> Optional[str]:
         return (f"they were pretrained on {listed}, which this run's dataset is too: its training and validation "
                 f"classes were the pretraining's classes. Fine-tune on another data seed (config.dataset.seed), or "
                 f"pretrain without it (dataset.synthetic_source.sop_seeds / default_seeds).")
-    if not source.get("draws") and source.get("name") == dataset_config.name:
-        return (f"they were pretrained on {dataset_config.name}'s training classes, which include this run's "
-                f"training and validation classes; pretrain on another dataset.")
-    return None
+    if source.get("draws") or source.get("name") != dataset_config.name:
+        return None
+    if dataset_config.name == IMAGE_FOLDER:
+        if "folder" not in source:
+            return ("their record names no folder (an export older than the folder record), so whether they saw this run's "
+                    "classes cannot be told; export them again, or pass weights of another source.")
+        if source["folder"] != _folder(dataset_config.data_dir):
+            return None
+        return (f"they were pretrained on the image folder {source['folder']}, this run's dataset.data_dir: its "
+                "training classes include this run's training and validation classes; pretrain on another folder.")
+    return (f"they were pretrained on {dataset_config.name}'s training classes, which include this run's "
+            f"training and validation classes; pretrain on another dataset.")
 
 
 def pretrained_problem(config) -> Optional[Tuple[str, str]]:

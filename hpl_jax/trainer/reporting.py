@@ -79,8 +79,10 @@ class Reporter:
         self._last_time, self._last_step = time.time(), None
 
     def restart_clock(self, step: int) -> None:
-        """Measures the speed from `step` on: what came before (compiling, evaluation) is not a training step."""
-        self._last_time, self._last_step = time.time(), step
+        """Measures the speed from `step` on, called once `step` is dispatched: what came before (compiling,
+        evaluation) is not a training step. The clock counts `step` itself, so a line reported for it already has
+        a rate (the time until its metrics are fetched, one step)."""
+        self._last_time, self._last_step = time.time(), step - 1
 
     def scalars(self, step: int, values: Dict[str, float], prefix: str = "") -> None:
         """Queues TensorBoard scalars: tensorboardX's own thread writes them to the event file (and flushes it every
@@ -99,16 +101,18 @@ class Reporter:
     def progress(self, epoch: int, num_epochs: int, step: int, images_per_step: int, values: Dict[str, float]):
         now = time.time()
         if self._last_step is None or step <= self._last_step:
-            speed, eta = float("nan"), "?"
+            # No step ran since the last line (the same step reported twice): no rate to give.
+            speed, rate, eta = float("nan"), "-", "-"
         else:
-            steps_per_s = (step - self._last_step) / (now - self._last_time)
+            steps_per_s = (step - self._last_step) / max(now - self._last_time, 1e-9)
             speed = steps_per_s * images_per_step
+            rate = f"{speed:.1f}"
             eta = time.strftime("%H:%M:%S", time.gmtime((self.total_steps - step) / steps_per_s))
         self._last_time, self._last_step = now, step
         levels = " ".join(f"{values[k]:.4f}" for k in sorted(values) if k.startswith("loss/level_"))
-        logging.info("epoch %d/%d step %d/%d loss %.4f (levels %s) lr %.2e %.1f img/s ETA %s",
+        logging.info("epoch %d/%d step %d/%d loss %.4f (levels %s) lr %.2e %s img/s ETA %s",
                      epoch + 1, num_epochs, step, self.total_steps, values["loss"], levels, values["lr"],
-                     speed, eta)
+                     rate, eta)
         self.scalars(step, values if np.isnan(speed) else {**values, "images_per_second": speed})
 
     def evaluation(self, epoch: int, step: int, values: Dict[str, float]) -> None:
@@ -158,7 +162,7 @@ class Reporter:
                                                  "again to resume.") from None
 
     def summary(self) -> Dict[str, Any]:
-        """The last and the best epoch's metrics (METHOD.md: report both; the published ones are the best).
+        """The last and the best epoch's metrics (docs/method.md: report both; the published ones are the best).
 
         The best epoch is chosen on `selection_metric`: on the validation classes when there are any.
         """

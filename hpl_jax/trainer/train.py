@@ -295,13 +295,15 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
     config_checks.validate_config(config, device_count=device_count, process_count=process_count)
     use_compilation_cache(config.compilation_cache_dir)
     config = with_pretrained_preprocessing(config)
-    workdir = checkpointing.prepare_workdir(workdir, config, write=jax.process_index() == 0)
+    workdir = checkpointing.prepare_workdir(workdir, config, write=False)
     local_batch = config.batch_size // process_count
     dataset = datasets.get_dataset(config, local_batch_size=local_batch,
                                local_eval_batch_size=config.eval.batch_size // process_count,
                                process_index=jax.process_index(), process_count=process_count)
     info = dataset.info
     config_checks.validate_against_dataset(config, info)
+    if jax.process_index() == 0:
+        checkpointing.write_config(workdir, config)
     # From here on a SIGTERM (before the first step too) ends the run at a step boundary with a checkpoint.
     preemption = preemption_lib.Preemption()
     on_exit.callback(preemption.close)

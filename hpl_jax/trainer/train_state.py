@@ -59,7 +59,7 @@ def initial_hierarchy(rng, config, info: data.DatasetInfo) -> hierarchy_lib.Prox
     With `hpl.ground_truth_level1`, level 1 is the dataset's super-classes present among the training
     classes (its size comes from the data, whatever `hpl.num_coarse` says); otherwise the coarse levels are
     placeholders (hierarchy.placeholder_hierarchy, no k-means), which the loop's first grouping replaces
-    (METHOD.md: by default from the class means of the initial network) and a resume overwrites. Either way the
+    (docs/method.md: by default from the class means of the initial network) and a resume overwrites. Either way the
     sizes are final here, so the optimiser state and the restore template are built for them.
     """
     hpl = config.hpl

@@ -1,5 +1,5 @@
 """Tests of hpl_jax.core.hierarchy, the proxy-hierarchy pytree and its pure operations, against independent NumPy
-references (METHOD.md, "The hierarchy"). The k-means groupings that build and refresh it: tests/grouping/."""
+references (docs/method.md, "The hierarchy"). The k-means groupings that build and refresh it: tests/grouping/."""
 import jax
 import jax.numpy as jnp
 import numpy as np

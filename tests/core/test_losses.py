@@ -1,4 +1,4 @@
-"""Tests of hpl_jax.losses against independent float64 NumPy references (METHOD.md, "The base losses")."""
+"""Tests of hpl_jax.losses against independent float64 NumPy references (docs/method.md, "The base losses")."""
 import functools
 
 import jax
@@ -358,3 +358,29 @@ def test_hpl_weights_of_wrong_length_raise():
     with pytest.raises(ValueError, match="weights"):
         hierarchical_proxy_loss(embeddings, labels, _as_hierarchy(proxies, parents),
                                 base_loss=proxy_anchor_loss, weights=(1.0, 0.1))
+
+
+@pytest.mark.parametrize("loss_fn", [proxy_anchor_loss, proxy_nca_loss])
+def test_losses_differentiate_inside_shard_map_with_replicated_proxies(loss_fn):
+    # jax.shard_map's default check_vma types a replicated input as invariant; the cosine similarity's custom VJP
+    # must sum its proxies' cotangent over the devices (the transpose of the implicit broadcast), as JAX does for
+    # its own operations, or the step does not trace. The result: the sum of each device's gradient.
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    mesh = jax.make_mesh((2,), ("data",))
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(8, 6)).astype(np.float32)
+    labels = rng.integers(0, 5, size=8).astype(np.int32)
+    proxies = rng.normal(size=(5, 6)).astype(np.float32)
+
+    def per_device(embeddings, labels, proxies):
+        value, grad = jax.value_and_grad(loss_fn, argnums=2)(embeddings, labels, proxies)
+        return jax.lax.psum(value, "data"), grad
+
+    step = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"), P("data"), P()),
+                                 out_specs=(P(), P())))
+    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    value, grad = step(put(embeddings, P("data")), put(labels, P("data")), put(proxies, P()))
+    halves = [(embeddings[i:i + 4], labels[i:i + 4]) for i in (0, 4)]
+    np.testing.assert_allclose(value, sum(loss_fn(e, y, proxies) for e, y in halves), rtol=1e-5)
+    np.testing.assert_allclose(grad, sum(jax.grad(loss_fn, argnums=2)(e, y, proxies) for e, y in halves),
+                               rtol=1e-4, atol=1e-6)

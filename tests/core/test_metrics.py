@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from hpl_jax.core import metrics
 from hpl_jax.core.metrics import normalized_mutual_information, retrieval_metrics, sharded_retrieval_metrics
 
 RETRIEVAL_KEYS = ("precision@1", "r_precision", "map@r", "num_queries", "num_queries_without_positive")
@@ -474,3 +475,21 @@ def test_user_errors_are_value_errors(kwargs, message):
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=message):
         retrieval_metrics(**arguments)
+
+
+def test_super_labels_per_item_are_refused_not_read_as_a_class_map():
+    # 6 classes of 4 items; super-class = class // 2. A per-item array (24 entries) passes the range check of a
+    # class map (every class value < 24), so reading it as one would give wrong super/ metrics without a word.
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(6), 4)
+    embeddings = rng.normal(size=(24, 8)) + 3.0 * np.eye(8)[labels // 2]
+    per_item = labels // 2
+    with pytest.raises(ValueError, match="one entry per item"):
+        metrics.retrieval_metrics(embeddings, labels, super_labels=per_item, nmi=False)
+    per_class = metrics.class_super_labels(labels, per_item)
+    np.testing.assert_array_equal(per_class, [0, 0, 1, 1, 2, 2])
+    expected = metrics.retrieval_metrics(embeddings, labels // 2, nmi=False)
+    got = metrics.retrieval_metrics(embeddings, labels, super_labels=per_class, nmi=False)
+    assert got["super/map@r"] == pytest.approx(expected["map@r"])
+    with pytest.raises(ValueError, match="several super-classes"):
+        metrics.class_super_labels(labels, np.arange(24) % 3)

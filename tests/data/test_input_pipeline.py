@@ -5,6 +5,7 @@ our records, TFDS sub-split syntax honoured); In-Shop runs on a tiny tree prepar
 real; image folders are written to tmp dirs. Every image is one flat colour that encodes its id, so a batch tells
 which examples it holds after cropping, flipping and normalising.
 """
+import json
 import os
 import re
 import types
@@ -24,6 +25,7 @@ from hpl_jax import data
 from hpl_jax.data import cars_makes
 from hpl_jax.data import input_pipeline
 from hpl_jax.data import inshop
+from hpl_jax.models import convert as convert_weights
 from hpl_jax.trainer import config_checks
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,6 +62,9 @@ def tiny(config_module, **overrides):
     config.dataset.image_size = 16
     config.dataset.resize_size = 18
     config.dataset.shuffle_buffer = 64
+    # These tiny networks start from random weights, which the recipe's frozen BatchNorm refuses (config_checks);
+    # training with frozen BatchNorm from pretrained weights: tests/trainer/test_pretraining.py.
+    config.model.bn_frozen = False
     config.update_from_flattened_dict(overrides)
     return config
 
@@ -729,6 +734,17 @@ def test_dataset_configs_follow_the_published_recipe(name, tmp_path):
     config = module.get_config()
     if name == "image_folder":
         config.dataset.data_dir = str(tmp_path)
+    if bn_frozen:
+        # The recipe fine-tunes ImageNet weights: frozen BatchNorm without them is refused, naming what to pass.
+        with pytest.raises(config_checks.ConfigError, match=r"config.model.bn_frozen: .* model.pretrained is empty"):
+            config_checks.validate_config(config, device_count=8, process_count=1)
+    # A converted-weights directory as `python -m hpl_jax.convert_weights` writes it (its metadata is what the
+    # checks read).
+    weights = tmp_path / "resnet50"
+    weights.mkdir()
+    (weights / "metadata.json").write_text(json.dumps(
+        {"architecture": "resnet50", "width": 1.0, "preprocessing": convert_weights.TORCHVISION_PREPROCESSING}))
+    config.model.pretrained = str(weights)
     config_checks.validate_config(config, device_count=8, process_count=1)
     assert config.dataset.name == name and config.dataset.image_size == 224 and config.dataset.resize_size == 256
     assert tuple(config.dataset.crop_scale) == (0.08, 1.0) and config.dataset.color_order == "rgb"
@@ -784,7 +800,7 @@ def test_a_train_class_whose_images_all_fail_to_decode_is_one_data_error(tmp_pat
              "--config.model.backbone=resnet18", "--config.model.width=0.125", "--config.model.embedding_dim=16",
              "--config.model.dtype=float32", "--config.hpl.num_coarse=(2,)", "--config.batch_size=4",
              "--config.eval.batch_size=4", "--config.eval.nmi=False", "--config.num_epochs=1",
-             "--config.optim.warmup_epochs=0"]
+             "--config.optim.warmup_epochs=0", "--config.model.bn_frozen=False"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2 "
                "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
     result = subprocess.run([sys.executable, "-m", "hpl_jax.main", "--config=configs/image_folder.py",

@@ -10,6 +10,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
+from hpl_jax.core import metrics
 from hpl_jax.experiments import evaluate
 from hpl_jax.experiments import visualize
 from hpl_jax.trainer import checkpointing
@@ -88,11 +89,23 @@ def test_evaluate_equals_the_metrics_recorded_at_that_epoch(workdir, evaluated, 
 @pytest.mark.slow
 def test_export_round_trips_and_ids_name_the_examples(evaluated, restored):
     exported = np.load(evaluated[1])
-    assert set(exported.files) == {"embeddings", "labels", "ids", "split", "super_labels", "step", "epoch"}
+    assert set(exported.files) == {"embeddings", "labels", "ids", "split", "example_super_labels", "step", "epoch"}
     assert exported["embeddings"].shape == (42, 16) and exported["embeddings"].dtype == np.float32
     np.testing.assert_array_equal(np.sort(exported["ids"]), np.arange(42))
-    np.testing.assert_array_equal(exported["super_labels"],
+    np.testing.assert_array_equal(exported["example_super_labels"],
                                   restored.dataset.info.test_super_labels[exported["labels"]])
+    # The export's per-example super-classes give retrieval_metrics' per-class ones back, and the super/ metrics
+    # the run recorded; the per-example array itself is refused, not read as a class -> super-class map.
+    per_class = metrics.class_super_labels(exported["labels"], exported["example_super_labels"])
+    np.testing.assert_array_equal(per_class, restored.dataset.info.test_super_labels)
+    by_export = metrics.retrieval_metrics(exported["embeddings"], exported["labels"], super_labels=per_class,
+                                          nmi=False)
+    by_run = metrics.retrieval_metrics(exported["embeddings"], exported["labels"],
+                                       super_labels=restored.dataset.info.test_super_labels, nmi=False)
+    assert by_export == by_run
+    with pytest.raises(ValueError, match="one entry per item"):
+        metrics.retrieval_metrics(exported["embeddings"], exported["labels"],
+                                  super_labels=exported["example_super_labels"], nmi=False)
     assert set(exported["split"]) == {"test"} and int(exported["epoch"]) == 2 and int(exported["step"]) == 4
     # Row i is the embedding of example ids[i] of the split, computed here directly from that image.
     rows = [0, 17, 41]

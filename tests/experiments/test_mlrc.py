@@ -19,6 +19,7 @@ from hpl_jax import data
 from hpl_jax import models
 from hpl_jax.data import datasets
 from hpl_jax.experiments import mlrc
+from hpl_jax.models import convert as convert_weights
 from hpl_jax.experiments import mlrc_report
 from hpl_jax.trainer import checkpointing
 from hpl_jax.trainer import config_checks
@@ -70,7 +71,7 @@ def test_an_image_folder_holds_out_a_fold_and_takes_steps_per_epoch(tmp_path):
     assert len(list(held.train_batches(0))) == 9  # 12 training images, batches of 2: 1.5 passes
 
 
-def test_fold_config_errors_name_the_field():
+def test_fold_config_errors_name_the_field(tmp_path):
     cases = [({"dataset.num_folds": 4, "dataset.num_val_classes": 2}, "config.dataset.num_folds: 4 folds and"),
              ({"dataset.num_folds": 4, "dataset.val_fold": 4}, "config.dataset.val_fold"),
              ({"dataset.num_folds": 1}, "config.dataset.num_folds"),
@@ -83,8 +84,18 @@ def test_fold_config_errors_name_the_field():
             config_checks.validate_config(tiny_config(**overrides), device_count=2, process_count=1)
     with pytest.raises(config_checks.ConfigError, match="config.dataset.num_folds: 4 folds of the 6 training"):
         datasets.get_dataset(tiny_config(**{"dataset.num_folds": 4}), local_batch_size=16, local_eval_batch_size=16)
-    for module in (mlrc_cub, mlrc_cars, mlrc_sop, mlrc_synthetic):
-        config_checks.validate_config(module.get_config(), device_count=8, process_count=1)
+    config_checks.validate_config(mlrc_synthetic.get_config(), device_count=8, process_count=1)
+    # The benchmarks' folds fine-tune ImageNet BN-Inception with frozen BatchNorm: without the weights, refused.
+    weights = tmp_path / "bn_inception"
+    weights.mkdir()
+    (weights / "metadata.json").write_text(json.dumps(
+        {"architecture": "bn_inception", "width": 1.0, "preprocessing": convert_weights.BN_INCEPTION_PREPROCESSING}))
+    for module in (mlrc_cub, mlrc_cars, mlrc_sop):
+        config = module.get_config()
+        with pytest.raises(config_checks.ConfigError, match="config.model.bn_frozen: .* model.pretrained is empty"):
+            config_checks.validate_config(config, device_count=8, process_count=1)
+        config.model.pretrained = str(weights)
+        config_checks.validate_config(config, device_count=8, process_count=1)
 
 
 def test_early_stopping_on_a_fabricated_validation_history():

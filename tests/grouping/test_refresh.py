@@ -1,5 +1,5 @@
 """Tests of hpl_jax.grouping (the host-side k-means groupings: init_hierarchy, refresh_hierarchy, the ground-truth
-level 1) against independent NumPy references (METHOD.md, "The hierarchy")."""
+level 1) against independent NumPy references (docs/method.md, "The hierarchy")."""
 import itertools
 import warnings
 

@@ -141,6 +141,30 @@ def test_weights_pretrained_on_the_target_itself_are_refused_and_other_weights_a
     assert pretraining.source_overlap({"architecture": "resnet50"}, _finetune(tmp_path).dataset) is None
 
 
+def test_the_overlap_check_compares_the_data_not_the_datasets_name(tmp_path):
+    # Two image folders are two datasets: weights pretrained on one fine-tune on the other. The same folder, by any
+    # spelling of its path, is refused; so is a TFDS benchmark whatever data_dir holds it.
+    folder_a, folder_b = tmp_path / "a", tmp_path / "b"
+    folder_a.mkdir(), folder_b.mkdir()
+
+    def dataset(name, data_dir=""):
+        return ml_collections.ConfigDict({"name": name, "data_dir": str(data_dir), "seed": 0})
+
+    source_a = {"source_dataset": pretraining.source_description(dataset("image_folder", folder_a))}
+    assert source_a["source_dataset"]["folder"] == os.path.realpath(folder_a)
+    assert pretraining.source_overlap(source_a, dataset("image_folder", folder_b)) is None
+    assert "image folder" in pretraining.source_overlap(source_a, dataset("image_folder", folder_a))
+    assert "image folder" in pretraining.source_overlap(source_a, dataset("image_folder", f"{tmp_path}/b/../a/"))
+    old_record = {"source_dataset": {"name": "image_folder", "draws": []}}
+    assert "names no folder" in pretraining.source_overlap(old_record, dataset("image_folder", folder_b))
+
+    cub = {"source_dataset": pretraining.source_description(dataset("cub", "/data/one"))}
+    assert cub["source_dataset"]["split"] == "train"
+    assert "cub's training classes" in pretraining.source_overlap(cub, dataset("cub", "/data/other"))
+    assert pretraining.source_overlap(cub, dataset("cars")) is None
+    assert pretraining.source_overlap(cub, dataset("image_folder", folder_a)) is None
+
+
 @pytest.mark.slow
 def test_a_pretraining_exports_its_backbone_which_finetuning_loads_bit_exactly_with_its_preprocessing(tmp_path):
     config = tiny_source_config()

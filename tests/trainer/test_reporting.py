@@ -73,8 +73,26 @@ def test_speed_and_eta_leave_out_what_happened_before_the_clock_restarted(tmp_pa
     caplog.set_level("INFO")
     reporter.progress(1, 2, 30, 8, {"loss": 1.0, "lr": 0.1})
     line = caplog.records[-1].getMessage()
-    # Steps 22..30 in 0.5 s: 18 steps/s of 8 images; (110 - 30) steps to go.
-    assert "144.0 img/s ETA 00:00:04" in line, line
+    # Steps 21..30 in 0.5 s (the clock restarts once step 21 is dispatched): 20 steps/s of 8 images; (110 - 30)
+    # steps to go.
+    assert "160.0 img/s ETA 00:00:04" in line, line
+    reporter.close()
+
+
+def test_an_epochs_first_line_has_a_rate_when_it_reports_the_step_the_clock_restarted_at(tmp_path, monkeypatch,
+                                                                                        caplog):
+    clock = [0.0]
+    monkeypatch.setattr(reporting.time, "time", lambda: clock[0])
+    reporter = reporting.Reporter(tmp_path, total_steps=100)
+    reporter.restart_clock(51)  # the epoch's first step, dispatched
+    clock[0] = 0.25
+    caplog.set_level("INFO")
+    reporter.progress(1, 2, 51, 8, {"loss": 1.0, "lr": 0.1})  # log_every_steps = 1, or 51 is due
+    line = caplog.records[-1].getMessage()
+    assert "nan" not in line and "?" not in line, line
+    assert "32.0 img/s ETA 00:00:12" in line, line  # 1 step in 0.25 s; 49 steps to go
+    reporter.progress(1, 2, 51, 8, {"loss": 1.0, "lr": 0.1})  # the same step again: no rate, and no NaN
+    assert "- img/s ETA -" in caplog.records[-1].getMessage()
     reporter.close()
 
 

@@ -357,6 +357,15 @@ def test_config_errors_name_the_field():
         config_checks.validate_against_dataset(tiny_config(**{"hpl.num_coarse": (6,)}), info)
 
 
+def test_a_config_the_dataset_refuses_leaves_no_record_so_the_corrected_rerun_is_a_new_run(tmp_path):
+    # K_1 is checked against the dataset's class count once the dataset is read; the refused run must not have
+    # written config.json, or the corrected command in the same workdir would be taken for a changed resume.
+    with pytest.raises(config_checks.ConfigError, match=r"config.hpl.num_coarse.*K_1 = 6"):
+        train.train_and_evaluate(tiny_config(**{"hpl.num_coarse": (6,)}), str(tmp_path))
+    assert not (tmp_path / checkpointing.CONFIG_FILE).exists()
+    checkpointing.prepare_workdir(str(tmp_path), tiny_config(), write=False)  # not a resume: nothing to compare
+
+
 def _main(workdir, *overrides, code=None):
     """Runs `python -m hpl_jax.main` on the tiny config (or `python -c code` with the same arguments)."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}", JAX_PLATFORMS="cpu")
