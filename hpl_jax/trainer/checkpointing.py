@@ -242,11 +242,12 @@ def check_resumed_config(saved: Mapping[str, Any], config: ml_collections.Config
         logging.info("Resuming with config.%s = %r (was %r; allowed on resume).", field, now, then)
 
 
-def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *, write: bool) -> epath.Path:
-    """The workdir, created if new, checked against the config it holds, with the config (re)written.
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> epath.Path:
+    """The workdir, created if new and checked against the config it holds; `write_config` records the config
+    once every check has passed.
 
-    Raises WorkdirError if it is a file or cannot be written, ConfigError if a resume would change a field that
-    changes the train state's shape or meaning (see RESUMABLE_FIELDS). `write`: this process writes (process 0).
+    Raises WorkdirError if it is a file or cannot be created, ConfigError if a resume would change a field that
+    changes the train state's shape or meaning (see RESUMABLE_FIELDS).
     """
     path = workdir_path(workdir)
     try:
@@ -258,8 +259,6 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, *, write: b
                            "writable directory.") from None
     if (path / CONFIG_FILE).exists():
         check_resumed_config(read_saved_config(path / CONFIG_FILE), config, path / CONFIG_FILE)
-    if write:
-        write_config(path, config)
     return path
 
 

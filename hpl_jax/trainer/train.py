@@ -295,7 +295,7 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
     config_checks.validate_config(config, device_count=device_count, process_count=process_count)
     use_compilation_cache(config.compilation_cache_dir)
     config = with_pretrained_preprocessing(config)
-    workdir = checkpointing.prepare_workdir(workdir, config, write=False)
+    workdir = checkpointing.prepare_workdir(workdir, config)
     local_batch = config.batch_size // process_count
     dataset = datasets.get_dataset(config, local_batch_size=local_batch,
                                local_eval_batch_size=config.eval.batch_size // process_count,

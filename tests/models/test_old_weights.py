@@ -1,9 +1,5 @@
 """Converted weights written by hpl-jax 0.3.0 (tests/fixtures/v0_3_0: backbone.tgz and what 0.3.0 read back from
 it) still load, leaf for leaf, and a fine-tuning run still starts from them."""
-import json
-import os
-import tarfile
-
 import jax
 import numpy as np
 import pytest
@@ -12,23 +8,20 @@ from configs import finetune_synthetic_sop
 from hpl_jax.models import convert
 from hpl_jax.trainer import restore
 from hpl_jax.trainer import train
+from tests.fixtures import old_release
 
-FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "v0_3_0")
 WIDTH = 0.0625  # the exported backbone's (tests/fixtures/v0_3_0/README.md)
 
 
 @pytest.fixture
 def old_backbone(tmp_path):
     """The directory 0.3.0's pretraining exported (orbax checkpoint + metadata.json), extracted afresh."""
-    with tarfile.open(os.path.join(FIXTURES, "backbone.tgz")) as archive:
-        archive.extractall(tmp_path, filter="data")
-    return str(tmp_path / "backbone")
+    return old_release.extract("backbone.tgz", tmp_path, "backbone")
 
 
 def recorded_backbone():
     """{'params': {keystr: float64 sum}, 'batch_stats': {...}}: what 0.3.0 read back from backbone.tgz."""
-    with open(os.path.join(FIXTURES, "recorded.json")) as f:
-        return json.load(f)["backbone"]
+    return old_release.recorded()["backbone"]
 
 
 def leaf_sums(tree):

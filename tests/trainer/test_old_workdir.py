@@ -1,10 +1,6 @@
 """A workdir written by hpl-jax 0.3.0 (tests/fixtures/v0_3_0: workdir.tgz, stopped after 2 epochs of warm-up, and
 what 0.3.0 read back from it) is still read and resumed: its optimiser state, laid out as 0.3.0's optimiser laid
 it out, is migrated on restore (checkpointing.restore_checkpoint, train_state.OLDER_LAYOUTS)."""
-import json
-import os
-import tarfile
-
 import jax
 import numpy as np
 import optax
@@ -15,23 +11,19 @@ from hpl_jax.trainer import optim
 from hpl_jax.trainer import restore
 from hpl_jax.trainer import train
 from hpl_jax.trainer import train_state
-
-FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "v0_3_0")
+from tests.fixtures import old_release
 
 
 @pytest.fixture
 def old_workdir(tmp_path):
     """The workdir 0.3.0 wrote (tests/fixtures/v0_3_0/README.md has its command), extracted afresh."""
-    with tarfile.open(os.path.join(FIXTURES, "workdir.tgz")) as archive:
-        archive.extractall(tmp_path, filter="data")
-    return str(tmp_path / "oldwd")
+    return old_release.extract("workdir.tgz", tmp_path, "oldwd")
 
 
 def recorded():
     """recorded.json: leaf sums (float64) of what 0.3.0 read back ('workdir_latest') and reached when it resumed
     the workdir for a third epoch ('resumed_to_3_epochs')."""
-    with open(os.path.join(FIXTURES, "recorded.json")) as f:
-        return json.load(f)
+    return old_release.recorded()
 
 
 def leaf_sums(tree):

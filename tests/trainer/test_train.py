@@ -363,7 +363,7 @@ def test_a_config_the_dataset_refuses_leaves_no_record_so_the_corrected_rerun_is
     with pytest.raises(config_checks.ConfigError, match=r"config.hpl.num_coarse.*K_1 = 6"):
         train.train_and_evaluate(tiny_config(**{"hpl.num_coarse": (6,)}), str(tmp_path))
     assert not (tmp_path / checkpointing.CONFIG_FILE).exists()
-    checkpointing.prepare_workdir(str(tmp_path), tiny_config(), write=False)  # not a resume: nothing to compare
+    checkpointing.prepare_workdir(str(tmp_path), tiny_config())  # not a resume: nothing to compare
 
 
 def _main(workdir, *overrides, code=None):
@@ -660,7 +660,7 @@ def test_a_config_json_from_before_a_field_existed_loads_with_its_default(tmp_pa
     loaded = checkpointing.load_config(path)
     assert loaded.optim.skip_nonfinite_steps is False and loaded.steps_per_epoch == 0
     assert loaded.model.embedding_dim == 16  # saved values win over the defaults
-    checkpointing.prepare_workdir(str(tmp_path), tiny_config(), write=False)  # the resume check passes
+    checkpointing.prepare_workdir(str(tmp_path), tiny_config())  # the resume check passes
 
 
 @pytest.mark.slow
