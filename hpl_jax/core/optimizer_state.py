@@ -17,42 +17,22 @@ def _is_namedtuple(value) -> bool:
     return isinstance(value, tuple) and hasattr(value, "_fields")
 
 
-def _replaced(state, fresh, groups: Set[str], found: Set[str]):
+def _replaced(state, fresh, groups: Set[str], seen: Set[str]):
+    """`state` with the inner states of `groups` from `fresh`; adds every partition label met to `seen`."""
     inner = getattr(state, "inner_states", None)
     if isinstance(inner, dict) and _is_namedtuple(state):
-        found.update(label for label in inner if label in groups)
+        seen.update(inner)
         # The other groups are kept whole: `fresh_state` may hold anything for them (the trainer builds only the
         # groups it resets).
         return state._replace(inner_states={label: fresh.inner_states[label] if label in groups else value
                                             for label, value in inner.items()})
     if _is_namedtuple(state):
-        return type(state)(*(_replaced(s, f, groups, found) for s, f in zip(state, fresh)))
+        return type(state)(*(_replaced(s, f, groups, seen) for s, f in zip(state, fresh)))
     if isinstance(state, (tuple, list)):
-        return type(state)(_replaced(s, f, groups, found) for s, f in zip(state, fresh))
+        return type(state)(_replaced(s, f, groups, seen) for s, f in zip(state, fresh))
     if isinstance(state, dict):
-        return {key: _replaced(value, fresh[key], groups, found) for key, value in state.items()}
+        return {key: _replaced(value, fresh[key], groups, seen) for key, value in state.items()}
     return state
-
-
-def partition_labels(state) -> Set[str]:
-    """The group labels of every optax.partition / multi_transform state inside `state`."""
-    labels: Set[str] = set()
-
-    def visit(node):
-        inner = getattr(node, "inner_states", None)
-        if isinstance(inner, dict) and _is_namedtuple(node):
-            labels.update(inner)
-            for value in inner.values():
-                visit(value)
-        elif isinstance(node, (tuple, list)):
-            for value in node:
-                visit(value)
-        elif isinstance(node, dict):
-            for value in node.values():
-                visit(value)
-
-    visit(state)
-    return labels
 
 
 def reset_optimizer_groups(opt_state: Any, fresh_state: Any, groups: Iterable[str]) -> Any:
@@ -74,11 +54,11 @@ def reset_optimizer_groups(opt_state: Any, fresh_state: Any, groups: Iterable[st
     groups = set(groups)
     if not groups:
         return opt_state
-    found: Set[str] = set()
-    new_state = _replaced(opt_state, fresh_state, groups, found)
-    if groups - found:
+    seen: Set[str] = set()
+    new_state = _replaced(opt_state, fresh_state, groups, seen)
+    if groups - seen:
         raise ValueError(
-            f"no optax.partition group named {sorted(groups - found)} in the optimiser state (its groups: "
-            f"{sorted(partition_labels(opt_state)) or 'none'}); give each proxy level its own group, e.g. "
+            f"no optax.partition group named {sorted(groups - seen)} in the optimiser state (its groups: "
+            f"{sorted(seen) or 'none'}); give each proxy level its own group, e.g. "
             "optax.partition({'model': ..., 'fine': ..., 'coarse_1': ...}, labels).")
     return new_state
