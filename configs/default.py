@@ -169,6 +169,24 @@ def get_config():
     # Use the dataset's ground-truth super-classes for level 1 instead of k-means (ablation).
     hpl.ground_truth_level1 = False
 
+    config.hier = hier = ml_collections.ConfigDict()
+    # HIER (Kim et al., CVPR 2023; docs/method.md, "HIER, the other hierarchical proxy method"): hierarchical proxies
+    # in a Poincare ball regularise the loss above, L = L_HPL + weight * L_HIER, where the embeddings are mapped into
+    # the ball first (hpl_jax/core/hier.py: hier_regularised_loss). HIER on flat Proxy-Anchor: hpl.weights=(1.0,).
+    # weight: lambda (the official --lambda2); 0 = off (no HIER proxies in the state).
+    hier.weight = 0.0
+    # P, the number of hierarchical proxies (--num_hproxies); they train at the rate of optim.lr_mults' rule for
+    # 'hier_proxies', which a run with HIER must have (configs/hier_recipe.py sets HIER's).
+    hier.num_proxies = 512
+    # c, the ball's curvature -c (--hyp_c; 0 = the official sphere mode), and the feature clipping radius (--clip_r).
+    hier.curvature = 0.1
+    hier.clip_r = 2.3
+    # The triplet loss's margin (--mrg), the Gumbel-softmax temperature of the LCA choice (HIERLoss's tau), and the
+    # reciprocal neighbourhood of the mining (--topk; a row counts in its own). 50 triplets per anchor, as official.
+    hier.margin = 0.1
+    hier.temperature = 0.1
+    hier.top_k = 30
+
     config.optim = optim = ml_collections.ConfigDict()
     # 'adamw' (decoupled weight decay: the Proxy-Anchor recipe) or 'rmsprop' (PyTorch's RMSprop: alpha 0.99,
     # eps 1e-8 outside the root, weight decay added to the gradient, heavy-ball momentum: the MLRC recipe).
@@ -180,9 +198,11 @@ def get_config():
     # Weight decay, applied to every trainable group.
     optim.weight_decay = 1e-4
     # Learning-rate multipliers by parameter path, first match wins. Paths look like
-    # 'model/backbone/...', 'model/embedding/kernel', 'proxies/0' (level 0), 'proxies/1', ...
+    # 'model/backbone/...', 'model/embedding/kernel', 'proxies/0' (level 0), 'proxies/1', ..., and 'hier_proxies'
+    # (HIER's, when hier.weight > 0, which then needs a rule: ('hier_proxies', 50.0) is HIER's own rate).
     optim.lr_mults = (("proxies/.*", 100.0),)
-    # Epochs at the start during which only the parameters matching warmup_trainable train.
+    # Epochs at the start during which only the parameters matching warmup_trainable train (HIER's recipe adds
+    # 'hier_proxies').
     optim.warmup_epochs = 1
     optim.warmup_trainable = ("model/embedding/.*", "proxies/.*")
     # Parameters that never train (regexes on the same paths), e.g. BatchNorm scale/bias.

@@ -10,7 +10,8 @@ docs/method.md; docs/equations.md says where each one is in the code. Defaults a
         -> (total f32[], per_level f32[L + 1])
     proxy_anchor_loss(embeddings, labels, proxies, alpha=32.0, delta=0.1, mask=None) -> f32[]
     proxy_nca_loss(embeddings, labels, proxies, temperature=1/32, exclude_positive=False, mask=None) -> f32[]
-    ProxyHierarchy(proxies=(f32[K_0, d], f32[K_1, d], ...), parents=(i32[K_0], ...)), a pytree
+    ProxyHierarchy(proxies=(f32[K_0, d], f32[K_1, d], ...), parents=(i32[K_0], ...), hier_proxies=None), a
+        pytree (hier_proxies: HIER's f32[P, d], hpl_jax/core/hier.py, whose hier_regularised_loss adds HIER)
     lift_labels(labels, parents) -> labels of every level
     reset_optimizer_groups(opt_state, fresh_state, groups) -> opt_state with the named optax.partition groups'
         states fresh (the coarse levels a refresh reset)

@@ -22,10 +22,17 @@
 #                   seed by seed (so an interrupted stage leaves pairs), into ROOT/<dataset>_pa
 #   *_gt            level 1 = the ground-truth super-classes against k-means (data seed 0; k-means runs copied from *_pa)
 #   *_w1            Figure 5's w_1 sweep, fine-tuned (data seed 0; w_1 = 0.1 copied from *_pa)
+#   sop_hier_val    HIER on flat Proxy-Anchor, its weight (hier.weight) and number of proxies (hier.num_proxies)
+#                   chosen on the validation classes of the SOP-like data (data seed 0), into
+#                   ROOT/synthetic_sop_hier_val
+#   *_hier          the four-way comparison, seed by seed and data seed by data seed (data seeds 0-2): flat PA,
+#                   HPL-PA, HIER-PA and HPL + HIER, HIER with the values sop_hier_val chose (HIER_WEIGHT,
+#                   HIER_PROXIES), into ROOT/<dataset>_hier
 #   report          results.md / results.csv / plots of every root
 # Environment:
 #   SEEDS        training seeds of every setting (default 0,1,2,3,4)
-#   DATA_SEEDS   data seeds of the *_pa stages (default 0,1,2)
+#   DATA_SEEDS   data seeds of the *_pa and *_hier stages (default 0,1,2)
+#   HIER_WEIGHT, HIER_PROXIES   HIER's setting in the *_hier stages (default: what sop_hier_val chose, below)
 set -euo pipefail
 
 ROOT="${1:?usage: launch/pretrained_study.sh ROOT [STAGE ...]}"
@@ -36,6 +43,13 @@ PYTHON="${PYTHON:-python}"
 BACKBONE="$ROOT/pretrain/backbone"
 PRETRAINED=("--set=model.pretrained=$BACKBONE")
 PAIR='hpl.weights=(1.0,),(1.0,0.1)'
+# Every run of the HIER stages carries HIER's learning-rate rule and warm-up (configs/hier_recipe.py: with_hier), so
+# the four arms differ only in hpl.weights and hier.weight; the rules match nothing where hier.weight is 0.
+HIER_OPTIM=('--set=optim.lr_mults=(("hier_proxies",50.0),("proxies/.*",100.0))'
+            '--set=optim.warmup_trainable=("hier_proxies","model/embedding/.*","proxies/.*")')
+HIER_VAL_GRID=('--grid=hier.weight=0.1,0.5,1.0' '--grid=hier.num_proxies=32,128')
+HIER_WEIGHT="${HIER_WEIGHT:-0.5}"
+HIER_PROXIES="${HIER_PROXIES:-32}"
 
 need_backbone() {
   [[ -f "$BACKBONE/metadata.json" ]] || { echo "no $BACKBONE yet: run the pretrain stage first" >&2; exit 1; }
@@ -124,24 +138,54 @@ figure5_w1() {  # figure5_w1 DATASET
 stage_sop_w1() { figure5_w1 synthetic_sop; }
 stage_default_w1() { figure5_w1 default; }
 
+stage_sop_hier_val() {  # HIER-PA's weight and number of proxies on the validation classes, seed by seed
+  local seed
+  need_backbone
+  for seed in ${SEEDS//,/ }; do
+    sweep finetune_synthetic_sop synthetic_sop_hier_val '--set=hpl.weights=(1.0,)' "${HIER_VAL_GRID[@]}" \
+      --seeds="$seed" --data_seeds=0 "${HIER_OPTIM[@]}" "${PRETRAINED[@]}"
+  done
+  sweep finetune_synthetic_sop synthetic_sop_hier_val '--set=hpl.weights=(1.0,)' "${HIER_VAL_GRID[@]}" \
+    --seeds="$SEEDS" --data_seeds=0 "${HIER_OPTIM[@]}" "${PRETRAINED[@]}"
+}
+
+four_way() {  # four_way DATASET: flat PA, HPL-PA, HIER-PA, HPL + HIER, seed by seed and data seed by data seed
+  local dataset="$1" data_seed seed
+  local grid=("--grid=$PAIR" "--grid=hier.weight=0.0,$HIER_WEIGHT" "--set=hier.num_proxies=$HIER_PROXIES")
+  need_backbone
+  for data_seed in ${DATA_SEEDS//,/ }; do
+    for seed in ${SEEDS//,/ }; do
+      sweep "finetune_$dataset" "${dataset}_hier" "${grid[@]}" --seeds="$seed" --data_seeds="$data_seed" \
+        "${HIER_OPTIM[@]}" "${PRETRAINED[@]}"
+    done
+  done
+  sweep "finetune_$dataset" "${dataset}_hier" "${grid[@]}" --seeds="$SEEDS" --data_seeds="$DATA_SEEDS" \
+    "${HIER_OPTIM[@]}" "${PRETRAINED[@]}"
+}
+stage_sop_hier() { four_way synthetic_sop; }
+stage_default_hier() { four_way default; }
+
 stage_report() {
   local root baseline
   for root in "$ROOT"/*/; do
     root="${root%/}"
     case "${root##*/}" in
       pretrain) continue ;;
-      *_sanity) baseline="model.pretrained=" ;;
-      *_w1) baseline='hpl.weights=(1.0,0.0)' ;;
-      *_gt) baseline='hpl.ground_truth_level1=False' ;;
+      *_sanity) baseline=("model.pretrained=") ;;
+      *_w1) baseline=('hpl.weights=(1.0,0.0)') ;;
+      *_gt) baseline=('hpl.ground_truth_level1=False') ;;
+      *_hier_val) baseline=('hier.weight=0.5' 'hier.num_proxies=32') ;;
+      *_hier) baseline=('hpl.weights=(1.0,)' 'hier.weight=0.0') ;;
       *_scratch) continue ;;
-      *) baseline='hpl.weights=(1.0,)' ;;
+      *) baseline=('hpl.weights=(1.0,)') ;;
     esac
-    "$PYTHON" -m hpl_jax.report "$root" --metrics=map@r,recall@1,val/map@r --baseline="$baseline" ||
+    "$PYTHON" -m hpl_jax.report "$root" --metrics=map@r,recall@1,val/map@r "${baseline[@]/#/--baseline=}" ||
       echo "(no report for $root)" >&2
   done
 }
 
-ALL_STAGES=(pretrain sop_sanity default_sanity sop_pa default_pa sop_gt default_gt sop_w1 default_w1 report)
+ALL_STAGES=(pretrain sop_sanity default_sanity sop_pa default_pa sop_gt default_gt sop_w1 default_w1 sop_hier_val
+            sop_hier default_hier report)
 STAGES=("${ALL_STAGES[@]}")
 if (($# > 0)); then STAGES=("$@"); fi
 start=$(date +%s)

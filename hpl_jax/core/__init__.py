@@ -6,7 +6,7 @@ Jit-able (call them inside a step, on any device):
                       initialisation); its host helpers (class_means, cluster_means, ...) take NumPy arrays
   optimizer_state.py  each proxy level's own optimiser state: resetting the groups a refresh replaced
   hier.py             HIER (Kim et al., CVPR 2023): Poincare-ball maths, hierarchical proxies, reciprocal
-                      top-k triplet mining with a PRNG key, the gHHC loss (not yet in the trainer)
+                      top-k triplet mining with a PRNG key, the gHHC loss, the HIER-regularised objective
 Host-side (NumPy in, between steps; they run their own jitted programs on the default device):
   metrics.py          retrieval metrics: Recall@K, Precision@1, R-Precision, MAP@R, NMI
   kmeans.py           k-means, jit-compiled on the default device (what the groupings use on accelerators)

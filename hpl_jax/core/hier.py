@@ -16,7 +16,7 @@ Hyperparameters (curvature, clip_r, margin, temperature, top_k, num_triplets) ar
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -362,3 +362,46 @@ def hier_loss(
     return (term(batch_to_proxy, batch_similarity, num_rows, mask, mine_key, noise_key)
             + term(proxy_to_proxy, mining_similarity(proxy_to_proxy), num_proxies, None, proxy_mine_key,
                    proxy_noise_key))
+
+
+def hier_regularised_loss(
+    embeddings: jax.Array,
+    labels: jax.Array,
+    hierarchy,
+    key: jax.Array,
+    *,
+    proxy_loss: Callable[..., Tuple[jax.Array, jax.Array]],
+    hier_weight: float,
+    curvature: float = 0.1,
+    clip_r: float = 2.3,
+    margin: float = 0.1,
+    temperature: float = 0.1,
+    top_k: int = 30,
+    mask: Optional[jax.Array] = None,
+) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """The objective of HIER's training (the official hier/train.py with lambda1 = 1), over a proxy loss:
+
+        z = ToPoincare(x),   L = L_proxy(z, y, P) + lambda * L_HIER(z, y, H)
+
+    The embeddings x are the network's before any normalisation; the map into the ball keeps their direction, so a
+    cosine proxy loss (Proxy-Anchor, Proxy-NCA, HPL over either) sees the same similarities as on x, but its
+    gradient passes the map's Riemannian scaling, as in the official model, whose head ends in ToPoincare.
+
+    Args:
+      embeddings: f or bf16[B, dim], un-normalised.
+      labels: i32[B] class labels.
+      hierarchy: a ProxyHierarchy (core/hierarchy.py) whose `hier_proxies` f32[P, dim] are set.
+      key: PRNG key of this step's mining and Gumbel noise.
+      proxy_loss: (z, labels, hierarchy, mask=mask) -> (total f32[], per-level f32[L + 1]), e.g. HPL's
+        `hierarchical_proxy_loss` with its base loss and weights bound (flat Proxy-Anchor: one level).
+      hier_weight: lambda (the official --lambda2), static.
+      mask: optional bool[B], True for valid rows; passed on to both terms.
+
+    Returns:
+      (L f32[], the proxy loss's per-level terms f32[L + 1], L_HIER f32[] unweighted).
+    """
+    z = to_poincare(embeddings, curvature, clip_r)
+    total, per_level = proxy_loss(z, labels, hierarchy, mask=mask)
+    regulariser = hier_loss(z, labels, hierarchy.hier_proxies, key, curvature=curvature, clip_r=clip_r,
+                            margin=margin, temperature=temperature, top_k=top_k, mask=mask, embeddings_on_ball=True)
+    return total + hier_weight * regulariser, per_level, regulariser

@@ -12,10 +12,10 @@ Functions on NumPy accept jax or NumPy arrays and return jnp arrays, so their re
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +28,7 @@ COARSE_NORMS = ("children_mean", "unit")
 _NORM_EPS = 1e-12
 
 
-@flax.struct.dataclass
+@dataclasses.dataclass(frozen=True)
 class ProxyHierarchy:
     """Proxies of every level and the parent maps between them (a pytree).
 
@@ -36,10 +36,17 @@ class ProxyHierarchy:
       proxies: per level l, f32[K_l, dim]; K_0 = number of training classes.
       parents: per level l >= 1, i32[K_{l-1}], entry i is the level-l parent of proxy i of level l-1
         (`parents[l - 1]` is a^l). Empty for a flat (single-level) hierarchy.
+      hier_proxies: HIER's P hierarchical proxies f32[P, dim] (Euclidean; core/hier.py maps them into the Poincare
+        ball), trained beside the levels when HIER regularises the loss (docs/method.md, "HIER, the other
+        hierarchical proxy method"); None without HIER. No parent map: HIER's hierarchy is implicit in them.
     """
 
     proxies: Tuple[jax.Array, ...]
     parents: Tuple[jax.Array, ...]
+    hier_proxies: Optional[jax.Array] = None
+
+    def replace(self, **fields) -> "ProxyHierarchy":
+        return dataclasses.replace(self, **fields)
 
     @property
     def num_levels(self) -> int:
@@ -48,6 +55,35 @@ class ProxyHierarchy:
     @property
     def level_sizes(self) -> Tuple[int, ...]:
         return tuple(int(p.shape[0]) for p in self.proxies)
+
+
+# A pytree whose children are the fields, as flax.struct.dataclass would make it, but without `hier_proxies` in a
+# hierarchy made without them: a run without HIER keeps the tree, and so the checkpoint layout, of the versions
+# before HIER. Whether the field is a child is the node's static data, kept through tree maps (which may put None
+# in its place, e.g. orbax's save arguments), not read from its value.
+def _has_hier(hierarchy: ProxyHierarchy) -> bool:
+    return hierarchy.__dict__.get("_has_hier", hierarchy.hier_proxies is not None)
+
+
+def _hierarchy_children(hierarchy: ProxyHierarchy):
+    children = [(jax.tree_util.GetAttrKey("proxies"), hierarchy.proxies),
+                (jax.tree_util.GetAttrKey("parents"), hierarchy.parents)]
+    if _has_hier(hierarchy):
+        children.append((jax.tree_util.GetAttrKey("hier_proxies"), hierarchy.hier_proxies))
+    return children, _has_hier(hierarchy)
+
+
+def _hierarchy_from_children(has_hier: bool, children) -> ProxyHierarchy:
+    children = list(children)
+    hierarchy = ProxyHierarchy(proxies=children[0], parents=children[1],
+                               hier_proxies=children[2] if has_hier else None)
+    object.__setattr__(hierarchy, "_has_hier", has_hier)
+    return hierarchy
+
+
+jax.tree_util.register_pytree_with_keys(
+    ProxyHierarchy, _hierarchy_children, _hierarchy_from_children,
+    flatten_func=lambda hierarchy: ([child for _, child in _hierarchy_children(hierarchy)[0]], _has_hier(hierarchy)))
 
 
 def lift_labels(labels: jax.Array, parents: Tuple[jax.Array, ...]) -> Tuple[jax.Array, ...]:

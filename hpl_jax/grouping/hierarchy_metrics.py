@@ -4,9 +4,11 @@ from __future__ import annotations
 from typing import Dict
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import sklearn.metrics
 
+from hpl_jax.core import hier as hier_lib
 from hpl_jax.core.hierarchy import ProxyHierarchy, cluster_means, host_matrix, l2_normalised
 
 
@@ -17,8 +19,8 @@ def _child_cosines(children: np.ndarray, parents: np.ndarray, parent_map: np.nda
     return np.sum(l2_normalised(child_means) * l2_normalised(parents), axis=1)
 
 
-def hierarchy_metrics(hierarchy: ProxyHierarchy, *, super_labels=None,
-                      previous: ProxyHierarchy = None) -> Dict[str, float]:
+def hierarchy_metrics(hierarchy: ProxyHierarchy, *, super_labels=None, previous: ProxyHierarchy = None,
+                      hier_curvature: float = 0.1, hier_clip_r: float = 2.3) -> Dict[str, float]:
     """What a refresh found, as scalars a run logs (the hierarchy made observable).
 
     For every coarse level l >= 1:
@@ -37,11 +39,17 @@ def hierarchy_metrics(hierarchy: ProxyHierarchy, *, super_labels=None,
         (1 = unchanged; label permutations do not count);
       level_l_child_cosine_before_{min,mean}, level_l_norm_mean_before: the same as above for the coarse
         proxies as training left them, before the refresh: how far they drifted from their groups.
+    With HIER's proxies (hierarchy.hier_proxies), mapped into the ball of curvature -hier_curvature as the loss maps
+    them (core.hier.to_poincare, clipping radius hier_clip_r):
+      hier_radius_{min,mean,max}: their distance from the ball's centre as a fraction of its radius 1/sqrt(c)
+        (near 0: ancestors of much of the data; near 1: of little); with curvature 0 (the sphere) there is no depth
+        and these are left out.
 
     Args:
       hierarchy: the unreplicated ProxyHierarchy.
       super_labels: int[C] or None.
       previous: a ProxyHierarchy of the same level sizes, or None.
+      hier_curvature, hier_clip_r: config.hier's curvature and clip_r.
 
     Returns:
       {name: float}, names without a prefix (e.g. 'level_1_nmi').
@@ -69,6 +77,11 @@ def hierarchy_metrics(hierarchy: ProxyHierarchy, *, super_labels=None,
             values[prefix + "child_cosine_before_min"] = float(np.min(cosines))
             values[prefix + "child_cosine_before_mean"] = float(np.mean(cosines))
             values[prefix + "norm_mean_before"] = float(np.mean(np.linalg.norm(before[1], axis=1)))
+    if hierarchy.hier_proxies is not None and hier_curvature > 0:
+        on_ball = np.asarray(hier_lib.to_poincare(jnp.asarray(hierarchy.hier_proxies), hier_curvature, hier_clip_r))
+        radii = np.linalg.norm(on_ball.astype(np.float64), axis=1) * np.sqrt(hier_curvature)
+        for stat, fn in (("min", np.min), ("mean", np.mean), ("max", np.max)):
+            values[f"hier_radius_{stat}"] = float(fn(radii))
     if super_labels is not None and hierarchy.parents:
         groups = np.asarray(jax.device_get(hierarchy.parents[0]))
         truth = np.asarray(super_labels)

@@ -253,7 +253,8 @@ def refresh_hierarchy(hierarchy: ProxyHierarchy, *, seed: int, policy: str = "re
             vectors = proxies
     validate_parents(parents, sizes)
     reset = tuple(jnp.full((size,), policy == "reset") for size in sizes[1:])
-    return ProxyHierarchy(proxies=(hierarchy.proxies[0], *coarse), parents=tuple(parents)), reset
+    # .replace: HIER's proxies, if any, are no grouping's business and stay as they are.
+    return hierarchy.replace(proxies=(hierarchy.proxies[0], *coarse), parents=tuple(parents)), reset
 
 
 def hierarchy_from_super_labels(fine_proxies, super_labels, *, num_coarse_above: Sequence[int] = (),

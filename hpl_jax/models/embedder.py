@@ -138,12 +138,14 @@ class Embedder(nn.Module):
             return pooled_tokens(self.backbone_net(images), pooling)
         return pooled_features(self.backbone_net(images, use_running_average=not train or self.bn_frozen), pooling)
 
-    def __call__(self, images: jax.Array, train: bool) -> jax.Array:
-        """Embeddings: f32[batch, H, W, 3] -> f32[batch, embedding_dim], unit norm."""
+    def __call__(self, images: jax.Array, train: bool, normalize: bool = True) -> jax.Array:
+        """Embeddings: f32[batch, H, W, 3] -> f32[batch, embedding_dim], unit norm; with normalize=False the linear
+        layer's output as it is (what HIER maps into its Poincare ball: core/hier.py)."""
         features = self.features(images, train)
         if self.is_vit:
             features = standardize(features)
-        return l2_normalize(self.embedding(features))
+        embeddings = self.embedding(features)
+        return l2_normalize(embeddings) if normalize else embeddings
 
 
 def create_model(config_model: ml_collections.ConfigDict, bn_axis_name: Optional[str] = None,

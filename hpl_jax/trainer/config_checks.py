@@ -3,7 +3,7 @@
 A bad value stops the run with one `ConfigError` whose message names the field and what to do. `validate_config`
 runs one checker per section of configs/default.py: `check_top_level`, `check_dataset` (and its subsections
 `check_dataset_synthetic`, `check_dataset_synthetic_sop`, `check_dataset_synthetic_source`), `check_model`,
-`check_loss`, `check_hpl`, `check_optim`, `check_eval`, `check_checkpoint`. `validate_against_dataset` holds the
+`check_loss`, `check_hpl`, `check_hier`, `check_optim`, `check_eval`, `check_checkpoint`. `validate_against_dataset` holds the
 checks that need the dataset's sizes.
 """
 from __future__ import annotations
@@ -131,6 +131,7 @@ def validate_config(config, *, device_count: int, process_count: int) -> None:
     check_model(config)
     check_loss(config)
     check_hpl(config)
+    check_hier(config)
     check_optim(config)
     check_eval(config, device_count=device_count)
     check_checkpoint(config)
@@ -322,6 +323,28 @@ def check_hpl(config) -> None:
     if hpl.ground_truth_level1:
         _require(len(weights) == 2, "hpl.ground_truth_level1",
                  "the ground-truth hierarchy has one level above the classes; set hpl.weights to two entries.")
+
+
+def check_hier(config) -> None:
+    """config.hier: HIER's regulariser (off at weight 0) and its hyperparameters; its proxies' learning rate."""
+    hier = config.hier
+    _require(_is_number(hier.weight) and np.isfinite(hier.weight) and hier.weight >= 0, "hier.weight",
+             f"{hier.weight!r} must be a number >= 0 (0 = no HIER; HIER's scripts use 0.5 or 1).")
+    _require(_is_int(hier.num_proxies) and hier.num_proxies >= 2, "hier.num_proxies",
+             f"{hier.num_proxies!r} must be an integer >= 2 (HIER's scripts use 512).")
+    _require(_is_number(hier.curvature) and hier.curvature >= 0, "hier.curvature",
+             f"{hier.curvature!r} must be a number >= 0 (0 = the sphere mode; HIER's scripts use 0.1).")
+    _require(_is_number(hier.clip_r) and hier.clip_r > 0, "hier.clip_r", f"{hier.clip_r!r} must be a number > 0.")
+    _require(_is_number(hier.margin) and hier.margin >= 0, "hier.margin", f"{hier.margin!r} must be a number >= 0.")
+    _require(_is_number(hier.temperature) and hier.temperature > 0, "hier.temperature",
+             f"{hier.temperature!r} must be a number > 0.")
+    _require(_is_int(hier.top_k) and hier.top_k >= 3, "hier.top_k",
+             f"{hier.top_k!r} must be an integer >= 3 (a row counts in its own top-k, and an anchor needs two "
+             "reciprocal neighbours).")
+    if hier.weight > 0:
+        _require(any(re.fullmatch(pattern, "hier_proxies") for pattern, _ in config.optim.lr_mults),
+                 "optim.lr_mults", "has no rule for HIER's proxies (parameter path 'hier_proxies'), which would "
+                 "train at the backbone's rate; add ('hier_proxies', 50.0), HIER's rate (hier/utils.py).")
 
 
 def check_optim(config) -> None:

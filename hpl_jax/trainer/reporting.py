@@ -110,8 +110,9 @@ class Reporter:
             eta = time.strftime("%H:%M:%S", time.gmtime((self.total_steps - step) / steps_per_s))
         self._last_time, self._last_step = now, step
         levels = " ".join(f"{values[k]:.4f}" for k in sorted(values) if k.startswith("loss/level_"))
-        logging.info("epoch %d/%d step %d/%d loss %.4f (levels %s) lr %.2e %s img/s ETA %s",
-                     epoch + 1, num_epochs, step, self.total_steps, values["loss"], levels, values["lr"],
+        hier = f" hier {values['loss/hier']:.4f}" if "loss/hier" in values else ""
+        logging.info("epoch %d/%d step %d/%d loss %.4f (levels %s%s) lr %.2e %s img/s ETA %s",
+                     epoch + 1, num_epochs, step, self.total_steps, values["loss"], levels, hier, values["lr"],
                      rate, eta)
         self.scalars(step, values if np.isnan(speed) else {**values, "images_per_second": speed})
 
@@ -131,15 +132,20 @@ class Reporter:
         def get(name, fmt="{:.3f}"):
             return fmt.format(values[name]) if name in values else "-"
 
-        logging.info(
-            "hierarchy after step %d: level 1 vs true super-classes NMI %s ARI %s purity %s (min %s); stability "
-            "ARI %s; group sizes %s-%s; coarse norm %s (children %s); before the refresh: cos(proxy, children "
-            "mean) %s (min %s)",
-            step, get("hierarchy/level_1_nmi"), get("hierarchy/level_1_ari"), get("hierarchy/level_1_purity"),
-            get("hierarchy/level_1_purity_min"), get("hierarchy/level_1_stability_ari"),
-            get("hierarchy/level_1_group_size_min", "{:.0f}"), get("hierarchy/level_1_group_size_max", "{:.0f}"),
-            get("hierarchy/level_1_norm_mean"), get("hierarchy/level_0_norm_mean"),
-            get("hierarchy/level_1_child_cosine_before_mean"), get("hierarchy/level_1_child_cosine_before_min"))
+        if "hierarchy/level_1_group_size_min" in values:  # HPL's coarse levels (a flat run with HIER has none)
+            logging.info(
+                "hierarchy after step %d: level 1 vs true super-classes NMI %s ARI %s purity %s (min %s); stability "
+                "ARI %s; group sizes %s-%s; coarse norm %s (children %s); before the refresh: cos(proxy, children "
+                "mean) %s (min %s)",
+                step, get("hierarchy/level_1_nmi"), get("hierarchy/level_1_ari"), get("hierarchy/level_1_purity"),
+                get("hierarchy/level_1_purity_min"), get("hierarchy/level_1_stability_ari"),
+                get("hierarchy/level_1_group_size_min", "{:.0f}"), get("hierarchy/level_1_group_size_max", "{:.0f}"),
+                get("hierarchy/level_1_norm_mean"), get("hierarchy/level_0_norm_mean"),
+                get("hierarchy/level_1_child_cosine_before_mean"), get("hierarchy/level_1_child_cosine_before_min"))
+        if "hierarchy/hier_radius_mean" in values:
+            logging.info("HIER's proxies after step %d: radius in the ball %s (min %s, max %s of 1)", step,
+                         get("hierarchy/hier_radius_mean"), get("hierarchy/hier_radius_min"),
+                         get("hierarchy/hier_radius_max"))
         self.scalars(step, values)
         self._write_json()
 

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 from hpl_jax import data
 from hpl_jax import grouping
 from hpl_jax import models
+from hpl_jax.core import hier as hier_lib
 from hpl_jax.core import hierarchy as hierarchy_lib
 from hpl_jax.core import losses
 from hpl_jax.data import datasets
@@ -37,7 +38,7 @@ from hpl_jax.trainer import reporting
 from hpl_jax.trainer.sharding import as_global, device_mesh, over_devices
 from hpl_jax.trainer.sharding import replicate, unreplicate
 from hpl_jax.trainer.train_state import TrainState
-from hpl_jax.trainer.train_state import create_train_state, host_copy, trainable
+from hpl_jax.trainer.train_state import create_train_state, host_copy, trainable, with_trained_proxies
 
 AXIS = "batch"  # the device axis of the steps; collectives span every device of every host
 
@@ -50,54 +51,98 @@ def create_base_loss(loss_config) -> Callable:
 
 # --------------------------------------------------------------------------------------------- steps
 def create_loss_fn(config) -> Callable:
-    """(embeddings f32[B, d], labels i32[B], hierarchy) -> (L_HPL f32[], per-level losses f32[L + 1]) of `config`:
-    core.losses.hierarchical_proxy_loss with the base loss and the level weights bound."""
-    return functools.partial(losses.hierarchical_proxy_loss, base_loss=create_base_loss(config.loss),
-                             weights=tuple(config.hpl.weights))
+    """(embeddings f32[B, d], labels i32[B], hierarchy, key) -> (loss f32[], {name: f32[]}) of `config`: L_HPL
+    (core.losses.hierarchical_proxy_loss with the base loss and the level weights bound), regularised by HIER
+    (core.hier.hier_regularised_loss, mined with `key`) when `hier.weight` > 0. The named terms are the step's
+    metrics: 'loss/level_<l>' (each level's unweighted base loss) and, with HIER, 'loss/hier' (unweighted).
+
+    The embeddings are the model's L2-normalised ones, or its un-normalised ones with HIER
+    (`embeds_normalized(config)`), which HIER maps into its ball."""
+    proxy_loss = functools.partial(losses.hierarchical_proxy_loss, base_loss=create_base_loss(config.loss),
+                                   weights=tuple(config.hpl.weights))
+
+    def level_terms(per_level):
+        return {f"loss/level_{level}": per_level[level] for level in range(len(config.hpl.weights))}
+
+    if config.hier.weight <= 0:
+        def hpl_loss(embeddings, labels, hierarchy, key):
+            del key  # nothing is sampled
+            total, per_level = proxy_loss(embeddings, labels, hierarchy)
+            return total, level_terms(per_level)
+        return hpl_loss
+
+    hier = config.hier
+    regularised = functools.partial(
+        hier_lib.hier_regularised_loss, proxy_loss=proxy_loss, hier_weight=hier.weight, curvature=hier.curvature,
+        clip_r=hier.clip_r, margin=hier.margin, temperature=hier.temperature, top_k=hier.top_k)
+
+    def hier_regularised(embeddings, labels, hierarchy, key):
+        total, per_level, regulariser = regularised(embeddings, labels, hierarchy, key)
+        return total, {**level_terms(per_level), "loss/hier": regulariser}
+    return hier_regularised
 
 
-def loss_and_gradients(state: TrainState, batch, *, model, loss_fn, normalize_fn, waiting=None):
-    """L_HPL of one global batch and its gradient on the trainable tree; runs on every device
+def embeds_normalized(config) -> bool:
+    """Whether the loss takes the model's L2-normalised embeddings (True), or, with HIER, its un-normalised ones."""
+    return config.hier.weight <= 0
+
+
+# kmeans_seed folds the step into the run's key itself; the steps' keys come from this fold of it, which no step
+# count reaches.
+_STEP_KEY_STREAM = 0x48494552
+
+
+def step_key(state: TrainState) -> jax.Array:
+    """The PRNG key of the step `state` is about to take (HIER's mining): the same on every device, and the same when
+    the run resumes, as it depends only on the run's key and the step."""
+    return jax.random.fold_in(jax.random.fold_in(state.rng, _STEP_KEY_STREAM), state.step)
+
+
+def loss_and_gradients(state: TrainState, batch, *, model, loss_fn, normalize_fn, waiting=None, normalized=True):
+    """The loss of one global batch and its gradient on the trainable tree; runs on every device
     (sharding.over_devices, or pmap).
 
     The loss is computed on the *global* batch (embeddings gathered from every device of every host):
     Proxy-Anchor's per-proxy log-sum-exp and its 1/|P+| depend on the whole batch, so N devices with global
-    batch B get the gradient 1 device with batch B gets.
+    batch B get the gradient 1 device with batch B gets. Every device mines HIER's triplets with the same key
+    (`step_key`) from the same gathered batch, so they agree.
 
     Args:
       batch: {'image': u8[per_device, H, W, 3] (or f32 in 0..255), 'label': i32[per_device]} on this device;
         `normalize_fn` makes the network's input of its pixels, on the device (data.normalize_pixels).
-      loss_fn: (embeddings, labels, hierarchy) -> (total, per-level losses) (`create_loss_fn`).
+      loss_fn: (embeddings, labels, hierarchy, key) -> (loss, named terms) (`create_loss_fn`).
       waiting: None, or bool per trainable parameter (optim.waiting_in_warmup): the True ones are held constant,
         so their gradient is zero and the backbone's backward pass is not even computed (the warm-up).
+      normalized: the model's L2-normalised embeddings (True) or its un-normalised ones (`embeds_normalized`).
 
     Returns:
-      (total f32[], per-level losses f32[L + 1], new BatchNorm statistics, gradients like `trainable(...)`).
+      (loss f32[], named terms {name: f32[]}, new BatchNorm statistics, gradients like `trainable(...)`).
     """
     images = normalize_fn(batch["image"])
+    key = step_key(state)
 
     def objective(tree):
         if waiting is not None:
             tree = jax.tree_util.tree_map(lambda leaf, wait: jax.lax.stop_gradient(leaf) if wait else leaf,
                                           tree, waiting)
         embeddings, new_model_state = model.apply(
-            {"params": tree["model"], "batch_stats": state.batch_stats}, images, train=True,
+            {"params": tree["model"], "batch_stats": state.batch_stats}, images, train=True, normalize=normalized,
             mutable=["batch_stats"])
         global_embeddings = jax.lax.all_gather(embeddings, AXIS, tiled=True)
         global_labels = jax.lax.all_gather(batch["label"], AXIS, tiled=True)
-        total, per_level = loss_fn(global_embeddings, global_labels, state.hierarchy.replace(proxies=tree["proxies"]))
-        return total, (per_level, new_model_state["batch_stats"])
+        total, terms = loss_fn(global_embeddings, global_labels, with_trained_proxies(state.hierarchy, tree), key)
+        return total, (terms, new_model_state["batch_stats"])
 
     tree = trainable(state.params, state.hierarchy)
-    (total, (per_level, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(tree)
+    (total, (terms, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(tree)
     # Every device computed the same loss of the gathered batch; all_gather's transpose sums each device's
     # share N times, so the mean over devices is the exact gradient of the global-batch loss.
     grads = jax.lax.pmean(grads, AXIS)
-    return total, per_level, batch_stats, grads
+    return total, terms, batch_stats, grads
 
 
 def train_step(state: TrainState, batch, *, model, loss_fn, normalize_fn, optimizer, learning_rate_fn,
-               waiting=None, skip_nonfinite: bool = False):
+               waiting=None, skip_nonfinite: bool = False, normalized: bool = True):
     """One optimiser step on one global batch (see `loss_and_gradients`); runs on every device (over_devices or
     pmap). The functions it uses come in built (`create_train_step`), as the Flax ImageNet example's do.
 
@@ -108,13 +153,15 @@ def train_step(state: TrainState, batch, *, model, loss_fn, normalize_fn, optimi
         (optim.waiting_in_warmup) get no gradient and no update.
       skip_nonfinite: a step that is not `finite` leaves the state as it was, but for the step counter
         (guards.py).
+      normalized: see `loss_and_gradients`.
 
     Returns:
-      (the new state, {'loss', 'loss/level_<l>', 'lr': f32[], 'finite': bool[]}); `finite`: the loss, the
-      gradients and the updated parameters are finite.
+      (the new state, {'loss', 'loss/level_<l>', ('loss/hier'), 'lr': f32[], 'finite': bool[]}); `finite`: the
+      loss, the gradients and the updated parameters are finite.
     """
-    total, per_level, batch_stats, grads = loss_and_gradients(state, batch, model=model, loss_fn=loss_fn,
-                                                              normalize_fn=normalize_fn, waiting=waiting)
+    total, terms, batch_stats, grads = loss_and_gradients(state, batch, model=model, loss_fn=loss_fn,
+                                                          normalize_fn=normalize_fn, waiting=waiting,
+                                                          normalized=normalized)
     tree = trainable(state.params, state.hierarchy)
     learning_rate = learning_rate_fn(state.epoch)
     opt_state = optim.set_learning_rate(state.opt_state, learning_rate)
@@ -126,15 +173,12 @@ def train_step(state: TrainState, batch, *, model, loss_fn, normalize_fn, optimi
     tree = optax.apply_updates(tree, updates)
     new_state = state.replace(
         step=state.step + 1, params=tree["model"], batch_stats=batch_stats, opt_state=opt_state,
-        hierarchy=state.hierarchy.replace(proxies=tree["proxies"]))
+        hierarchy=with_trained_proxies(state.hierarchy, tree))
     # The same on every device (the gradients are pmean-ed); the host reads it with the metrics (guards.py).
     finite = guards.all_finite((total, grads, tree))
     if skip_nonfinite:
         new_state = optax.tree_utils.tree_where(finite, new_state, state.replace(step=state.step + 1))
-    step_metrics = {"loss": total, "lr": learning_rate, "finite": finite}
-    for level in range(len(per_level)):
-        step_metrics[f"loss/level_{level}"] = per_level[level]
-    return new_state, step_metrics
+    return new_state, {"loss": total, "lr": learning_rate, "finite": finite, **terms}
 
 
 def create_train_step(config, model, labels, groups, *, in_warmup: bool) -> Callable:
@@ -153,7 +197,7 @@ def create_train_step(config, model, labels, groups, *, in_warmup: bool) -> Call
         optimizer=optim.create_optimizer(labels, groups, config.optim),
         learning_rate_fn=optim.create_learning_rate_fn(config.optim),
         waiting=optim.waiting_in_warmup(labels, groups) if in_warmup else None,
-        skip_nonfinite=config.optim.skip_nonfinite_steps)
+        skip_nonfinite=config.optim.skip_nonfinite_steps, normalized=embeds_normalized(config))
 
 
 def kmeans_seed(state: TrainState, step: int) -> int:
@@ -191,14 +235,16 @@ def refresh_groupings(state: TrainState, config, *, level1_vectors=None,
     return state.replace(hierarchy=hierarchy, opt_state=opt_state)
 
 
-def observe_hierarchy(reporter: reporting.Reporter, state: TrainState, info: data.DatasetInfo, *,
+def observe_hierarchy(reporter: reporting.Reporter, state: TrainState, info: data.DatasetInfo, config, *,
                       previous=None) -> Dict[str, float]:
     """Records what the groupings now in `state` (host copy) mean: hierarchy.hierarchy_metrics against the
-    training classes' true super-classes where the dataset has them, and against the `previous` hierarchy."""
-    if state.hierarchy.num_levels == 1:
+    training classes' true super-classes where the dataset has them, and against the `previous` hierarchy; and where
+    HIER's proxies lie in its ball."""
+    if state.hierarchy.num_levels == 1 and state.hierarchy.hier_proxies is None:
         return {}
     values = {f"hierarchy/{name}": value for name, value in grouping.hierarchy_metrics(
-        state.hierarchy, super_labels=info.train_super_labels, previous=previous).items()}
+        state.hierarchy, super_labels=info.train_super_labels, previous=previous,
+        hier_curvature=config.hier.curvature, hier_clip_r=config.hier.clip_r).items()}
     reporter.refresh(int(state.epoch), int(state.step), values)
     return values
 
@@ -220,7 +266,7 @@ def refresh_on_host(replicated_state: TrainState, config, reporter, info, *, end
     hierarchies_agree(state.hierarchy)
     # NumPy leaves: orbax saves them from process 0 alone (it refuses the host-local jax.Arrays a refresh makes).
     state = jax.device_get(state)
-    values = observe_hierarchy(reporter, state, info, previous=previous)
+    values = observe_hierarchy(reporter, state, info, config, previous=previous)
     replicated = replicate(state, AXIS)
     return (replicated if mesh is None else as_global(replicated, mesh)), state, values
 
@@ -361,7 +407,7 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
                 level1_vectors = hierarchy_lib.class_means(embeddings, train_labels, info.num_train_classes)
             # Also for 'proxies': the grouping is recomputed once on process 0 and broadcast to every host.
             state = refresh_groupings(state, config, level1_vectors=level1_vectors, policy="reset")
-        untrained.update(observe_hierarchy(reporter, state, info))
+        untrained.update(observe_hierarchy(reporter, state, info, config))
         reporter.evaluation(0, 0, untrained)
         del replicated
     hierarchies_agree(state.hierarchy)

@@ -13,6 +13,7 @@ from absl import logging
 
 from hpl_jax import data
 from hpl_jax import grouping
+from hpl_jax.core import hier as hier_lib
 from hpl_jax.core import hierarchy as hierarchy_lib
 from hpl_jax.models import convert as convert_weights
 from hpl_jax.trainer import optim
@@ -28,7 +29,8 @@ class TrainState:
       epoch: i32[], the epoch in progress (= epochs completed, at an epoch boundary).
       params: the model's parameters {'backbone': ..., 'embedding': ...}.
       batch_stats: the model's BatchNorm running statistics.
-      hierarchy: proxies of every level (trained with the model) and the parent maps (set by refreshes).
+      hierarchy: proxies of every level (trained with the model), the parent maps (set by refreshes), and HIER's
+        hierarchical proxies when HIER regularises the loss.
       opt_state: the optimiser state over `trainable(state)`.
       rng: the run's PRNG key; k-means seeds are folded out of it.
     """
@@ -43,8 +45,17 @@ class TrainState:
 
 
 def trainable(params, hierarchy: hierarchy_lib.ProxyHierarchy) -> Dict[str, Any]:
-    """The tree the optimiser updates; its paths ('model/...', 'proxies/<level>') are what config regexes match."""
-    return {"model": params, "proxies": hierarchy.proxies}
+    """The tree the optimiser updates; its paths ('model/...', 'proxies/<level>', and 'hier_proxies' when HIER
+    regularises the loss) are what config regexes match. Without HIER the tree is the one earlier versions saved."""
+    tree = {"model": params, "proxies": hierarchy.proxies}
+    if hierarchy.hier_proxies is not None:
+        tree["hier_proxies"] = hierarchy.hier_proxies
+    return tree
+
+
+def with_trained_proxies(hierarchy: hierarchy_lib.ProxyHierarchy, tree) -> hierarchy_lib.ProxyHierarchy:
+    """`hierarchy` holding the proxies of `tree` (a `trainable` tree); its groupings unchanged."""
+    return hierarchy.replace(proxies=tree["proxies"], hier_proxies=tree.get("hier_proxies"))
 
 
 def host_copy(replicated_state: TrainState) -> TrainState:
@@ -77,12 +88,22 @@ def initial_hierarchy(rng, config, info: data.DatasetInfo) -> hierarchy_lib.Prox
                                                coarse_norm=hpl.coarse_norm)
 
 
+def with_hier_proxies(rng, config, hierarchy: hierarchy_lib.ProxyHierarchy) -> hierarchy_lib.ProxyHierarchy:
+    """`hierarchy` with HIER's `hier.num_proxies` fresh hierarchical proxies when `hier.weight` > 0 (else as it is,
+    so a run without HIER keeps the layout of earlier versions' checkpoints)."""
+    if config.hier.weight <= 0:
+        return hierarchy
+    return hierarchy.replace(hier_proxies=hier_lib.init_hier_proxies(
+        rng, config.hier.num_proxies, config.model.embedding_dim, clip_r=config.hier.clip_r))
+
+
 def create_train_state(rng, config, model, info: data.DatasetInfo) -> TrainState:
     """Fresh parameters, proxy hierarchy (`initial_hierarchy`) and optimiser state."""
     model_rng, proxy_rng, run_rng = jax.random.split(rng, 3)
     image = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
     variables = jax.jit(functools.partial(model.init, train=False))(model_rng, image)
-    hierarchy = initial_hierarchy(proxy_rng, config, info)
+    # HIER's proxies from a key of their own, so the other draws stay those of a run without HIER.
+    hierarchy = with_hier_proxies(jax.random.fold_in(proxy_rng, 1), config, initial_hierarchy(proxy_rng, config, info))
     params = variables["params"]
     if config.model.pretrained:
         backbone_params, backbone_stats, _ = convert_weights.load_pretrained(

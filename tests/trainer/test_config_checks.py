@@ -74,6 +74,13 @@ BAD_VALUES = {
     "hpl.kmeans_restarts": (0,),
     "hpl.kmeans_backend": ("faiss",),
     "hpl.ground_truth_level1": (True, {"hpl.weights": (1.0, 0.1, 0.1), "hpl.num_coarse": (8, 4)}),
+    "hier.weight": (-1.0,),
+    "hier.num_proxies": (1,),
+    "hier.curvature": (-0.1,),
+    "hier.clip_r": (0.0,),
+    "hier.margin": (-0.1,),
+    "hier.temperature": (0.0,),
+    "hier.top_k": (2,),
     "optim.name": ("sgd",),
     "optim.momentum": (1.0,),
     "optim.lr": (0.0,),
@@ -149,8 +156,8 @@ def test_every_section_of_the_default_config_has_a_checker_that_passes_it():
 
 def test_validate_config_runs_each_section_checker_once_in_the_default_configs_order(monkeypatch):
     order = ["check_top_level", "check_dataset", "check_dataset_synthetic", "check_dataset_synthetic_sop",
-             "check_dataset_synthetic_source", "check_model", "check_loss", "check_hpl", "check_optim", "check_eval",
-             "check_checkpoint"]
+             "check_dataset_synthetic_source", "check_model", "check_loss", "check_hpl", "check_hier", "check_optim",
+             "check_eval", "check_checkpoint"]
     assert sorted(order) == sorted(map(_checker_name, _sections(default.get_config())))
     called = []
     for name in order:
