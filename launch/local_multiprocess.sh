@@ -13,7 +13,10 @@
 #            process 0 also prints to this terminal.
 # Each process runs from the repository root. SIGTERM or SIGINT to this script is passed on to every
 # process (a whole-machine preemption: they save a checkpoint at the next step and exit 0). If one process
-# fails, the others are stopped. The exit status is 0 only if every process exited 0.
+# fails or dies, the others stop on their own, each with the one line that names it and the checkpoint to
+# resume from (hpl_jax/trainer/distributed.py), within --heartbeat_timeout_s (give it as --heartbeat_timeout_s=N;
+# default 100); any still running a minute after that are killed. The exit status is 0 only if every process
+# exited 0.
 set -euo pipefail
 
 if [[ $# -lt 2 || ! $1 =~ ^[1-9][0-9]*$ || ! $2 =~ ^[1-9][0-9]*$ ]]; then
@@ -23,6 +26,12 @@ fi
 num_processes=$1
 devices_per_process=$2
 shift 2
+heartbeat_timeout_s=100
+for arg in "$@"; do
+  if [[ $arg =~ ^--heartbeat_timeout_s=([0-9]+)$ ]]; then
+    heartbeat_timeout_s=${BASH_REMATCH[1]}
+  fi
+done
 python=${PYTHON:-python3}
 port=${PORT:-$("$python" -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')}
 log_dir=${LOG_DIR:-$(mktemp -d -t hpl_local_multiprocess.XXXXXX)}
@@ -57,11 +66,17 @@ trap 'forward TERM' TERM
 trap 'forward INT' INT
 
 status=0
+kill_at=
 running=("${pids[@]}")
 while ((${#running[@]} > 0)); do
   # A background sleep: `wait` returns at once when a trapped signal arrives, a foreground sleep would not.
   sleep 1 &
   wait "$!" || true
+  if [[ -n $kill_at ]] && ((SECONDS >= kill_at)); then
+    echo "processes still running $((heartbeat_timeout_s + 60)) s after the first failure; killing them" >&2
+    forward KILL
+    kill_at=
+  fi
   still_running=()
   for pid in "${running[@]}"; do
     if kill -0 "$pid" 2>/dev/null; then
@@ -72,8 +87,9 @@ while ((${#running[@]} > 0)); do
     wait "$pid" || code=$?
     if ((code != 0 && status == 0)); then
       status=$code
-      echo "process ${pid} exited with status ${code}; stopping the others (logs in ${log_dir})" >&2
-      forward KILL
+      echo "process ${pid} exited with status ${code}; the others stop within ${heartbeat_timeout_s} s" \
+        "(logs in ${log_dir})" >&2
+      kill_at=$((SECONDS + heartbeat_timeout_s + 60))
     fi
   done
   running=("${still_running[@]}")

@@ -33,6 +33,7 @@ from absl import logging
 from etils import epath
 
 from hpl_jax.errors import ConfigError
+from hpl_jax.trainer import faults
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
@@ -365,6 +366,7 @@ class Checkpoints:
         """Starts a background save of `state` (NumPy leaves) once the previous one has ended (orbax waits for
         it anyway); that one's failure raises WorkdirError."""
         self._wait_for(self.all)
+        faults.reached("save_barrier")
         self.all.save(step, args=ocp.args.StandardSave(state))
 
     def save_best(self, step: int, state, metrics: Dict[str, float]) -> None:

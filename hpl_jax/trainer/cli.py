@@ -110,17 +110,16 @@ def user_error_line(error: BaseException) -> Optional[str]:
 def exit_on_user_error(fn: Callable[..., T], *args, **kwargs) -> T:
     """Calls fn; an error the user can fix exits with its one line (`user_error_line`).
 
-    In a multi-process run every error also stops the other processes (distributed.py): a user error at once,
-    with its line; any other error once the watch has ruled out that another process stopped first.
+    In a multi-process run every error also stops the other processes (distributed.py), once every other process
+    has answered that it is alive: while one is silent the error is taken for a consequence of its death, and every
+    process prints the line that names it.
     """
     try:
         result = fn(*args, **kwargs)
     except Exception as error:  # pylint: disable=broad-except
         line = user_error_line(error)
         if distributed.watching():
-            if line is None:
-                distributed.stop_on_unexpected_error(error)
-            distributed.stop_on_error(line)
+            distributed.stop_on_error(error, line)
         if line is None:
             raise
         sys.exit(line)

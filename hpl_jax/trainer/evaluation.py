@@ -14,6 +14,7 @@ from jax.experimental import multihost_utils
 
 from hpl_jax import data
 from hpl_jax.core import metrics as metrics_lib
+from hpl_jax.trainer import faults
 from hpl_jax.trainer.sharding import as_global, as_local, over_devices, replicate
 from hpl_jax.trainer.train_state import TrainState
 
@@ -77,6 +78,7 @@ def embed_examples(p_embed, state, dataset: data.Dataset, split: str) -> Embedde
     embeddings = [np.asarray(out).reshape(-1, out.shape[-1]) for out in jax.device_get(outputs)]
     embeddings, labels, ids, masks = map(np.concatenate, (embeddings, labels, ids, masks))
     if jax.process_count() > 1:
+        faults.reached("eval_gather")
         embeddings, labels, ids, masks = (
             np.asarray(x).reshape((-1,) + x.shape[2:])
             for x in multihost_utils.process_allgather((embeddings, labels, ids, masks)))

@@ -30,6 +30,7 @@ from hpl_jax.trainer import checkpointing
 from hpl_jax.trainer import config_checks
 from hpl_jax.trainer import distributed
 from hpl_jax.trainer import evaluation
+from hpl_jax.trainer import faults
 from hpl_jax.trainer import guards
 from hpl_jax.trainer import optim
 from hpl_jax.trainer import preemption as preemption_lib
@@ -429,6 +430,7 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
         step_fn = step_fns[epoch < config.optim.warmup_epochs]
         batches = data.prefetch_to_devices(dataset.train_batches(epoch, start_step))
         for step_in_epoch in range(start_step, steps_per_epoch):
+            faults.reached("train_gather")
             state, step_metrics = step_fn(state, as_global(next(batches), mesh))
             step = epoch * steps_per_epoch + step_in_epoch + 1
             distributed.at_step(step)

@@ -1,6 +1,8 @@
 """Multi-process training on CPU: 2 processes x 2 devices joined by jax.distributed (gloo), started by
 launch/local_multiprocess.sh, against 1 process x 4 devices with the same global batch; SIGTERM and resume; one
-process killed, or failing on its own, stops the other with one line, and a rerun resumes exactly.
+process killed (where its death shows up first in the other: a train step's gather, an evaluation's gather, a
+save's barrier, between steps), or failing on its own, stops the other with one line, and a rerun resumes exactly.
+tests/trainer/test_peer_death.py kills processes of 3 the same way (`_kill_in_turn`).
 
 Every run is a subprocess of a tiny default config: 1 epoch of 5 steps of 8 images with the backbone
 training, a checkpoint every 2 steps.
@@ -22,6 +24,7 @@ import numpy as np
 import pytest
 
 from hpl_jax.trainer import checkpointing
+from hpl_jax.trainer import distributed
 from hpl_jax.trainer import preemption
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -166,17 +169,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_two(workdir, log_dir, *flags, code_0=None):
-    """The two processes of a run, each logging to log_dir/process_<i>.log; process 0 runs `code_0` if given."""
+def _start(workdir, log_dir, *flags, num_processes=2, devices=2, code_0=None, fault=None):
+    """The processes of a run, each logging to log_dir/process_<i>.log over `devices` CPU devices; process 0 runs
+    `code_0` if given; `fault` is HPL_JAX_FAULT, the same in every process (hpl_jax/trainer/distributed.py)."""
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-               XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count=2")
+               XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}")
+    env.pop(distributed.FAULT_ENV, None)
+    if fault:
+        env[distributed.FAULT_ENV] = fault
     processes = []
-    for i in range(2):
+    for i in range(num_processes):
         entry = ["-c", code_0] if i == 0 and code_0 else ["-m", "hpl_jax.main"]
         log = open(log_dir / f"process_{i}.log", "w")
         processes.append(subprocess.Popen(
-            [sys.executable, *entry, f"--coordinator_address=localhost:{port}", "--num_processes=2",
+            [sys.executable, *entry, f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
              f"--process_id={i}", *FLAGS, f"--workdir={workdir}", *flags], cwd=REPO, env=env, stdout=log,
             stderr=subprocess.STDOUT))
     return processes
@@ -192,6 +199,13 @@ def _wait_for_exits(processes):
                 exits[i] = (process.returncode, time.monotonic())
         time.sleep(0.1)
     return exits
+
+
+def _finish_all(processes, log_dir) -> None:
+    """Waits for the processes of `_start`; checks that every one exited 0."""
+    exits = _wait_for_exits(processes)
+    assert all(status == 0 for status, _ in exits.values()), [
+        (log_dir / f"process_{i}.log").read_text()[-3000:] for i in exits]
 
 
 def _last_line(log_dir, i) -> str:
@@ -221,32 +235,73 @@ def uninterrupted(tmp_path_factory):
     return str(workdir / "run")
 
 
-@pytest.mark.slow
-def test_a_killed_process_stops_the_other_within_the_timeout_and_a_rerun_resumes_exactly(tmp_path, uninterrupted):
-    workdir, log_dir = tmp_path / "run", tmp_path / "logs"
-    log_dir.mkdir()
-    processes = _start_two(workdir, log_dir, f"--heartbeat_timeout_s={HEARTBEAT_TIMEOUT_S}")
-    deadline = time.time() + TIMEOUT_S
-    while not os.path.isdir(workdir / "checkpoints" / "2"):
-        assert processes[0].poll() is None and time.time() < deadline, "the run never saved step 2"
-        time.sleep(0.05)
-    processes[1].send_signal(signal.SIGKILL)
-    killed = time.monotonic()
-    exits = _wait_for_exits(processes)
-    status, exited = exits[0]
-    line = _last_line(log_dir, 0)
-    resume = checkpointing.latest_complete_step(workdir / "checkpoints")
-    assert status == 1 and re.fullmatch(
-        r"Distributed error: process 1 stopped sending heartbeats \(it died or was preempted, or its host was lost\) "
-        rf"at about step \d; every process stops\. Run the same command on every host to resume from "
-        rf"{re.escape(str(workdir))}/checkpoints/{resume}\.", line), line
-    detection_s = exited - killed
-    print(f"process 0 stopped {detection_s:.1f} s after process 1 was killed (timeout {HEARTBEAT_TIMEOUT_S} s)")
-    # Its last heartbeat may have been read up to one interval (timeout/5) before the kill.
-    assert 0.8 * HEARTBEAT_TIMEOUT_S <= detection_s < HEARTBEAT_TIMEOUT_S + MARGIN_S
-    assert 2 <= resume < STEPS_PER_EPOCH
+def _kill_in_turn(workdir, log_root, uninterrupted, faults, *flags, num_processes=2, devices=2):
+    """Runs the processes again and again on `workdir`, each time killing one where `faults` says (one
+    HPL_JAX_FAULT each: its process kills itself with SIGKILL there), then once without a fault.
 
-    _resume_exactly(workdir, log_dir, uninterrupted, resume)
+    After each death every other process exits 1 within the heartbeat timeout with the one line that names the
+    dead process and the latest complete checkpoint, nothing after it; the next run resumes from that checkpoint,
+    and the last one ends bit for bit as the uninterrupted run. Returns each fault's survivors' line and how long
+    they took to stop after the death.
+    """
+    flags = (f"--heartbeat_timeout_s={HEARTBEAT_TIMEOUT_S}", *flags)
+    checkpoints, resume, stops = workdir / "checkpoints", None, []
+    for run, fault in enumerate([*faults, None]):
+        log_dir = log_root / f"run_{run}"
+        log_dir.mkdir(parents=True)
+        processes = _start(workdir, log_dir, *flags, num_processes=num_processes, devices=devices, fault=fault)
+        exits = _wait_for_exits(processes)
+        logs = [(log_dir / f"process_{i}.log").read_text() for i in range(num_processes)]
+        resumed = [f"Resumed from {checkpoints} at step {resume} " in log for log in logs]
+        assert resumed == [resume is not None] * num_processes, (fault, resume, logs[0][-3000:])
+        if fault is None:
+            assert all(status == 0 for status, _ in exits.values()), [log[-3000:] for log in logs]
+            break
+        victim, point = int(fault.split(":")[0]), fault.split(":")[1].split("@")[0]
+        assert exits[victim][0] == -signal.SIGKILL, logs[victim][-3000:]
+        # It died where it was told to, the others being there too.
+        assert logs[victim].strip().splitlines()[-1] == (
+            f"{distributed.FAULT_ENV}: process {victim} kills itself at {point}"), logs[victim][-3000:]
+        resume = checkpointing.latest_complete_step(checkpoints)
+        resume_point = f"{checkpoints}/{resume}" if resume is not None else "the start (no checkpoint was complete)"
+        survivors = [i for i in range(num_processes) if i != victim]
+        lines = {_last_line(log_dir, i) for i in survivors}
+        assert len(lines) == 1, lines  # every survivor prints the same line
+        line = lines.pop()
+        assert re.fullmatch(
+            rf"Distributed error: process {victim} stopped sending heartbeats \(it died or was preempted, or its host "
+            rf"was lost\) at about step \d+; every process stops\. Run the same command on every host to resume from "
+            rf"{re.escape(resume_point)}\.", line), (fault, line)
+        if point != "between_steps":
+            # The death showed up first as an error of the collective or barrier, not as missing heartbeats (in one
+            # survivor at least: with 3 processes the other may as well wait inside the collective).
+            assert any("asking the other processes whether they are alive" in logs[i] for i in survivors), fault
+        assert all(exits[i][0] == 1 for i in survivors), exits
+        stopped_s = max(exits[i][1] for i in survivors) - exits[victim][1]
+        # The victim's last heartbeat may have been read up to one interval (timeout/5) before its death.
+        assert 0.8 * HEARTBEAT_TIMEOUT_S <= stopped_s < HEARTBEAT_TIMEOUT_S + MARGIN_S, (fault, stopped_s)
+        stops.append((fault, line, stopped_s))
+
+    (_, resumed_state), (_, uninterrupted_state) = _final_state(str(workdir)), _final_state(uninterrupted)
+    assert jax.tree_util.tree_structure(resumed_state) == jax.tree_util.tree_structure(uninterrupted_state)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(resumed_state)[0],
+                            jax.tree_util.tree_leaves(uninterrupted_state)):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    assert _history(str(workdir)) == _history(uninterrupted)
+    for fault, line, stopped_s in stops:
+        print(f"{fault}: the others stopped {stopped_s:.1f} s after the death (timeout {HEARTBEAT_TIMEOUT_S} s) "
+              f"with: {line}")
+    return stops
+
+
+# Each fault after the save of step 2 is complete (the save of 4 waits for it), so that every run but the first
+# resumes; each place is where one process's death shows up first in the other.
+FAULTS_2 = ("1:save_barrier@4", "1:train_gather@4", "1:between_steps@4", "1:eval_gather@5")
+
+
+@pytest.mark.slow
+def test_a_peers_death_is_named_wherever_it_shows_up_first_and_a_rerun_resumes_exactly(tmp_path, uninterrupted):
+    _kill_in_turn(tmp_path / "run", tmp_path / "logs", uninterrupted, FAULTS_2)
 
 
 @pytest.mark.slow
@@ -254,7 +309,7 @@ def test_a_failed_save_on_process_0_stops_both_at_once_and_a_rerun_resumes_exact
     workdir, log_dir = tmp_path / "run", tmp_path / "logs"
     log_dir.mkdir()
     # A timeout far above the time the other process may take to stop: it stops on the announcement, not on it.
-    processes = _start_two(workdir, log_dir, "--heartbeat_timeout_s=300", code_0=FULL_DISK_AT_4)
+    processes = _start(workdir, log_dir, "--heartbeat_timeout_s=300", code_0=FULL_DISK_AT_4)
     failed = None
     while failed is None and processes[0].poll() is None:
         if "Workdir error:" in (log_dir / "process_0.log").read_text():
