@@ -62,6 +62,18 @@ def get_config():
     dataset.samples_per_class = 4
     # tf.data shuffle buffer (TFDS datasets only); the synthetic data shuffles exactly.
     dataset.shuffle_buffer = 16384
+    # The decoded cache (TFDS datasets and image folders): each training image a host reads is decoded once, its
+    # shorter side resized to cache_shorter_side (larger images only), and kept as u8 in host memory; every epoch,
+    # the first included, cuts its random crops and flips from it (same windows, same seeds) and TFDS records are
+    # shuffled exactly instead of through shuffle_buffer. A crop is then resampled from the resized image instead
+    # of the full-resolution JPEG: a small crop of a large photo has less detail, so the published recipe's images
+    # change and the cache is off by default; images no larger than cache_shorter_side (In-Shop's 256 x 256) are
+    # cropped exactly as from their files (docs/datasets.md, "The decoded cache"). An image folder's host holds the
+    # whole training split, a TFDS host its block; a host whose images exceed cache_max_gb (10^9 bytes) stops with
+    # a message before it decodes more.
+    dataset.cache_decoded = False
+    dataset.cache_shorter_side = 288
+    dataset.cache_max_gb = 32.0
     # The embedded dataset: coarse families of fine classes that share visible structure.
     dataset.synthetic = synthetic = ml_collections.ConfigDict()
     synthetic.num_families = 8

@@ -40,8 +40,14 @@ only one that is not counted.
 Augmentation (the public Proxy-Anchor recipe, docs/method.md "Training recipe"): train = random resized crop with
 area fraction `crop_scale` and aspect ratio `crop_ratio` (uniform in the ratio, TensorFlow's sampler) to
 `image_size`, horizontal flip; test = resize the shorter side to `resize_size` and centre-crop `image_size`.
-Both crop before they resize, so JPEG bytes decode only the crop window (tf.image.decode_and_crop_jpeg). The
+Both crop before they resize, so JPEG bytes decode only the crop window (tf.image.decode_and_crop_jpeg), and a
+training crop at least twice `image_size` a side decodes at a reduced DCT scale (`decode_window_at_scale`). The
 resized crops are rounded to u8 pixels, and the device normalises them (data.normalize_pixels).
+
+The decoded cache (config.dataset.cache_decoded, off by default): the first epoch a host asks for decodes each
+training image it reads once, shorter side resized to config.dataset.cache_shorter_side, into host memory
+(`decode_into_cache`); every epoch then cuts the same crop windows, from the same seeds, out of those pixels
+(`cached_train_image`), so resumption stays exact; docs/datasets.md says how the crops differ from the files'.
 """
 from __future__ import annotations
 
@@ -79,6 +85,8 @@ AUTOTUNE = tf.data.AUTOTUNE
 MAX_READ_FACTOR = 2
 # The label columns of prepared TFDS splits, cached beside the data: {builder.data_dir}/LABEL_CACHE_DIR/.
 LABEL_CACHE_DIR = "hpl_jax_labels"
+# The DCT scales (1 / ratio) a JPEG may be decoded at (libjpeg's M/8 with M = 8, 4, 2, 1).
+DCT_RATIOS = (1, 2, 4, 8)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -88,6 +96,28 @@ def to_pixels(image: tf.Tensor) -> tf.Tensor:
     """f32[..., 3] in 0..255 (a resized crop) -> u8[..., 3], rounded: what the batches carry to the devices (a
     quarter of float32's bytes), where data.normalize_pixels makes the network's input."""
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def resize_window(image: tf.Tensor, window: tf.Tensor, size) -> tf.Tensor:
+    """The window f32[4] (top, left, height, width; fractional, in pixels) of u8[h, w, 3], resized to `size`
+    (height, width; ints or i32 scalars): f32[height, width, 3] in 0..255.
+
+    tf.image.resize's antialiased bilinear kernel (ScaleAndTranslate's triangle, widened by the downscale factor)
+    with the window's scale and offset: for the whole image, tf.image.resize(image, size, antialias=True) exactly; a
+    fractional window samples the pixels around it as that resize samples the whole image.
+    """
+    top, left, height, width = tf.unstack(tf.cast(window, tf.float32))
+    size = tf.stack([size[0], size[1]])
+    scale = tf.cast(size, tf.float32) / tf.stack([height, width])
+    return tf.raw_ops.ScaleAndTranslate(images=image[None], size=size, scale=scale,
+                                        translation=-tf.stack([top, left]) * scale, kernel_type="triangle",
+                                        antialias=True)[0]
+
+
+def whole(image: tf.Tensor) -> tf.Tensor:
+    """The window f32[4] of all of u8[h, w, 3]."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    return tf.stack([0.0, 0.0, shape[0], shape[1]])
 
 
 def random_crop_window(shape: tf.Tensor, seed: tf.Tensor, *, scale: Tuple[float, float],
@@ -131,25 +161,73 @@ def decode_window(image_bytes: tf.Tensor, window_fn) -> tf.Tensor:
     return tf.cond(tf.io.is_jpeg(image_bytes), from_jpeg, from_other_format)
 
 
-def train_image(image_bytes: tf.Tensor, seed: tf.Tensor, *, image_size: int, crop_scale: Tuple[float, float],
-                crop_ratio: Tuple[float, float], horizontal_flip: bool) -> tf.Tensor:
-    """Random resized crop + flip of an encoded image, drawn from seed i64[2].
+def decode_window_at_scale(image_bytes: tf.Tensor, window_fn, min_side: int) -> Tuple[tf.Tensor, tf.Tensor]:
+    """(u8[h', w', 3] pixels, f32[4] window in them): the window `window_fn(shape i32[2]) -> i32[4]` of an encoded
+    image, a JPEG decoded at the smallest DCT scale (1/8, 1/4, 1/2; tf.io.decode_jpeg's `ratio`) that keeps both
+    sides of the window at least `min_side` pixels.
 
-    Returns f32[image_size, image_size, 3] in 0..255.
+    A JPEG decoded at scale 1/r gives pixel i the mean of full-size pixels [r i, r i + r), as the IDCT of the block's
+    lowest frequencies: the crop resized from it equals the one resized from the full decode to within JPEG
+    rounding (tests/data/test_input_pipeline.py), at a fraction of the IDCT and colour conversion. The window
+    is then fractional (the scaled decode covers it whole); at scale 1 it is the decoded pixels exactly.
     """
-    crop_seed, flip_seed = tf.unstack(tf.random.split(seed, 2))
-    image = decode_window(image_bytes, lambda shape: random_crop_window(shape, crop_seed, scale=crop_scale,
-                                                                        ratio=crop_ratio))
-    image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
+    def from_jpeg():
+        window = window_fn(tf.image.extract_jpeg_shape(image_bytes)[:2])
+        shrink = tf.reduce_min(window[2:]) // min_side
+
+        def decode_at(ratio):
+            def decode():
+                if ratio == 1:
+                    pixels = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+                    return pixels, tf.cast(tf.concat([[0, 0], window[2:]], axis=0), tf.float32)
+                top, left, height, width = tf.unstack(window)
+                box = tf.stack([top // ratio, left // ratio, -(-(top + height) // ratio) - top // ratio,
+                                -(-(left + width) // ratio) - left // ratio])
+                pixels = tf.image.decode_and_crop_jpeg(image_bytes, box, channels=3, ratio=ratio)
+                inside = tf.cast(window, tf.float32) / ratio - tf.cast(tf.concat([box[:2], [0, 0]], axis=0),
+                                                                       tf.float32)
+                return pixels, inside
+            return decode
+
+        branch = sum(tf.cast(shrink >= ratio, tf.int32) for ratio in DCT_RATIOS[1:])
+        return tf.switch_case(branch, [decode_at(ratio) for ratio in DCT_RATIOS])
+
+    def from_other_format():
+        image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+        top, left, height, width = tf.unstack(window_fn(tf.shape(image)[:2]))
+        pixels = image[top:top + height, left:left + width]
+        return pixels, whole(pixels)
+
+    return tf.cond(tf.io.is_jpeg(image_bytes), from_jpeg, from_other_format)
+
+
+def crop_to_pixels(pixels: tf.Tensor, window: tf.Tensor, flip_seed: tf.Tensor, *, image_size: int,
+                   horizontal_flip: bool) -> tf.Tensor:
+    """The window f32[4] of u8[h, w, 3] resized to u8[image_size, image_size, 3], flipped or not by flip_seed."""
+    image = to_pixels(resize_window(pixels, window, (image_size, image_size)))
     if horizontal_flip:
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     return image
 
 
+def train_image(image_bytes: tf.Tensor, seed: tf.Tensor, *, image_size: int, crop_scale: Tuple[float, float],
+                crop_ratio: Tuple[float, float], horizontal_flip: bool) -> tf.Tensor:
+    """Random resized crop + flip of an encoded image, drawn from seed i64[2]: u8[image_size, image_size, 3].
+
+    A JPEG decodes only the crop, at a reduced DCT scale when the crop is at least twice image_size a side
+    (`decode_window_at_scale`).
+    """
+    crop_seed, flip_seed = tf.unstack(tf.random.split(seed, 2))
+    pixels, window = decode_window_at_scale(
+        image_bytes, lambda shape: random_crop_window(shape, crop_seed, scale=crop_scale, ratio=crop_ratio),
+        image_size)
+    return crop_to_pixels(pixels, window, flip_seed, image_size=image_size, horizontal_flip=horizontal_flip)
+
+
 def eval_image(image_bytes: tf.Tensor, *, image_size: int, resize_size: int) -> tf.Tensor:
     """Shorter side to resize_size, centre crop image_size: f32[image_size, image_size, 3] in 0..255."""
     image = decode_window(image_bytes, lambda shape: central_crop_window(shape, fraction=image_size / resize_size))
-    return tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
+    return resize_window(image, whole(image), (image_size, image_size))
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
@@ -337,6 +415,16 @@ class TfdsExamples:
         """i64[count]: the index within the split of each record `host_records` yields unshuffled."""
         return np.arange(*host_block(self.num_examples, process_index, process_count), dtype=np.int64)
 
+    def cached_records(self, process_index: int, process_count: int) -> Tuple[tf.data.Dataset, int]:
+        """The records a host's decoded cache holds: its block (`host_records` unshuffled), and their number."""
+        return self.host_records(process_index, process_count, None)
+
+    def epoch_slots(self, process_index: int, process_count: int, shuffle_seed: int) -> np.ndarray:
+        """i64[count]: the host's records in an epoch's order, as positions in `cached_records`: an exact shuffle
+        of its block (the files' `host_records` shuffle within a buffer)."""
+        count = int(np.diff(host_block(self.num_examples, process_index, process_count))[0])
+        return np.random.default_rng(shuffle_seed).permutation(count)
+
 
 @dataclasses.dataclass(frozen=True)
 class FileExamples:
@@ -357,10 +445,7 @@ class FileExamples:
     def host_records(self, process_index: int, process_count: int,
                      shuffle_seed: Optional[int]) -> Tuple[tf.data.Dataset, int]:
         """This host's {'path': str, 'label': i32} records (files are read in the decode step) and their number."""
-        order = np.arange(self.num_examples)
-        if shuffle_seed is not None:
-            order = np.random.default_rng(shuffle_seed).permutation(self.num_examples)
-        mine = order[data.host_shard(self.num_examples, process_index, process_count)]
+        mine = self.epoch_slots(process_index, process_count, shuffle_seed)
         if not len(mine):
             return _empty_records("path"), 0
         return tf.data.Dataset.from_tensor_slices({"path": self.paths[mine], "label": self.labels[mine]}), len(mine)
@@ -368,6 +453,20 @@ class FileExamples:
     def host_ids(self, process_index: int, process_count: int) -> np.ndarray:
         """i64[count]: the index within the split of each record `host_records` yields unshuffled."""
         return data.host_shard(self.num_examples, process_index, process_count).astype(np.int64)
+
+    def cached_records(self, process_index: int, process_count: int) -> Tuple[tf.data.Dataset, int]:
+        """The records a host's decoded cache holds: the whole split, since a host's share of an image folder is
+        drawn anew every epoch; and their number."""
+        del process_index, process_count
+        return self.host_records(0, 1, None)
+
+    def epoch_slots(self, process_index: int, process_count: int, shuffle_seed: Optional[int]) -> np.ndarray:
+        """i64[count]: the host's share of the split in an epoch's order (a permutation over all hosts by
+        `shuffle_seed`, None = in order), as indices into the split and into `cached_records`."""
+        order = np.arange(self.num_examples)
+        if shuffle_seed is not None:
+            order = np.random.default_rng(shuffle_seed).permutation(self.num_examples)
+        return order[data.host_shard(self.num_examples, process_index, process_count)]
 
 
 Examples = Union[TfdsExamples, FileExamples]
@@ -642,15 +741,132 @@ def image_folder_splits(root: str):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The decoded cache (config.dataset.cache_decoded).
+
+def cached_shape(shape: tf.Tensor, shorter_side: int) -> tf.Tensor:
+    """i32[2]: the (height, width) an image of shape i32[2] is cached at: the shorter side `shorter_side`, the aspect
+    ratio kept (rounded); an image whose shorter side is no longer is kept as it is."""
+    factor = tf.minimum(shorter_side / tf.cast(tf.reduce_min(shape), tf.float32), 1.0)
+    return tf.maximum(tf.cast(tf.round(tf.cast(shape, tf.float32) * factor), tf.int32), 1)
+
+
+def decode_for_cache(image_bytes: tf.Tensor, shorter_side: int) -> Tuple[tf.Tensor, tf.Tensor]:
+    """(u8[h', w', 3] the whole image resized to `cached_shape`, i32[2] its encoded (height, width))."""
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    shape = tf.shape(image)[:2]
+    size = cached_shape(shape, shorter_side)
+    resized = tf.cond(tf.reduce_all(size == shape), lambda: image,
+                      lambda: to_pixels(resize_window(image, whole(image), (size[0], size[1]))))
+    return resized, shape
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedImages:
+    """The training images a host reads, decoded once and resized to `cached_shape`, in host memory.
+
+    pixels: u8[total bytes], the images one after the other, each row-major u8[h', w', 3]; offsets: i64[n] where
+    each starts; shapes, full_shapes: i32[n, 2], (height, width) as cached and as encoded; labels: i32[n];
+    slots: i64[records], the image of each record of `cached_records` (-1: it failed to decode).
+    """
+
+    pixels: tf.Tensor
+    offsets: np.ndarray
+    shapes: np.ndarray
+    full_shapes: np.ndarray
+    labels: np.ndarray
+    slots: np.ndarray
+
+    @property
+    def num_bytes(self) -> int:
+        return int(self.pixels.shape[0])
+
+
+def decode_into_cache(records: tf.data.Dataset, num_records: int, *, shorter_side: int, max_bytes: int,
+                      what: str) -> DecodedImages:
+    """Every record's image decoded and resized to `cached_shape` (in parallel, in the records' order), packed
+    into one buffer; a data.DataError as soon as the images exceed `max_bytes`, before any more are decoded."""
+    def decoded(position, record):
+        image, full_shape = decode_for_cache(_encoded_image(record), shorter_side)
+        return {"position": position, "image": image, "full_shape": full_shape, "label": record["label"]}
+
+    stream = records.enumerate().map(decoded, num_parallel_calls=AUTOTUNE).ignore_errors().prefetch(AUTOTUNE)
+    images, positions, full_shapes, labels, total = [], [], [], [], 0
+    for example in stream.as_numpy_iterator():
+        total += example["image"].nbytes
+        if total > max_bytes:
+            count = len(images) + 1
+            raise data.DataError(
+                f"config.dataset.cache_decoded: the {num_records} training images {what} reads, decoded with the "
+                f"shorter side at most config.dataset.cache_shorter_side = {shorter_side} px, need more than "
+                f"config.dataset.cache_max_gb = {max_bytes / 1e9:g} GB ({total / 1e9:.2f} GB for the first {count}, "
+                f"about {total / count * num_records / 1e9:.1f} GB for all); raise cache_max_gb if the host has the "
+                "memory, lower cache_shorter_side, or set cache_decoded=False.")
+        images.append(example["image"])
+        positions.append(example["position"])
+        full_shapes.append(example["full_shape"])
+        labels.append(example["label"])
+    shapes = np.array([image.shape[:2] for image in images], np.int32).reshape(-1, 2)
+    offsets = np.concatenate([[0], np.cumsum([image.size for image in images])]).astype(np.int64)
+    # TensorFlow's kernels need 64-byte aligned buffers; NumPy's allocator aligns to 16.
+    buffer = np.empty(total + 64, np.uint8)
+    pixels = buffer[-buffer.ctypes.data % 64:][:total]
+    for index, image in enumerate(images):  # copied one by one and let go: the peak stays near `total`
+        pixels[offsets[index]:offsets[index + 1]] = image.ravel()
+        images[index] = None
+    slots = np.full(num_records, -1, np.int64)
+    slots[np.array(positions, np.int64)] = np.arange(len(positions))
+    # DLPack hands the buffer to TensorFlow without a copy (tf.constant would hold two).
+    pixels = tf.experimental.dlpack.from_dlpack(pixels.__dlpack__()) if total else tf.zeros([0], tf.uint8)
+    return DecodedImages(pixels, offsets[:-1], shapes, np.array(full_shapes, np.int32).reshape(-1, 2),
+                         np.array(labels, np.int32), slots)
+
+
+def cached_train_image(cache: DecodedImages, slot: tf.Tensor, seed: tf.Tensor, *, image_size: int,
+                       crop_scale: Tuple[float, float], crop_ratio: Tuple[float, float],
+                       horizontal_flip: bool) -> tf.Tensor:
+    """`train_image` of the cached image `slot` (i64 scalar), drawn from seed i64[2]: u8[image_size, image_size, 3].
+
+    The crop window is drawn on the encoded image's shape with the same seed, so it covers the same part of the
+    picture as `train_image`'s; it is cut from the cached pixels, scaled to their size (fractional), and resized
+    from them. An image the cache kept as it was gives `train_image`'s pixels exactly (a crop below twice
+    image_size a side); a resized one, the same crop resampled from the resized image (docs/datasets.md).
+    """
+    crop_seed, flip_seed = tf.unstack(tf.random.split(seed, 2))
+    shape = tf.gather(cache.shapes, slot)
+    full_shape = tf.gather(cache.full_shapes, slot)
+    window = tf.cast(random_crop_window(full_shape, crop_seed, scale=crop_scale, ratio=crop_ratio), tf.float32)
+    factor = tf.cast(shape, tf.float32) / tf.cast(full_shape, tf.float32)
+    top, left, height, width = tf.unstack(window * tf.concat([factor, factor], axis=0))
+    first_row = tf.cast(tf.floor(top), tf.int64)
+    last_row = tf.minimum(tf.cast(tf.math.ceil(top + height), tf.int64), tf.cast(shape[0], tf.int64))
+    first_column = tf.cast(tf.floor(left), tf.int32)
+    last_column = tf.minimum(tf.cast(tf.math.ceil(left + width), tf.int32), shape[1])
+    row_bytes = tf.cast(shape[1], tf.int64) * 3
+    start = tf.gather(cache.offsets, slot) + first_row * row_bytes
+    rows = tf.reshape(cache.pixels[start:start + (last_row - first_row) * row_bytes], [-1, shape[1], 3])
+    pixels = rows[:, first_column:last_column]
+    inside = tf.stack([top - tf.cast(first_row, tf.float32), left - tf.cast(first_column, tf.float32), height, width])
+    return crop_to_pixels(pixels, inside, flip_seed, image_size=image_size, horizontal_flip=horizontal_flip)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Batches.
+
+def _one_thread_per_op() -> tf.data.Options:
+    """tf.data options that run each op of an image's map on one thread: the map's parallel calls already use
+    every core, and an op that splits one small image over threads only adds synchronisation."""
+    options = tf.data.Options()
+    options.threading.max_intra_op_parallelism = 1
+    return options
+
 
 def train_dataset(records: tf.data.Dataset, *, epoch_seed_value: int, local_batch_size: int, num_steps: int,
                   start_step: int, transform, sampler: str, samples_per_class: int) -> tf.data.Dataset:
     """Batches {'image': u8[local_batch, H, W, 3], 'label': i32[local_batch], 'index': i64[local_batch]}.
 
-    records: this host's records in the epoch's order. 'index' is each image's position in the stream (after
-    class-balanced grouping), the seed of its augmentation together with the epoch seed; gaps in it are images
-    that failed to decode. 'class_balanced' groups `samples_per_class` images of one class together (tf.data
+    records: this host's records in the epoch's order; transform(record, seed i64[2]) makes a record's image.
+    'index' is each image's position in the stream (after class-balanced grouping), the seed of its augmentation
+    together with the epoch seed; gaps in it are images that failed to decode. 'class_balanced' groups `samples_per_class` images of one class together (tf.data
     group_by_window over the repeated stream; each host's batches hold whole groups).
     """
     records = records.repeat()
@@ -663,12 +879,12 @@ def train_dataset(records: tf.data.Dataset, *, epoch_seed_value: int, local_batc
 
     def example(index, record):
         seed = tf.stack([tf.constant(epoch_seed_value, tf.int64), index])
-        return {"image": transform(_encoded_image(record), seed), "label": record["label"], "index": index}
+        return {"image": transform(record, seed), "label": record["label"], "index": index}
 
     examples = records.enumerate().take(MAX_READ_FACTOR * needed).skip(start_step * local_batch_size)
     examples = examples.map(example, num_parallel_calls=AUTOTUNE).ignore_errors()
     examples = examples.take((num_steps - start_step) * local_batch_size)
-    return examples.batch(local_batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+    return examples.batch(local_batch_size, drop_remainder=True).prefetch(AUTOTUNE).with_options(_one_thread_per_op())
 
 
 def eval_dataset(records: tf.data.Dataset, *, num_batches: int, local_batch_size: int, transform,
@@ -737,9 +953,13 @@ class TfDataset:
         self._num_epochs = config.num_epochs
         self._ahead: Optional[EpochAhead] = None  # the next epoch's batches, drawn ahead
         # u8 pixels: the device normalises them (data.normalize_pixels).
-        self._train_transform = lambda image_bytes, seed: to_pixels(train_image(
-            image_bytes, seed, image_size=dataset.image_size, crop_scale=tuple(dataset.crop_scale),
-            crop_ratio=tuple(dataset.crop_ratio), horizontal_flip=dataset.horizontal_flip))
+        self._augmentation = dict(image_size=dataset.image_size, crop_scale=tuple(dataset.crop_scale),
+                                  crop_ratio=tuple(dataset.crop_ratio), horizontal_flip=dataset.horizontal_flip)
+        self._cache_decoded = dataset.cache_decoded
+        self._cache_shorter_side = dataset.cache_shorter_side
+        self._cache_max_bytes = int(dataset.cache_max_gb * 1e9)
+        self._cache: Optional[DecodedImages] = None  # filled by the first epoch asked for
+        self._cache_lock = threading.Lock()
         self._eval_transform = lambda image_bytes: to_pixels(eval_image(
             image_bytes, image_size=dataset.image_size, resize_size=dataset.resize_size))
 
@@ -750,14 +970,41 @@ class TfDataset:
                 logging.WARNING, "%s: %d image(s) failed to decode and were skipped (host %d, %d so far).", 60,
                 what, num_skipped, self._process_index, self.num_skipped_images)
 
+    def decoded_images(self) -> DecodedImages:
+        """This host's training images decoded (config.dataset.cache_decoded): filled by the first call, in
+        parallel, every later epoch reads them from memory."""
+        with self._cache_lock:
+            if self._cache is None:
+                records, count = self._splits["train"].cached_records(self._process_index, self._process_count)
+                what = f"of {self.info.name} host {self._process_index}"
+                self._cache = decode_into_cache(records, count, shorter_side=self._cache_shorter_side,
+                                                max_bytes=self._cache_max_bytes, what=what)
+                self._count_skipped(f"{self.info.name} decoded cache", int(np.sum(self._cache.slots < 0)))
+                logging.info("%s: %d training images decoded into %.2f GB of host memory (host %d).",
+                             self.info.name, len(self._cache.offsets), self._cache.num_bytes / 1e9,
+                             self._process_index)
+            return self._cache
+
     def _train_iterator(self, epoch: int, start_step: int) -> Iterator[Dict[str, np.ndarray]]:
         """The batches of `epoch` from `start_step` on, with their 'index', from a pipeline built for the epoch:
-        its file order, shuffle buffer and augmentation follow (config.seed, epoch) alone (resumption needs it)."""
+        its order, shuffle buffer and augmentation follow (config.seed, epoch) alone (resumption needs it).
+
+        With the decoded cache, the records are cache slots and every crop is cut from the cached pixels, in the
+        epoch that fills the cache as in the later ones, so a resumed run sees the uninterrupted run's images."""
         seed = epoch_seed(self._seed, epoch)
-        records, _ = self._splits["train"].host_records(self._process_index, self._process_count, seed)
+        train = self._splits["train"]
+        if self._cache_decoded:
+            cache = self.decoded_images()
+            slots = cache.slots[train.epoch_slots(self._process_index, self._process_count, seed)]
+            slots = slots[slots >= 0]
+            records = tf.data.Dataset.from_tensor_slices({"slot": slots, "label": cache.labels[slots]})
+            transform = lambda record, seed: cached_train_image(cache, record["slot"], seed, **self._augmentation)
+        else:
+            records, _ = train.host_records(self._process_index, self._process_count, seed)
+            transform = lambda record, seed: train_image(_encoded_image(record), seed, **self._augmentation)
         return train_dataset(
             records, epoch_seed_value=seed, local_batch_size=self._local_batch_size,
-            num_steps=self._steps_per_epoch, start_step=start_step, transform=self._train_transform,
+            num_steps=self._steps_per_epoch, start_step=start_step, transform=transform,
             sampler=self._sampler, samples_per_class=self._samples_per_class).as_numpy_iterator()
 
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[data.Batch]:

@@ -191,6 +191,13 @@ def check_dataset(config) -> None:
                  "dataset.samples_per_class",
                  f"{dataset.samples_per_class} must be >= 2 and divide config.batch_size ({config.batch_size}).")
     _require(dataset.shuffle_buffer >= 1, "dataset.shuffle_buffer", "must be >= 1.")
+    _require_bool(dataset.cache_decoded, "dataset.cache_decoded")
+    _require(_is_int(dataset.cache_shorter_side) and dataset.cache_shorter_side >= dataset.image_size,
+             "dataset.cache_shorter_side",
+             f"{dataset.cache_shorter_side!r} must be an integer >= dataset.image_size ({dataset.image_size}): a "
+             "crop resized up from a smaller cache loses detail.")
+    _require(isinstance(dataset.cache_max_gb, (int, float)) and dataset.cache_max_gb > 0, "dataset.cache_max_gb",
+             f"{dataset.cache_max_gb!r} must be > 0 (GB of host memory the decoded cache may take).")
     _require(isinstance(dataset.num_val_classes, int) and dataset.num_val_classes >= 0, "dataset.num_val_classes",
              f"{dataset.num_val_classes!r} must be an integer >= 0 (0 = no validation classes).")
     _require(isinstance(dataset.num_folds, int) and dataset.num_folds != 1 and dataset.num_folds >= 0,

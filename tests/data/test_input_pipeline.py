@@ -180,13 +180,51 @@ def test_fused_jpeg_crop_equals_decode_then_crop():
     png = tf.io.encode_png(smooth).numpy()
     seed = tf.constant([3, 4], tf.int64)
     options = dict(image_size=24, crop_scale=(0.08, 1.0), crop_ratio=(0.75, 4 / 3), horizontal_flip=True)
-    from_jpeg = input_pipeline.train_image(tf.constant(jpeg), seed, **options).numpy()
-    from_png = input_pipeline.train_image(tf.constant(png), seed, **options).numpy()
+    from_jpeg = input_pipeline.train_image(tf.constant(jpeg), seed, **options).numpy().astype(np.float32)
+    from_png = input_pipeline.train_image(tf.constant(png), seed, **options).numpy().astype(np.float32)
     assert np.abs(from_jpeg - from_png).max() < 4.0
     assert from_png.std() > 5.0  # a real crop of the gradient, not a flat patch
     eval_jpeg = input_pipeline.eval_image(tf.constant(jpeg), image_size=24, resize_size=28).numpy()
     eval_png = input_pipeline.eval_image(tf.constant(png), image_size=24, resize_size=28).numpy()
     assert np.abs(eval_jpeg - eval_png).max() < 4.0
+
+
+def test_resize_window_is_tf_resize_of_the_whole_image_and_samples_a_fractional_window():
+    rng = np.random.default_rng(0)
+    image = tf.constant(rng.integers(0, 256, (30, 41, 3)).astype(np.uint8))
+    for size in [(16, 16), (45, 20)]:
+        np.testing.assert_array_equal(input_pipeline.resize_window(image, input_pipeline.whole(image), size).numpy(),
+                                      tf.image.resize(image, size, antialias=True).numpy())
+    # A linear ramp's window [5.5, 25.5) x [3.25, 35.25) at 20 x 32: output (i, j) is the ramp at (5.5 + i + 0.5,
+    # 3.25 + j + 0.5) (one input pixel per output pixel: the kernel is bilinear interpolation).
+    y, x = np.mgrid[0:30, 0:41]
+    ramp = tf.constant(np.repeat((3 * y + 2 * x + 5)[..., None], 3, axis=-1).astype(np.uint8))
+    out = input_pipeline.resize_window(ramp, tf.constant([5.5, 3.25, 20.0, 32.0]), (20, 32)).numpy()[..., 0]
+    i, j = np.mgrid[0:20, 0:32]
+    np.testing.assert_allclose(out, 3 * (5.5 + i) + 2 * (3.25 + j) + 5, atol=1e-3)
+
+
+def test_a_jpeg_crop_decoded_at_a_reduced_dct_scale_agrees_with_the_full_decode():
+    """A crop at least twice the output a side decodes at 1/2, 1/4 or 1/8 scale: on a smooth picture the resized
+    crop is the full decode's to within JPEG rounding (the full decode's own difference to the PNG)."""
+    y, x = np.mgrid[0:240, 0:320]
+    smooth = np.stack([0.6 * y + 20, 0.5 * x + 30, 90 + 0.2 * (x - y)], axis=-1).astype(np.uint8)
+    jpeg, png = tf.constant(input_pipeline.encode_jpeg(smooth, quality=95)), tf.constant(tf.io.encode_png(smooth))
+
+    def crop(image_bytes, window, min_side):
+        pixels, inside = input_pipeline.decode_window_at_scale(image_bytes, lambda shape: tf.constant(window),
+                                                               min_side)
+        return pixels.shape, input_pipeline.resize_window(pixels, inside, (24, 24)).numpy()
+
+    # Scales 1/8 (rows 13 // 8 to ceil(213 / 8): the decode covers the window), 1/4, then 1 (40 < 2 x 24).
+    for window, scaled_rows in [([13, 21, 200, 250], 26), ([40, 7, 99, 130], 25), ([3, 5, 40, 80], 40)]:
+        shape, scaled = crop(jpeg, window, 24)
+        full_shape, full = crop(jpeg, window, 10 ** 6)  # never reduced
+        _, exact = crop(png, window, 24)
+        assert shape[0] == scaled_rows and full_shape[0] == window[2]
+        jpeg_error = np.abs(full - exact).mean()
+        assert np.abs(scaled - exact).mean() <= 1.5 * max(jpeg_error, 0.5)
+        assert np.abs(scaled - full).mean() <= 1.5 * max(jpeg_error, 0.5) and np.abs(scaled - full).max() < 4.0
 
 
 def test_random_crop_windows_respect_scale_and_ratio():
@@ -365,6 +403,101 @@ def test_an_error_drawing_ahead_is_raised_where_the_batches_are_asked_for():
         ahead.batches()
     ahead = input_pipeline.EpochAhead(5, lambda: iter([{"x": 1}, {"x": 2}]))
     assert [batch["x"] for batch in ahead.batches()] == [1, 2]
+
+
+def cached(config, **overrides):
+    return tiny(config, **{"dataset.cache_decoded": True, **overrides})
+
+
+def test_the_decoded_cache_gives_the_files_crops(tmp_path):
+    """Images no larger than cache_shorter_side: every batch equals the files' pipeline's, pixel for pixel; resized
+    into the cache, the same images in the same order, the same flat colours up to rounding."""
+    make_image_folder(str(tmp_path), ["a", "b", "c", "d"], [6, 6, 2, 2])
+    settings = {"dataset.data_dir": str(tmp_path)}
+    from_files = input_pipeline.create_dataset(tiny(image_folder_config, **settings), local_batch_size=4,
+                                               local_eval_batch_size=4)
+    kept = input_pipeline.create_dataset(cached(image_folder_config, **settings, **{"dataset.cache_shorter_side": 32}),
+                                         local_batch_size=4, local_eval_batch_size=4)
+    resized = input_pipeline.create_dataset(cached(image_folder_config, **settings,
+                                                   **{"dataset.cache_shorter_side": 16}),
+                                            local_batch_size=4, local_eval_batch_size=4)
+    for epoch in (0, 1):
+        files_batches, files_ids = train_epoch(from_files, epoch)
+        for dataset, exact in ((kept, True), (resized, False)):
+            batches, ids = train_epoch(dataset, epoch)
+            np.testing.assert_array_equal(ids, files_ids)
+            for batch, files_batch in zip(batches, files_batches):
+                np.testing.assert_array_equal(batch["label"], files_batch["label"])
+                difference = np.abs(batch["image"].astype(int) - files_batch["image"].astype(int)).max()
+                assert difference == 0 if exact else difference <= 1
+    assert kept.decoded_images().num_bytes == sum(20 * 26 * 3 + (i % 5) * 26 * 3 for i in range(12))
+    assert (resized.decoded_images().shapes.min(axis=1) == 16).all()
+
+
+def test_a_crop_from_the_resized_cache_matches_the_file_up_to_the_resize():
+    """On a smooth picture (no detail above the cache's resolution) the crops drawn from a cache at half size are
+    those of the JPEG for the same seeds, within rounding."""
+    y, x = np.mgrid[0:120, 0:160]
+    smooth = np.stack([y + 40, 0.8 * x + 20, 200 - 0.5 * y], axis=-1).astype(np.uint8)
+    jpeg = input_pipeline.encode_jpeg(smooth, quality=95)
+    records = tf.data.Dataset.from_tensor_slices({"image": [jpeg], "label": [0]})
+    cache = input_pipeline.decode_into_cache(records, 1, shorter_side=60, max_bytes=10 ** 6, what="a test")
+    assert cache.shapes.tolist() == [[60, 80]] and cache.full_shapes.tolist() == [[120, 160]]
+    options = dict(image_size=24, crop_scale=(0.08, 1.0), crop_ratio=(0.75, 4 / 3), horizontal_flip=True)
+    for step in range(6):
+        seed = tf.constant([5, step], tf.int64)
+        from_cache = input_pipeline.cached_train_image(cache, tf.constant(0, tf.int64), seed, **options).numpy()
+        from_file = input_pipeline.train_image(tf.constant(jpeg), seed, **options).numpy()
+        assert np.abs(from_cache.astype(float) - from_file).mean() < 1.5
+
+
+def test_the_decoded_cache_fills_once_and_a_resumed_run_sees_the_same_crops(tmp_path, monkeypatch):
+    make_image_folder(str(tmp_path), ["a", "b", "c", "d"], [6, 6, 2, 2])
+    fills, decode_into_cache = [], input_pipeline.decode_into_cache
+
+    def counted(*args, **kwargs):
+        fills.append(1)
+        return decode_into_cache(*args, **kwargs)
+
+    monkeypatch.setattr(input_pipeline, "decode_into_cache", counted)
+    config = cached(image_folder_config, **{"dataset.data_dir": str(tmp_path), "dataset.cache_shorter_side": 16})
+    dataset = input_pipeline.create_dataset(config, local_batch_size=4, local_eval_batch_size=4)
+    epochs = [train_epoch(dataset, epoch) for epoch in (0, 1, 2)]
+    assert len(fills) == 1 and not np.array_equal(epochs[0][1], epochs[1][1])
+    restarted = input_pipeline.create_dataset(config, local_batch_size=4, local_eval_batch_size=4)
+    resumed, _ = train_epoch(restarted, 1, start_step=1)
+    assert len(fills) == 2 and len(resumed) == 2
+    for original, replayed in zip(epochs[1][0][1:], resumed):
+        np.testing.assert_array_equal(original["image"], replayed["image"])
+        np.testing.assert_array_equal(original["label"], replayed["label"])
+
+
+def test_the_decoded_cache_of_tfds_hosts_holds_their_blocks_and_skips_a_broken_image():
+    records, owner = benchmark_records("cub", copies=3)
+    broken = int(ids_of(tf.io.decode_jpeg(records["train"][0]["image"]).numpy()[None])[0])
+    assert owner[broken] in TRAIN_CLASSES["cub"]
+    records["train"][0]["image"] = records["train"][0]["image"][:40]  # cut short: fails to decode
+    with fake_tfds(records):
+        hosts = [input_pipeline.create_dataset(cached(cub_config), local_batch_size=2, local_eval_batch_size=2,
+                                               process_index=p, process_count=2) for p in range(2)]
+        train_ids = [train_epoch(host)[1] for host in hosts]
+        caches = [host.decoded_images() for host in hosts]
+    num_train = hosts[0].info.num_train_examples
+    assert sum(len(cache.slots) for cache in caches) == num_train
+    assert sum(len(cache.offsets) for cache in caches) == num_train - 1
+    assert sum(host.num_skipped_images for host in hosts) == 1
+    everything = np.concatenate(train_ids)
+    assert all(len(ids) == 2 * data.steps_per_epoch(num_train, 4) for ids in train_ids)
+    assert broken not in everything and {owner[i] for i in everything} <= set(TRAIN_CLASSES["cub"])
+
+
+def test_the_decoded_cache_refuses_a_split_over_its_memory_budget(tmp_path):
+    make_image_folder(str(tmp_path), ["a", "b", "c", "d"], [6, 6, 2, 2])
+    config = cached(image_folder_config, **{"dataset.data_dir": str(tmp_path), "dataset.cache_max_gb": 5e-6})
+    dataset = input_pipeline.create_dataset(config, local_batch_size=4, local_eval_batch_size=4)
+    with pytest.raises(data.DataError, match=r"config.dataset.cache_decoded: the 12 training images .* need more "
+                                             r"than config.dataset.cache_max_gb = 5e-06 GB .* set cache_decoded=False"):
+        train_epoch(dataset)
 
 
 def test_class_balanced_sampler_groups_classes(tmp_path):
