@@ -7,7 +7,6 @@ import sys
 from typing import Callable, Optional, TypeVar
 
 import jax
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -71,9 +70,18 @@ def quiet_library_logs() -> None:
 
 
 def parse_flags(argv):
-    """absl's flag parsing, but a `--config.<field>` override that names no field is one line, not tracebacks."""
+    """absl's flag parsing, but a `--config.<field>` override that names no field, and a config file that cannot be
+    read or whose get_config raises (e.g. a bad `configs/hier_recipe.py:ARGUMENT`), are one line, not tracebacks."""
     try:
-        return app.parse_flags_with_usage(argv)
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        if any(line.startswith("Traceback") for line in lines):
+            # ml_collections quotes the whole traceback of a config file it could not load; its last line is the
+            # file's own message (a missing file, get_config's error).
+            sys.exit(f"Config error: {lines[0].split(': ')[0].removeprefix('flag ')}: {lines[-1]}")
+        sys.stderr.write(f"FATAL Flags parsing error: {error}\nPass --helpshort or --helpfull to see help on flags.\n")
+        sys.exit(1)
     except (AttributeError, KeyError) as error:
         message = config_checks.unknown_field(error, argv)
         if message is None:
