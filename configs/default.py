@@ -249,8 +249,9 @@ def get_config():
     # classes, against the labels. Its cost per evaluation per dataset: docs/benchmarks.md, section "Evaluation".
     eval_config.nmi = True
     # Also the retrieval metrics at the ground-truth super-class level ('super/...'), where the dataset has
-    # super-classes. They rank each query's first R items on the host, R in the thousands for SOP; what they add to
-    # an SOP evaluation is measured in docs/benchmarks.md, section "Evaluation".
+    # super-classes. They rank each query's first R items, R in the thousands for SOP (on the host on a CPU, by a
+    # top-k on the device elsewhere); what they add to an SOP evaluation is measured in docs/benchmarks.md, section
+    # "Evaluation".
     eval_config.super_metrics = True
     # The costly metrics (eval.nmi, eval.super_metrics) only every this many epochs (and at epoch 0 and the last
     # epoch); the other evaluations leave them out. Their cost at SOP scale, per evaluation (NMI: k-means of

@@ -1,6 +1,7 @@
 """Time of `retrieval_metrics` at SOP test scale, against an exact k-NN search (faiss) and the bare matmuls.
 
     python -m hpl_jax.benchmarks.retrieval [--num_items 60502 --num_classes 11316 --dim 512 --repeats 3]
+        [--rank_on_device auto|true|false] [--top_k_recall_target 0.95]
 
 Defaults are the SOP test split (docs/method.md: 60,502 images of 11,316 classes in 12 super-classes, d = 512):
 random unit vectors with a planted structure (each super-class a random centre, each class its super-class's
@@ -8,7 +9,9 @@ centre plus noise, each item its class's centre plus Gaussian noise of norm abou
 fixed seed. Timed, in turn within each repeat so that a load shared with other processes hits all alike, and
 reported as medians of wall time and of this process's CPU time (the CPU time moves less with other
 processes' load on a shared machine):
-- `retrieval_metrics` with recall_at (1, 10, 100, 1000), nmi=False: Recall@K, P@1, R-Precision, MAP@R;
+- `retrieval_metrics` with recall_at (1, 10, 100, 1000), nmi=False: Recall@K, P@1, R-Precision, MAP@R, on the path
+  --rank_on_device picks (auto: the device program on an accelerator, the host path on a CPU), with
+  --top_k_recall_target passed on when given;
 - the same with super_labels (the `super/` metrics too), unless --no_super;
 - the similarity products `retrieval_metrics` computes without super_labels, alone: each pair of blocks once;
 - when faiss-cpu is importable (not a dependency of hpl-jax): IndexFlatIP add + search at k = 1001, the
@@ -18,7 +21,9 @@ processes' load on a shared machine):
   there), with and without super_labels, and how far they are from the single-device results (counts must be
   equal; the means within float32 rounding). Simulated CPU devices share the same cores: this checks the result
   and shows the cost of the structure, it cannot show a speed-up;
-then the ratio of `retrieval_metrics` (without super_labels) to the faiss search, of the medians.
+then the ratio of `retrieval_metrics` (without super_labels) to the faiss search, of the medians, and the recall of
+jax.lax.approx_max_k against the exact lax.top_k at k = 1001 on the first 1,024 items (the recall target of
+--top_k_recall_target, else 0.95).
 Peak memory is the process's resident high-water mark during the first `retrieval_metrics` call (Linux,
 reset just before it), and the device's peak where the backend reports one (GPU/TPU).
 """
@@ -55,6 +60,10 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--no_super", action="store_true", help="skip the run with super_labels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no_sharded", action="store_true", help="skip the sharded runs (with several devices)")
+    parser.add_argument("--rank_on_device", choices=("auto", "true", "false"), default="auto",
+                        help="retrieval_metrics' rank_on_device: auto (None), true or false")
+    parser.add_argument("--top_k_recall_target", type=float, default=None,
+                        help="retrieval_metrics' top_k_recall_target (approx_max_k); needs the device path")
     return parser.parse_args()
 
 
@@ -79,6 +88,58 @@ def planted_embeddings(num_items: int, num_classes: int, num_super_classes: int,
     embeddings = centres[labels] + noise / np.sqrt(dim) * rng.normal(size=(num_items, dim))
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
     return embeddings.astype(np.float32), labels, super_labels
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _knn_hits(queries: jax.Array, gallery: jax.Array, query_labels: jax.Array, gallery_labels: jax.Array,
+              first: jax.Array, k: int) -> jax.Array:
+    """i32[]: queries (f32[chunk, dim], rows first.. of the gallery) whose nearest neighbour, among the k of
+    lax.top_k, shares their label; the query itself left out."""
+    similarities = jnp.dot(queries, gallery.T, precision=jax.lax.Precision.HIGHEST)
+    rows = jnp.arange(queries.shape[0])
+    # Rows past the gallery (padding) index past its end: dropped, as JAX drops out-of-bounds updates.
+    similarities = similarities.at[rows, rows + first].set(-jnp.inf)
+    _, neighbours = jax.lax.top_k(similarities, k)
+    return jnp.sum(gallery_labels[neighbours[:, 0]] == query_labels)
+
+
+def exact_knn_recall_at_1(unit: np.ndarray, labels: np.ndarray, k: int, chunk: int = 4096) -> float:
+    """Recall@1 of an exact k-NN search in JAX on the default device, every item against all others in query
+    chunks: a matrix product and lax.top_k, as PyTorch's matmul + topk (what a plain search costs).
+
+    Args:
+      unit: f32[items, dim] unit vectors.
+      labels: int[items].
+      k: neighbours kept per query.
+      chunk: queries searched at once (the last chunk padded with zero vectors of label -1).
+    """
+    gallery = jax.device_put(unit)
+    gallery_labels = jax.device_put(labels.astype(np.int32))
+    padded = np.pad(unit, ((0, -len(unit) % chunk), (0, 0)))
+    padded_labels = np.pad(labels.astype(np.int32), (0, -len(unit) % chunk), constant_values=-1)
+    hits = [_knn_hits(padded[first:first + chunk], gallery, padded_labels[first:first + chunk], gallery_labels,
+                      np.int32(first), k=k) for first in range(0, len(unit), chunk)]
+    return int(sum(hits)) / len(unit)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "recall_target"))
+def _top_k_overlap(queries: jax.Array, gallery: jax.Array, k: int, recall_target: float) -> jax.Array:
+    """f32[]: the fraction of each query's exact top-k neighbours (lax.top_k) that approx_max_k also returns."""
+    similarities = jnp.dot(queries, gallery.T, precision=jax.lax.Precision.HIGHEST)
+    rows = jnp.arange(queries.shape[0])
+    similarities = similarities.at[rows, rows].set(-jnp.inf)
+    _, exact = jax.lax.top_k(similarities, k)
+    _, approximate = jax.lax.approx_max_k(similarities, k, recall_target=recall_target)
+    in_exact = jnp.zeros(similarities.shape, bool).at[rows[:, None], exact].set(True)
+    return jnp.mean(in_exact[rows[:, None], approximate])
+
+
+def approx_top_k_recall(unit: np.ndarray, k: int, recall_target: float, rows: int = 1024) -> float:
+    """The recall of jax.lax.approx_max_k against the exact lax.top_k on the default device: the share of the first
+    `rows` items' k nearest neighbours (among all items, the query left out) it finds. XLA approximates on TPUs
+    only; its CPU and GPU fall back to the exact top-k (recall 1)."""
+    rows = min(rows, len(unit))
+    return float(_top_k_overlap(unit[:rows], jax.device_put(unit), k=k, recall_target=recall_target))
 
 
 @jax.jit
@@ -150,9 +211,12 @@ def main() -> None:
 
     metrics, super_metrics = {}, {}
 
+    rank_on_device = {"auto": None, "true": True, "false": False}[args.rank_on_device]
+
     def run_metrics(output, **options):
         output.update(retrieval_metrics(embeddings, labels, recall_at=RECALL_AT, nmi=False,
-                                        chunk_size=args.chunk_size, **options))
+                                        chunk_size=args.chunk_size, rank_on_device=rank_on_device,
+                                        top_k_recall_target=args.top_k_recall_target, **options))
 
     runs: Dict[str, Callable[[], None]] = {"retrieval_metrics": functools.partial(run_metrics, metrics)}
     if not args.no_super:
@@ -164,7 +228,8 @@ def main() -> None:
 
         def run_sharded(output, **options):
             output.update(sharded_retrieval_metrics(embeddings, labels, mesh=mesh, recall_at=RECALL_AT, nmi=False,
-                                                    chunk_size=args.chunk_size, **options))
+                                                    chunk_size=args.chunk_size,
+                                                    top_k_recall_target=args.top_k_recall_target, **options))
 
         runs[f"sharded over {mesh.size} devices"] = functools.partial(run_sharded, sharded)
         if not args.no_super:
@@ -215,6 +280,10 @@ def main() -> None:
         print(f"retrieval_metrics / faiss: {statistics.median(wall['retrieval_metrics']) / statistics.median(wall[FAISS_NAME]):.2f} "
               f"of the median walls, {statistics.median(cpu['retrieval_metrics']) / statistics.median(cpu[FAISS_NAME]):.2f} "
               f"of the median CPU times; per repeat (wall): " + " ".join(f"{r:.2f}" for r in ratios))
+    target = args.top_k_recall_target or 0.95
+    rows = min(1024, args.num_items)
+    print(f"approx_max_k (recall target {target}) against lax.top_k at k = {k} on the first {rows} items: recall "
+          f"{approx_top_k_recall(embeddings, k, target, rows):.4f}")
 
 
 if __name__ == "__main__":

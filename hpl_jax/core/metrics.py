@@ -17,25 +17,29 @@ with no sort and no top-k:
 - counts: block by block, for each query and threshold, the items with similarity >= it. Counting every item
   (no class mask) and subtracting the query's positives, itself and the padding afterwards is exact: the
   thresholds are those very matrix entries, and padding items are zero vectors, of similarity exactly 0.
-Self-retrieval lays the items out in blocks that hold whole classes, so a query's positives all lie in its
-diagonal block, and computes each off-diagonal block once, counting it for its rows and (transposed) for its
-columns: half the matrix products of a plain search. Memory is a few blocks of chunk_size^2 similarities.
+On the host path (the default on a CPU), self-retrieval lays the items out in blocks that hold whole classes, so
+a query's positives all lie in its diagonal block, and computes each off-diagonal block once, counting it for its
+rows and (transposed) for its columns: half the matrix products of a plain search. Memory is a few blocks of
+chunk_size^2 similarities.
 
 A level with larger R (super-classes: thousands for SOP; CUB's or Cars' classes) is ranked from full similarity
 rows instead: its metrics depend only on each query's first max(R, largest K) ranks, which are its smallest
-pessimistic keys (similarity descending, negatives first among equals), sorted. On an accelerator the device
-sorts each chunk's keys and returns three numbers per query; on a CPU the host finds them (np.partition, linear
-in the gallery) in rows copied back. Such a level makes self-retrieval search chunks of
+pessimistic keys (similarity descending, negatives first among equals), sorted. On the host path the host finds
+them (np.partition, linear in the gallery) in rows copied back; such a level makes self-retrieval search chunks of
 queries against the whole gallery (chunk_size x gallery similarities), as query mode always does.
 
-`sharded_retrieval_metrics` computes the same metrics with the queries split across the devices of a mesh (every
-process's): each device searches its share in chunks against the whole gallery, counts or ranks every level on
-the device, and sums its queries' scores; the host adds the sums. `retrieval_metrics` stays the reference.
+On an accelerator (`rank_on_device`) every level is scored on the device in one program, query chunk by query
+chunk against the whole gallery: classes counted as above (no symmetric blocks: one program instead of a Python
+call per block pair), levels with large R ranked by a top-k of each row's keys (jax.lax.top_k of float32 scores
+in the keys' order; jax.lax.approx_max_k as an opt-in), each chunk summed on the device; only the sums come back
+to the host. `sharded_retrieval_metrics` runs the same program with the queries split across the devices of a
+mesh (every process's) and adds the devices' sums. The host path (symmetric blocks, host ranking) stays the
+reference.
 
 Equal embeddings give bitwise-equal similarities within one run (one block shape, and a block product that
-does not depend on the operands' order), so exact ties stay exact. Against another implementation, results
-can differ where two similarities lie within float32 rounding of each other: matrix-product rounding depends
-on the block shapes.
+does not depend on the operands' order), so exact ties stay exact. Between the two paths, or against another
+implementation, results can differ where two similarities lie within float32 rounding of each other:
+matrix-product rounding depends on the block shapes.
 """
 from __future__ import annotations
 
@@ -58,6 +62,10 @@ _GROUP = 128
 _MAX_COUNTED_POSITIVES = 16
 # Rows of similarities whose top items the host sorts at once; bounds the host copies.
 _HOST_ROWS = 128
+# The pessimistic key of the query itself and of padding, ranked last.
+_LAST_KEY = 2**32 - 1
+# Rows normalised at once (`_l2_normalised`).
+_NORMALISED_ROWS = 2048
 
 
 class _Level(NamedTuple):
@@ -95,6 +103,7 @@ def retrieval_metrics(
     chunk_size: int = 1024,
     seed: int = 0,
     rank_on_device: Optional[bool] = None,
+    top_k_recall_target: Optional[float] = None,
 ) -> Dict[str, float]:
     """Recall@K, P@1, R-Precision, MAP@R (and NMI) of cosine nearest-neighbour retrieval.
 
@@ -117,32 +126,45 @@ def retrieval_metrics(
       nmi: also cluster the (gallery) embeddings with k-means (hpl_jax.kmeans, on the device), k = number of
         classes, and report the NMI of the clusters against the labels.
       chunk_size: side of the similarity blocks (rounded up to a multiple of 128); with super_labels, classes
-        of more than 17 items or query_embeddings, queries searched at once against the whole gallery.
+        of more than 17 items, query_embeddings or on the device, queries searched at once against the whole
+        gallery.
       seed: k-means seed.
-      rank_on_device: where levels with large R (super-classes) are ranked: on the default device (a sort of each
-        chunk's keys; nothing but three numbers per query comes back to the host), or on the host (np.partition of
-        rows copied back, u32[chunk_size, gallery] per chunk). The same counts either way; the float means agree to
+      rank_on_device: True: every level is scored on the default device in one program (`sharded_retrieval_metrics`
+        on that one device: query chunks against the whole gallery, classes counted, levels with large R ranked by
+        a top-k), and only per-chunk sums come back to the host. False: the classes of self-retrieval counted in
+        symmetric blocks (half the matrix products), levels with large R ranked on the host (np.partition of rows
+        copied back, u32[chunk_size, gallery] per chunk). The same counts either way; the float means agree to
         float32 rounding. None: on the device unless it is a CPU.
+      top_k_recall_target: None: the device's top-k is exact (jax.lax.top_k). A float in (0, 1]: levels with large
+        R are ranked from jax.lax.approx_max_k with this recall target instead, approximate on TPUs only (XLA's CPU
+        and GPU fall back to the exact top-k); counted levels stay exact. Needs the device path (rank_on_device
+        not False); the returned metrics then carry it as `top_k_recall_target`.
 
     Returns:
       `recall@K` for each K in recall_at, `precision@1`, `r_precision`, `map@r` (floats in [0, 1], means over
       the queries with R >= 1), `num_queries` (all queries) and `num_queries_without_positive` (queries with
-      R = 0, left out of every mean), the same under `super/` when super_labels is given, and `nmi` when nmi
-      is True.
+      R = 0, left out of every mean), the same under `super/` when super_labels is given, `nmi` when nmi
+      is True, and `top_k_recall_target` when given.
     """
+    if rank_on_device is None:
+        rank_on_device = jax.devices()[0].platform != "cpu"
+    recall_target = _checked_recall_target(top_k_recall_target, bool(rank_on_device))
     gallery, gallery_labels, queries, levels, recall_at = _prepared(
         embeddings, labels, query_embeddings, query_labels, recall_at, super_labels, chunk_size)
     self_retrieval = query_embeddings is None
-    if self_retrieval and len(levels) == 1 and levels[0].num_positives.max() <= _MAX_COUNTED_POSITIVES:
-        per_level = [_symmetric_block_scores(gallery, levels[0], int(chunk_size))]
+    if rank_on_device:
+        mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("queries",))
+        metrics = _metrics_on_mesh(queries, gallery, levels, self_retrieval, recall_at, int(chunk_size), mesh,
+                                   recall_target)
     else:
-        if rank_on_device is None:
-            rank_on_device = jax.devices()[0].platform != "cpu"
-        per_level = _query_chunk_scores(queries, gallery, levels, self_retrieval, int(chunk_size),
-                                        max(recall_at), bool(rank_on_device))
-    metrics: Dict[str, float] = {}
-    for level, scores in zip(levels, per_level):
-        metrics.update(_mean_scores(*scores, recall_at, level.prefix))
+        if self_retrieval and len(levels) == 1 and levels[0].num_positives.max() <= _MAX_COUNTED_POSITIVES:
+            per_level = [_symmetric_block_scores(gallery, levels[0], int(chunk_size))]
+        else:
+            per_level = _query_chunk_scores(queries, gallery, levels, self_retrieval, int(chunk_size),
+                                            max(recall_at))
+        metrics = {}
+        for level, scores in zip(levels, per_level):
+            metrics.update(_mean_scores(*scores, recall_at, level.prefix))
     if nmi:
         metrics["nmi"] = _kmeans_nmi(gallery, gallery_labels, seed)
     return metrics
@@ -160,6 +182,7 @@ def sharded_retrieval_metrics(
     nmi: bool = True,
     chunk_size: int = 1024,
     seed: int = 0,
+    top_k_recall_target: Optional[float] = None,
 ) -> Dict[str, float]:
     """`retrieval_metrics` with the queries split across every device of `mesh` (of every process): each device
     searches its share of the queries, chunk by chunk, against the whole gallery and sums its queries' scores;
@@ -178,13 +201,25 @@ def sharded_retrieval_metrics(
     Returns:
       What `retrieval_metrics` returns.
     """
+    recall_target = _checked_recall_target(top_k_recall_target, True)
     gallery, gallery_labels, queries, levels, recall_at = _prepared(
         embeddings, labels, query_embeddings, query_labels, recall_at, super_labels, chunk_size)
-    self_retrieval = query_embeddings is None
+    metrics = _metrics_on_mesh(queries, gallery, levels, query_embeddings is None, recall_at, int(chunk_size), mesh,
+                               recall_target)
+    if nmi:
+        metrics["nmi"] = _kmeans_nmi(gallery, gallery_labels, seed)
+    return metrics
+
+
+def _metrics_on_mesh(queries: np.ndarray, gallery: np.ndarray, levels: Sequence[_Level], self_retrieval: bool,
+                     recall_at: Tuple[int, ...], chunk_size: int, mesh: jax.sharding.Mesh,
+                     recall_target: Optional[float]) -> Dict[str, float]:
+    """Every level's metrics (and `top_k_recall_target` when given) from `_sharded_scorer`: the queries split over
+    the mesh's devices, searched in chunks of chunk_size against the whole gallery; only the sums come back."""
     num_queries, num_gallery = len(queries), len(gallery)
     # Queries padded (zero vectors without positives, left out of every sum) to whole chunks on every device.
     per_device = -(-num_queries // mesh.size)
-    chunk = min(int(chunk_size), per_device)
+    chunk = min(chunk_size, per_device)
     per_device = chunk * -(-per_device // chunk)
     padding = mesh.size * per_device - num_queries
     gallery_padding = -num_gallery % _GROUP
@@ -197,7 +232,7 @@ def sharded_retrieval_metrics(
                           for level in ranked)
     hit_at = tuple(sorted(set(recall_at) | {1}))
     scores = _sharded_scorer(mesh, chunk=chunk, counted=counted, gallery_padding=gallery_padding,
-                             ranked_depths=ranked_depths, hit_at=hit_at)
+                             ranked_depths=ranked_depths, hit_at=hit_at, recall_target=recall_target)
 
     axis = jax.sharding.PartitionSpec(mesh.axis_names[0])
 
@@ -220,9 +255,22 @@ def sharded_retrieval_metrics(
     metrics: Dict[str, float] = {}
     for level, level_hits, level_sums in zip(levels, hits, sums):
         metrics.update(_means_of_sums(level_hits, level_sums, level, hit_at, recall_at))
-    if nmi:
-        metrics["nmi"] = _kmeans_nmi(gallery, gallery_labels, seed)
+    if recall_target is not None:
+        metrics["top_k_recall_target"] = recall_target
     return metrics
+
+
+def _checked_recall_target(top_k_recall_target, on_device: bool) -> Optional[float]:
+    if top_k_recall_target is None:
+        return None
+    if (not isinstance(top_k_recall_target, (int, float, np.floating)) or isinstance(top_k_recall_target, bool)
+            or not 0 < top_k_recall_target <= 1):
+        raise ValueError(f"top_k_recall_target must be None (exact top-k) or a number in (0, 1], got "
+                         f"{top_k_recall_target!r}.")
+    if not on_device:
+        raise ValueError("top_k_recall_target applies to the device's top-k, but rank_on_device is False (the host "
+                         "ranks exactly); leave rank_on_device unset or True, or drop top_k_recall_target.")
+    return float(top_k_recall_target)
 
 
 def _prepared(embeddings, labels, query_embeddings, query_labels, recall_at, super_labels, chunk_size):
@@ -286,13 +334,18 @@ def _checked_recall_at(recall_at: Sequence[int]) -> Tuple[int, ...]:
 
 def _l2_normalised(embeddings: np.ndarray, name: str) -> np.ndarray:
     """f32[items, dim] rows scaled to unit norm (in float64, so equal rows stay exactly equal)."""
-    embeddings = embeddings.astype(np.float64)
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    if np.any(norms == 0):
-        row = int(np.flatnonzero(norms[:, 0] == 0)[0])
-        raise ValueError(f"{name} row {row} is all zeros, so its cosine similarity is undefined; drop that "
-                         "item or check the model's outputs.")
-    return (embeddings / norms).astype(np.float32)
+    unit = np.empty(embeddings.shape, np.float32)
+    # A few thousand rows at a time: the float64 copy stays in cache (the whole array at once took 2-3 times as
+    # long at SOP's size); every row is computed as before, so the result is bitwise the same.
+    for start in range(0, len(embeddings), _NORMALISED_ROWS):
+        rows = embeddings[start:start + _NORMALISED_ROWS].astype(np.float64)
+        norms = np.linalg.norm(rows, axis=1, keepdims=True)
+        if np.any(norms == 0):
+            row = start + int(np.flatnonzero(norms[:, 0] == 0)[0])
+            raise ValueError(f"{name} row {row} is all zeros, so its cosine similarity is undefined; drop that "
+                             "item or check the model's outputs.")
+        unit[start:start + _NORMALISED_ROWS] = rows / norms
+    return unit
 
 
 def _super_classes(super_labels, queries_labels: np.ndarray, gallery_labels: np.ndarray):
@@ -455,7 +508,7 @@ def _query_chunk(queries, gallery, positive_indices, positive_valid, self_indice
     counts = _counts_at_least(similarities, thresholds, axis=1)
     is_self = jnp.arange(gallery.shape[0])[None, :] == self_indices[:, None]
     keys = tuple(
-        jnp.where(is_self | (gallery_classes[None, :] < 0), jnp.uint32(2**32 - 1),
+        jnp.where(is_self | (gallery_classes[None, :] < 0), jnp.uint32(_LAST_KEY),
                   _pessimistic_keys(similarities, query_classes[:, None] == gallery_classes[None, :]))
         for query_classes, gallery_classes in zip(ranked_query_classes, ranked_gallery_classes))
     return thresholds, self_similarities, counts, keys
@@ -473,6 +526,26 @@ def _pessimistic_keys(similarities: jax.Array, positive: jax.Array) -> jax.Array
     bits = jnp.where(similarities == 0, jnp.uint32(0), bits)  # -0.0 and 0.0 are equal similarities
     order = (bits & jnp.uint32(2**30 - 1)) ^ (jnp.uint32(2**30 - 1) + (bits >> 31))
     return (order << 1) | positive.astype(jnp.uint32)
+
+
+def _descending_scores(keys: jax.Array) -> jax.Array:
+    """f32[rows, columns] whose descending order is the ascending order of the pessimistic keys u32[rows, columns],
+    one score per key (`_keys_of_scores` inverts it); the query itself and padding get -inf.
+
+    XLA selects the top-k of float32 in a partial sort (CPU) or a select-k kernel (GPU, small k), of integers only by
+    a full sort. Reversing a key (x ^ 0x7FFFFFFF of keys below 2^31; keys from 2^31, negative similarities, keep
+    their bits) and reading it as a sign-magnitude float32 keeps every order; it is finite for similarities
+    within (-1.5, 1.5).
+    """
+    reversed_keys = jnp.where(keys < jnp.uint32(2**31), keys ^ jnp.uint32(2**31 - 1), keys)
+    scores = jax.lax.bitcast_convert_type(reversed_keys, jnp.float32)
+    return jnp.where(keys == jnp.uint32(_LAST_KEY), -jnp.inf, scores)
+
+
+def _keys_of_scores(scores: jax.Array) -> jax.Array:
+    """u32 pessimistic keys of `_descending_scores` (of real items: no -inf)."""
+    bits = jax.lax.bitcast_convert_type(scores, jnp.uint32)
+    return jnp.where(bits < jnp.uint32(2**31), bits ^ jnp.uint32(2**31 - 1), bits)
 
 
 def _negatives_at_least(counts: np.ndarray, thresholds: np.ndarray, valid: np.ndarray,
@@ -560,13 +633,13 @@ def _symmetric_block_scores(unit: np.ndarray, level: _Level, chunk_size: int):
 
 
 def _query_chunk_scores(queries: np.ndarray, gallery: np.ndarray, levels: Sequence[_Level],
-                        self_retrieval: bool, chunk_size: int, max_recall_at: int, rank_on_device: bool = False):
+                        self_retrieval: bool, chunk_size: int, max_recall_at: int):
     """Per level: (R, negatives above the best positive, R-Precision, AP@R), each per query, from chunks of
     queries searched against the whole gallery (query mode, or self-retrieval with a level ranked by sorting).
 
-    The class level is counted on the device when its R allows, every other level ranked from the chunk's
-    similarities, on the device (`_ranked_chunk`) or on the host (`_ranked_scores`). Chunks are padded to
-    chunk_size and the gallery to a multiple of 128 with zero vectors, so the device steps compile once.
+    The class level is counted on the device when its R allows, every other level ranked on the host
+    (`_ranked_scores`) from the chunk's keys copied back. Chunks are padded to chunk_size and the gallery to a
+    multiple of 128 with zero vectors, so the device step compiles once.
     """
     num_queries, num_gallery = len(queries), len(gallery)
     chunk_size = min(chunk_size, num_queries)
@@ -577,9 +650,6 @@ def _query_chunk_scores(queries: np.ndarray, gallery: np.ndarray, levels: Sequen
     num_slots = _num_slots(levels[0].num_positives.max()) if counted else 0
     ranked_gallery_classes = tuple(jax.device_put(np.pad(level.gallery_classes, (0, num_padding),
                                                          constant_values=-1).astype(np.int32)) for level in ranked)
-    # The ranks each level's metrics read: the first max(R, largest K) (`_ranked_scores`), for every chunk alike.
-    ranked_depths = tuple(min(max(int(level.num_positives.max()), max_recall_at), num_gallery - int(self_retrieval))
-                          for level in ranked)
 
     def dispatch(query_ids):
         """Starts the device step of a chunk (asynchronously) and returns what scoring it needs."""
@@ -595,11 +665,6 @@ def _query_chunk_scores(queries: np.ndarray, gallery: np.ndarray, levels: Sequen
             tuple(np.pad(level.query_classes[query_ids], (0, padding)).astype(np.int32) for level in ranked),
             ranked_gallery_classes,
         )
-        if rank_on_device:
-            thresholds, self_similarities, counts, keys = outputs
-            keys = tuple(_ranked_chunk(level_keys, np.pad(level.num_positives[query_ids], (0, padding)).astype(
-                np.int32), num_ranked=num_ranked) for level, level_keys, num_ranked in zip(ranked, keys, ranked_depths))
-            outputs = thresholds, self_similarities, counts, keys
         return query_ids, valid, outputs
 
     def scores_of(query_ids, valid, outputs):
@@ -610,12 +675,8 @@ def _query_chunk_scores(queries: np.ndarray, gallery: np.ndarray, levels: Sequen
             negatives_above = _negatives_at_least(np.asarray(counts)[:rows], np.asarray(thresholds).T[:rows], valid,
                                                   np.asarray(self_similarities)[:rows], num_padding)
             scores.append(_scores_from_counts(negatives_above, valid))
-        if rank_on_device:
-            scores += [(level.num_positives[query_ids], *(np.asarray(x)[:rows] for x in level_scores))
-                       for level, level_scores in zip(ranked, keys)]
-        else:
-            scores += [_ranked_scores(np.asarray(level_keys)[:rows], level.num_positives[query_ids], max_recall_at,
-                                      num_gallery - int(self_retrieval)) for level, level_keys in zip(ranked, keys)]
+        scores += [_ranked_scores(np.asarray(level_keys)[:rows], level.num_positives[query_ids], max_recall_at,
+                                  num_gallery - int(self_retrieval)) for level, level_keys in zip(ranked, keys)]
         return scores
 
     chunks = [[] for _ in levels]
@@ -630,16 +691,21 @@ def _query_chunk_scores(queries: np.ndarray, gallery: np.ndarray, levels: Sequen
     return [tuple(np.concatenate(parts) for parts in zip(*chunk)) for chunk in chunks]
 
 
-@functools.partial(jax.jit, static_argnames=("num_ranked",))
-def _ranked_chunk(keys: jax.Array, r: jax.Array, *, num_ranked: int):
+def _ranked_chunk(keys: jax.Array, r: jax.Array, *, num_ranked: int, recall_target: Optional[float] = None):
     """`_ranked_scores` on the device: (negatives above the best positive i32[rows], R-Precision f32[rows],
     AP@R f32[rows]) from pessimistic keys u32[rows, columns] of full rows and R i32[rows].
 
-    Each row's first `num_ranked` ranks (>= max(R, largest K) of every row) are its smallest keys, sorted; the
-    counts are exact, as on the host, and the means are float32 sums. The count above the best positive is
+    Each row's first `num_ranked` ranks (>= max(R, largest K) of every row) are its smallest keys, sorted: a top-k
+    of their `_descending_scores` (jax.lax.top_k; jax.lax.approx_max_k with recall_target). With the exact top-k
+    the counts are exact, as on the host, and the means are float32 sums. The count above the best positive is
     num_ranked when none is ranked, which decides every Recall@K alike.
     """
-    top = jnp.sort(keys, axis=1)[:, :num_ranked]
+    scores = _descending_scores(keys)
+    if recall_target is None:
+        top_scores = jax.lax.top_k(scores, num_ranked)[0]
+    else:
+        top_scores = jax.lax.approx_max_k(scores, num_ranked, recall_target=recall_target)[0]
+    top = _keys_of_scores(top_scores)
     positive = (top & jnp.uint32(1)).astype(bool)
     rank = jnp.arange(1, num_ranked + 1)
     counted = positive & (rank[None, :] <= r[:, None])
@@ -742,8 +808,9 @@ def _chunk_sums(r, above_best, r_precision, average_precision, hit_at: Tuple[int
 
 @functools.lru_cache(maxsize=None)
 def _sharded_scorer(mesh: jax.sharding.Mesh, *, chunk: int, counted: bool, gallery_padding: int,
-                    ranked_depths: Tuple[int, ...], hit_at: Tuple[int, ...]):
-    """The device program of `sharded_retrieval_metrics`, compiled once per mesh and shape (hence the cache).
+                    ranked_depths: Tuple[int, ...], hit_at: Tuple[int, ...], recall_target: Optional[float]):
+    """The device program of `sharded_retrieval_metrics` (and of `retrieval_metrics` on the device, over a mesh of
+    that one device), compiled once per mesh and shape (hence the cache).
 
     Takes, split over the mesh's devices: unit queries f32[queries, dim], positive_indices i32[queries, slots] and
     positive_valid bool[queries, slots] of the class level (no slots when it is ranked), self_indices i32[queries]
@@ -764,8 +831,8 @@ def _sharded_scorer(mesh: jax.sharding.Mesh, *, chunk: int, counted: bool, galle
                 per_level.append(_chunk_sums(*_counted_scores(counts, thresholds.T, valid, self_similarities,
                                                               gallery_padding), hit_at))
             for level_keys, level_r, depth in zip(keys, r, ranked_depths):
-                per_level.append(_chunk_sums(level_r, *_ranked_chunk(level_keys, level_r, num_ranked=depth),
-                                             hit_at))
+                per_level.append(_chunk_sums(level_r, *_ranked_chunk(level_keys, level_r, num_ranked=depth,
+                                                                     recall_target=recall_target), hit_at))
             return jnp.stack([hits for hits, _ in per_level]), jnp.stack([sums for _, sums in per_level])
 
         # Chunk by chunk (lax.map: one chunk's similarities in memory at a time).

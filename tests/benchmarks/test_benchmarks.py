@@ -4,18 +4,26 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_epoch_boundary_times_every_piece_of_a_tiny_sop_boundary():
-    # SOP's config with a tiny model and planted data of a few classes: every piece runs as at SOP scale.
+@pytest.mark.parametrize("rank_on_device", ["false", "true"])
+def test_epoch_boundary_times_every_piece_of_a_tiny_sop_boundary(rank_on_device):
+    # SOP's config with a tiny model and planted data of a few classes: every piece runs as at SOP scale, on the
+    # host path of the metrics (a CPU's default) and on their one device program (an accelerator's).
     command = [sys.executable, "-m", "hpl_jax.benchmarks.epoch_boundary", "--config=configs/sop.py",
                "--config.model.backbone=resnet18", "--config.model.width=0.125", "--config.model.embedding_dim=16",
                "--config.dataset.image_size=16", "--config.dataset.resize_size=18", "--config.hpl.num_coarse=(4,)",
                "--config.eval.batch_size=16", "--num_train_classes=24", "--num_test_images=120",
-               "--num_test_classes=30", "--eval_batches=2"]
+               "--num_test_classes=30", "--eval_batches=2", f"--rank_on_device={rank_on_device}"]
     result = subprocess.run(command, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    device_s = {name.split(" (")[0]: float(seconds) for name, seconds in re.findall(
+        r"^\| ([^|*]+?) \| -?[0-9.]+ \| ([0-9.]+)", result.stdout, flags=re.M)}
+    if rank_on_device == "true":  # the device program's seconds are the device's, not the host's
+        assert device_s["metrics"] > 0 and device_s["super metrics"] > 0, result.stdout
     rows = dict(re.findall(r"^\| ([^|*]+?) \| (-?[0-9.]+) \| ", result.stdout, flags=re.M))
     names = [name.split(" (")[0] for name in rows]
     assert names == ["refresh", "embed-transfer", "metrics", "super metrics", "NMI", "checkpoint save", "logging",
@@ -24,3 +32,17 @@ def test_epoch_boundary_times_every_piece_of_a_tiny_sop_boundary():
     total = float(re.search(r"^\| \*\*epoch boundary\*\* \| \*\*([0-9.]+)\*\*", result.stdout, flags=re.M)[1])
     pieces = [float(seconds) for name, seconds in rows.items() if not name.startswith("epoch boundary")]
     assert abs(total - sum(pieces)) < 0.01 * len(pieces)
+
+
+def test_retrieval_benchmark_times_the_device_path_and_measures_approx_recall():
+    # A tiny planted set on the device program with approx_max_k: the metrics, the timings and the recall line.
+    command = [sys.executable, "-m", "hpl_jax.benchmarks.retrieval", "--num_items=600", "--num_classes=120",
+               "--dim=16", "--repeats=1", "--rank_on_device=true", "--top_k_recall_target=0.9"]
+    result = subprocess.run(command, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"^super metrics: .*super/map@r [0-9.]+, .*top_k_recall_target 0.9000$", result.stdout,
+                     flags=re.M), result.stdout
+    assert re.search(r"^  retrieval_metrics \+ super +[0-9.]+ ", result.stdout, flags=re.M), result.stdout
+    # XLA's CPU falls back to the exact top-k.
+    assert re.search(r"^approx_max_k \(recall target 0.9\) against lax.top_k at k = 600 on the first 600 items: "
+                     r"recall 1.0000$", result.stdout, flags=re.M), result.stdout

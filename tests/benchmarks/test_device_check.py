@@ -45,16 +45,34 @@ def test_dry_run_runs_every_stage_and_writes_both_files(tmp_path):
     assert results["stages"]["train_sop_jax"]["proxies"] == (
         f"{device_check.DRY.sop_classes} + {device_check.DRY.sop_coarse}")
     assert results["stages"]["loss_sop"]["hpl"] > 0
-    retrieval = results["stages"]["retrieval_sop"]
-    if _torch_importable():
-        # Both exact searches find the same nearest neighbour's class for every query.
-        assert retrieval["retrieval_metrics_recall@1"] == pytest.approx(retrieval["torch_knn_recall@1"], abs=1e-6)
+    assert_retrieval_stage(results["stages"]["retrieval_sop"])
     assert results["stages"]["kmeans_sop"]["refresh_shape"] == (
         f"{device_check.DRY.sop_classes} into {device_check.DRY.sop_coarse}")
     table = results["stages"]["default_end_to_end"]["final_table"]
     assert table[0].split()[0] == "metric" and any(line.startswith("recall@1") for line in table)
     page = (out / "device_check.md").read_text()
     assert "| train_cub (batch 8, proxies 10 + 2) |" in page and "## default_end_to_end" in page
+
+
+def assert_retrieval_stage(retrieval):
+    """Every path of the retrieval stage ran twice; all find the same nearest neighbours' classes."""
+    for name in ("host_preparation", "device", "host_path", "device_super", "device_super_approx", "jax_knn"):
+        assert len(retrieval[f"{name}_s"]) == 2, name
+    recall = retrieval["device_recall@1"]
+    assert 0 < recall == retrieval["host_path_recall@1"] == retrieval["device_super_recall@1"]
+    assert recall == pytest.approx(retrieval["jax_knn_recall@1"], abs=1e-4)
+    assert retrieval["device_vs_host_path_largest_difference"] < 1e-6
+    # On a CPU XLA's approx_max_k is the exact top-k: recall 1, the same metrics.
+    assert retrieval["device_super_approx_equals_exact"] and retrieval["approx_max_k_recall"] == 1.0
+    if _torch_importable():
+        assert recall == pytest.approx(retrieval["torch_knn_recall@1"], abs=1e-4)
+        assert retrieval["ratio_device_over_torch_knn"] > 0
+    else:
+        assert "No module named 'torch'" in retrieval["torch_knn"]
+
+
+def test_retrieval_stage_dry_run_times_every_path():
+    assert_retrieval_stage(device_check.retrieval(device_check.DRY))
 
 
 def test_markdown_reports_a_failed_stage_and_a_missing_peer():

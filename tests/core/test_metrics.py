@@ -298,6 +298,45 @@ def test_ranking_on_the_device_equals_ranking_on_the_host(self_retrieval):
                 assert on[True][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key  # float32 sums
 
 
+def test_descending_scores_keep_the_pessimistic_order_and_invert():
+    # Ties (every similarity twice, once per kind), both zeros, +-1 and just past it, the smallest subnormals, the
+    # float range the scores stay finite in: descending scores order exactly as ascending keys, equal iff equal.
+    rng = np.random.default_rng(13)
+    similarities = np.concatenate([rng.uniform(-1, 1, 2000), np.arange(-64, 65) / 64, [
+        0.0, -0.0, 1.0000001, -1.0000001, 1.49, -1.49, 1e-30, -1e-30, 1e-45, -1e-45]]).astype(np.float32)
+    similarities = np.repeat(similarities, 2)
+    positive = np.tile([True, False], len(similarities) // 2)
+    keys = np.append(np.asarray(metrics._pessimistic_keys(similarities, positive)), np.uint32(metrics._LAST_KEY))
+    scores = np.asarray(metrics._descending_scores(keys))
+    assert np.all(np.isfinite(scores[:-1])) and scores[-1] == -np.inf
+    order = np.argsort(keys, kind="stable")
+    key_steps = np.diff(keys[order].astype(np.int64))
+    score_steps = np.diff(scores[order].astype(np.float64))
+    np.testing.assert_array_equal(key_steps > 0, score_steps < 0)
+    np.testing.assert_array_equal(key_steps == 0, score_steps == 0)
+    np.testing.assert_array_equal(np.asarray(metrics._keys_of_scores(scores[:-1])), keys[:-1])
+
+
+@pytest.mark.parametrize("recall_target", [None, 0.9])
+def test_device_top_k_ranks_as_the_host(recall_target):
+    # Sign vectors (17 similarity values: ties everywhere), each query itself and 5 padding columns given the last
+    # key, classes of ~8 and ~50 items: the top-k of the scores reads the same first ranks as np.partition.
+    rng = np.random.default_rng(14)
+    vectors, labels = random_signs(rng, 120, 16) / 4, random_labels(rng, 120, 3)
+    for labels in (labels, random_labels(rng, 120, 15)):
+        similarities = (vectors @ vectors.T).astype(np.float32)
+        keys = np.array(metrics._pessimistic_keys(similarities, labels[:, None] == labels[None, :]))
+        np.fill_diagonal(keys, metrics._LAST_KEY)
+        keys = np.pad(keys, ((0, 0), (0, 5)), constant_values=metrics._LAST_KEY)
+        r = np.bincount(labels)[labels] - 1
+        num_ranked = min(max(int(r.max()), 8), 119)
+        device = metrics._ranked_chunk(keys, r.astype(np.int32), num_ranked=num_ranked, recall_target=recall_target)
+        _, above_best, r_precision, average_precision = metrics._ranked_scores(keys, r, 8, 119)
+        np.testing.assert_array_equal(np.asarray(device[0]), above_best)
+        np.testing.assert_allclose(np.asarray(device[1]), r_precision, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(device[2]), average_precision, rtol=1e-6)
+
+
 def sharded_cases(seed):
     """(name, gallery, gallery labels, extra arguments) of the sharded-vs-single-device comparisons: sign vectors
     (many exact ties) with small classes (counted) and with super-classes, query mode, classes of ~37 (the class
@@ -341,6 +380,56 @@ def test_sharded_metrics_equal_the_single_device_metrics(num_devices):
             sharded = sharded_retrieval_metrics(gallery, labels, mesh=mesh, recall_at=(1, 2, 4, 100), nmi=False,
                                                 chunk_size=chunk_size, **options)
             assert_sharded_equals_single(sharded, single, (name, chunk_size))
+
+
+def test_device_path_equals_host_path_and_brute_force():
+    # Every path of the device program against the host path (symmetric blocks, host ranking): exact ties, padding
+    # (no case's gallery is a multiple of 128, nor its query count of the chunk), self-retrieval and query mode
+    # (In-Shop: a counted class level alone), super-classes, a ranked class level; and against the brute force.
+    rng = np.random.default_rng(15)
+    gallery, labels = random_signs(rng, 130, 16), random_labels(rng, 130, 30)
+    queries, query_labels = random_signs(rng, 71, 16), random_labels(rng, 71, 30)
+    cases = sharded_cases(16) + [("query mode", gallery, labels, {"query_embeddings": queries,
+                                                                  "query_labels": query_labels})]
+    for name, gallery, labels, options in cases:
+        for chunk_size in (32, 1024):
+            on = {device: retrieval_metrics(gallery, labels, recall_at=(1, 2, 4, 100), nmi=False,
+                                            chunk_size=chunk_size, rank_on_device=device, **options)
+                  for device in (True, False)}
+            assert_sharded_equals_single(on[True], on[False], (name, chunk_size))
+        if name == "large classes, query mode":
+            continue  # its queries (signs + 0.1) tie within float32 rounding, which float64 decides otherwise
+        self_retrieval = "query_embeddings" not in options
+        expected = brute_force_metrics(options.get("query_embeddings", gallery), options.get("query_labels", labels),
+                                       gallery, labels, (1, 2, 4, 100), self_retrieval)
+        for key, value in expected.items():
+            assert on[True][key] == pytest.approx(value, rel=1e-6, abs=1e-7), (name, key)
+        if "super_labels" in options:
+            super_labels = options["super_labels"]
+            expected = brute_force_metrics(options.get("query_embeddings", gallery),
+                                           super_labels[options.get("query_labels", labels)], gallery,
+                                           super_labels[labels], (1, 2, 4, 100), self_retrieval)
+            for key, value in expected.items():
+                assert on[True][f"super/{key}"] == pytest.approx(value, rel=1e-6, abs=1e-7), (name, key)
+
+
+def test_approximate_top_k_is_reported_and_checked():
+    # On a CPU XLA's approx_max_k falls back to the exact top-k: the same metrics, marked as asked for.
+    rng = np.random.default_rng(17)
+    gallery, labels = random_signs(rng, 150, 16), random_labels(rng, 150, 30)
+    options = {"super_labels": rng.integers(0, 4, size=30), "recall_at": (1, 4, 16), "nmi": False}
+    exact = retrieval_metrics(gallery, labels, rank_on_device=True, **options)
+    approximate = retrieval_metrics(gallery, labels, rank_on_device=True, top_k_recall_target=0.9, **options)
+    assert approximate.pop("top_k_recall_target") == 0.9 and approximate == exact
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("batch",))
+    sharded = sharded_retrieval_metrics(gallery, labels, mesh=mesh, top_k_recall_target=0.9, **options)
+    assert sharded.pop("top_k_recall_target") == 0.9
+    assert_sharded_equals_single(sharded, exact, "approximate, sharded")
+    for bad in (0, 1.5, True, "0.9"):
+        with pytest.raises(ValueError, match="top_k_recall_target must be"):
+            retrieval_metrics(gallery, labels, rank_on_device=True, top_k_recall_target=bad, **options)
+    with pytest.raises(ValueError, match="rank_on_device is False"):
+        retrieval_metrics(gallery, labels, rank_on_device=False, top_k_recall_target=0.9, **options)
 
 
 @pytest.mark.slow
