@@ -39,6 +39,10 @@ SEED_KEYS = ("seed", "dataset.seed")
 # with a compilation cache, say).
 HOW_IT_RAN = ("compilation_cache_dir", "log_every_steps", "checkpoint.keep", "checkpoint.every_steps",
               "dataset.data_dir", "dataset.manual_dir", "model.conv_impl")
+# Fields added after runs were recorded, each with the value a run that predates it ran under (what the code did
+# before the field existed): a config.json without the field reads as having that value, so a sweep resumed across
+# the change stays one setting per grid point.
+ADDED_FIELDS = {"dataset.cache_decoded": False, "dataset.cache_shorter_side": 288, "dataset.cache_max_gb": 32.0}
 # Names of docs/method.md for the swept components that Figure 5 plots.
 AXIS_NAMES = {"hpl.weights[1]": "w_1 (weight of level 1)", "hpl.num_coarse[0]": "K_1 (coarse proxies of level 1)"}
 DPI = 80
@@ -99,7 +103,7 @@ def read_run(workdir: str) -> Optional[RunResult]:
     """The run in `workdir`, or None when it has no config.json or metrics.json (not a run, or not started)."""
     try:
         with open(os.path.join(workdir, "config.json")) as f:
-            config = flatten(json.load(f))
+            config = {**ADDED_FIELDS, **flatten(json.load(f))}
         with open(os.path.join(workdir, "metrics.json")) as f:
             metrics_file = json.load(f)
     except FileNotFoundError:

@@ -176,3 +176,21 @@ def test_fields_that_say_how_a_run_ran_do_not_split_a_setting(w1_sweep):
     with open(path, "w") as f:
         json.dump(config, f)
     assert report.report(w1_sweep, ["map@r"])["keys"] == ["hpl.weights", "optim.lr"]
+
+
+def test_a_run_that_predates_a_field_reads_as_having_the_value_it_ran_under(w1_sweep):
+    # Runs recorded before dataset.cache_* existed and runs after, with the values that reproduce the old input,
+    # are one setting; another value of an added field is another setting.
+    path = os.path.join(w1_sweep, "w0__seed=1", "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["dataset"] = {"cache_decoded": False, "cache_shorter_side": 288, "cache_max_gb": 32.0}
+    with open(path, "w") as f:
+        json.dump(config, f)
+    written = report.report(w1_sweep, ["map@r"])
+    assert written["keys"] == ["hpl.weights"]
+    assert [len(s.runs) for s in written["settings"]] == [3, 3, 2]
+    config["dataset"]["cache_decoded"] = True
+    with open(path, "w") as f:
+        json.dump(config, f)
+    assert report.report(w1_sweep, ["map@r"])["keys"] == ["hpl.weights", "dataset.cache_decoded"]
