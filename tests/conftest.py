@@ -1,8 +1,24 @@
-"""Test session setup: two simulated CPU devices, set before JAX is imported anywhere."""
+"""Test session setup, done before JAX is imported anywhere: two simulated CPU devices, and one persistent
+compilation cache shared by every test process of the session (the xdist workers and the subprocess runs they
+start inherit this environment), so a program that several tests compile alike is compiled once."""
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# The controller makes the directory before xdist starts its workers; they find it in their environment.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="hpl_jax_tests_compile_cache_")
+# Every program is kept, however fast it compiled (the default keeps those of >= 1 s).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE and not hasattr(config, "workerinput"):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
