@@ -116,8 +116,8 @@ def stop_on_error(error: BaseException, line: Optional[str]) -> None:
     can fix, is printed as it is; any other error (ours to fix) is printed with its traceback. Either is quoted in
     the line every other process prints."""
     first = (str(error).strip().splitlines() or [""])[0]
-    logging.warning("%s: %s; asking the other processes whether they are alive before reporting it.",
-                    type(error).__name__, first)
+    _watch.warn_unless_stopping("%s: %s; asking the other processes whether they are alive before reporting it.",
+                                type(error).__name__, first)
     _watch.wait_for_the_others()
     if line is not None:
         _watch.stop(f"process {_watch.process_id} stopped {_watch.when()} on its own error "
@@ -225,6 +225,8 @@ class Watch:
         self._heard: Dict[int, Tuple[Optional[str], float]] = {p: (None, now) for p in self._peers}
         self._silent = set()
         self._stopping = threading.Lock()
+        # Held by `stop` from its line to the exit, so that no other thread prints after the line.
+        self._output = threading.Lock()
         self._finished = threading.Event()
         self._threads = [threading.Thread(target=self._beat, name="hpl_jax heartbeat", daemon=True),
                          threading.Thread(target=self._guard, name="hpl_jax coordinator guard", daemon=True)]
@@ -349,6 +351,7 @@ class Watch:
             # Another thread of this process is stopping it: wait for it.
             threading.Event().wait()
         self._finished.set()
+        self._output.acquire()
         if announce:
             try:
                 # The first process to stop names the cause for all; a later announcement is refused.
@@ -368,6 +371,17 @@ class Watch:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)  # pylint: disable=protected-access  (no shutdown barrier: the others are gone or going)
+
+    def warn_unless_stopping(self, message: str, *args) -> None:
+        """Logs a warning, unless another thread is already stopping this process: its line must stay the last one
+        printed (the collective a peer's death broke can fail after the watch has named the death), so the calling
+        thread then waits for the exit instead."""
+        if not self._output.acquire(blocking=False):
+            threading.Event().wait()
+        try:
+            logging.warning(message, *args)
+        finally:
+            self._output.release()
 
     def _announced(self) -> Optional[str]:
         try:

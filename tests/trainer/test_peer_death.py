@@ -123,6 +123,19 @@ def test_an_announced_stop_is_printed_by_a_process_with_an_error():
     assert stops == [(0, "process 1 stopped at about step 3 on its own error (...)", stops[0][2])]
 
 
+def test_nothing_is_printed_after_the_line_once_the_watch_is_stopping(caplog):
+    # Process 0's watch names a peer's death while its main thread is still inside the collective the death broke;
+    # when the collective fails later, the main thread must not print after the line (it waits for the exit).
+    watch = distributed.Watch(_KeyValueStore(), 0, 2, 60)
+    watch.warn_unless_stopping("before the stop")
+    assert "before the stop" in caplog.text
+    watch._output.acquire()  # what `stop` holds from its line to the exit
+    late = threading.Thread(target=watch.warn_unless_stopping, args=("after the line",), daemon=True)
+    late.start()
+    late.join(0.5)
+    assert late.is_alive() and "after the line" not in caplog.text
+
+
 @pytest.mark.parametrize("spec", ["1:train_gather", "x:train_gather@3", "1:somewhere@3", "2:eval_gather@3"])
 def test_a_fault_spec_that_names_no_place_is_refused(spec):
     with pytest.raises(ValueError, match="HPL_JAX_FAULT="):
