@@ -7,7 +7,8 @@ Writes `num_images` JPEGs of 500 x 375 pixels (CUB's usual size) as an image fol
 `--images=photos` cuts them from the two photographs scikit-learn ships (random windows, flips and brightness, so
 every file differs and compresses like a photo), `--images=synthetic` draws smooth colour fields plus noise. Then,
 for each pipeline, draws `--epochs` epochs of the config's training batches (`config.batch_size` images at
-`config.dataset.image_size`: random resized crop, flip, u8 pixels) and prints per epoch:
+`config.dataset.image_size`: random resized crop, flip, u8 pixels), then with `--rounds` above 1 one more epoch of
+each pipeline per round, in turn (a machine whose speed drifts moves every pipeline alike), and prints per epoch:
 - steady-state images/s (every batch after the epoch's first), in all and per core of this process's CPU set;
 - images per CPU-second over the whole epoch (this process's CPU time, and its DataLoader workers'), a figure a
   loaded machine disturbs less than the wall-clock rates;
@@ -17,8 +18,9 @@ for crops at least twice the output a side), `cache` (cache_decoded=True at conf
 where PyTorch is installed, `torch`: a DataLoader with one worker per core, shuffled, over the same files read as
 the official Proxy-Anchor code reads them (PIL, then torchvision's RandomResizedCrop(image_size),
 RandomHorizontalFlip, ToTensor, Normalize; where torchvision does not import beside the installed torch, the same
-PIL calls written out below). Last, the host cores one accelerator needs at the train-step speeds
-docs/benchmarks.md records (`--step_images_per_s`). Nothing is asserted; the figures are printed.
+PIL calls written out below). Last, each pipeline's ratio to torch per round (each round's last epoch) and their
+median, and the host cores one accelerator needs at the train-step speeds docs/benchmarks.md records
+(`--step_images_per_s`), at the median rate. Nothing is asserted; the figures are printed.
 """
 import math
 import os
@@ -45,7 +47,9 @@ flags.DEFINE_integer("width", 500, "Width of the JPEGs.")
 flags.DEFINE_integer("height", 375, "Height of the JPEGs.")
 flags.DEFINE_integer("quality", 90, "JPEG quality of the files written.")
 flags.DEFINE_enum("images", "photos", ["photos", "synthetic"], "Cut from real photographs, or drawn.")
-flags.DEFINE_integer("epochs", 2, "Epochs drawn per pipeline (the cache fills in epoch 0).")
+flags.DEFINE_integer("epochs", 2, "Epochs drawn per pipeline in the first round (the cache fills in epoch 0).")
+flags.DEFINE_integer("rounds", 1, "Rounds over the pipelines: each later round draws one more epoch of each, in "
+                     "turn, so every ratio compares rates taken minutes apart at most; medians over the rounds.")
 flags.DEFINE_list("pipelines", ["files", "cache", "torch"], "Which pipelines to time, in this order.")
 # One H200, ResNet-50 at 224 px, bf16, batch 120 and 360 (docs/benchmarks.md, "On a GPU").
 flags.DEFINE_list("step_images_per_s", ["6478", "7906"], "Train-step images/s of one accelerator to feed.")
@@ -204,7 +208,7 @@ def main(argv):
               f"({FLAGS.images}) of {FLAGS.width}x{FLAGS.height}, quality {FLAGS.quality}, "
               f"{num_bytes / FLAGS.num_images / 1024:.0f} KiB each; {cores} CPU cores in this process's set; "
               f"load average {os.getloadavg()[0]:.1f} at the start")
-        per_core = {}
+        epoch_functions = {}
         for pipeline in FLAGS.pipelines:
             if pipeline == "torch":
                 try:
@@ -213,33 +217,43 @@ def main(argv):
                 except ImportError as error:
                     print(f"torch: skipped ({error})")
                     continue
+                epoch_functions[pipeline] = lambda epoch, epoch_batches=epoch_batches: epoch_batches()
             else:
                 config.dataset.cache_decoded = pipeline == "cache"
                 dataset = input_pipeline.create_dataset(config, local_batch_size=config.batch_size,
                                                         local_eval_batch_size=config.eval.batch_size)
-                epoch_batches = lambda epoch=0, dataset=dataset: dataset.train_batches(epoch)
+                epoch_functions[pipeline] = dataset.train_batches
+                if pipeline == "cache":
+                    cache_dataset = dataset
                 what = ("tf.data from the JPEG files" if pipeline == "files" else
                         f"tf.data from the decoded cache, shorter side {config.dataset.cache_shorter_side}")
             print(f"{pipeline}: {what}")
-            for epoch in range(FLAGS.epochs):
-                batches = epoch_batches(epoch) if pipeline != "torch" else epoch_batches()
-                first_s, steady, per_cpu_s, count = time_epoch(batches, config.batch_size)
-                per_core[pipeline] = steady / cores
-                print(f"  epoch {epoch}: {steady:.1f} images/s = {steady / cores:.1f} per core over {count - 1} "
-                      f"batches after the first; {per_cpu_s:.1f} images per CPU-second over the epoch; first batch "
-                      f"{first_s:.2f} s")
-            if pipeline == "cache":
-                print(f"  cache: {dataset.decoded_images().num_bytes / 1e9:.2f} GB for "
-                      f"{len(dataset.decoded_images().offsets)} images")
+        per_core = {pipeline: [] for pipeline in epoch_functions}  # the last epoch of each round
+        for round_index in range(FLAGS.rounds):
+            epochs = range(FLAGS.epochs) if round_index == 0 else [FLAGS.epochs - 1 + round_index]
+            for pipeline, epoch_batches in epoch_functions.items():
+                for epoch in epochs:
+                    first_s, steady, per_cpu_s, count = time_epoch(epoch_batches(epoch), config.batch_size)
+                    print(f"  {pipeline} epoch {epoch}: {steady:.1f} images/s = {steady / cores:.1f} per core over "
+                          f"{count - 1} batches after the first; {per_cpu_s:.1f} images per CPU-second over the "
+                          f"epoch; first batch {first_s:.2f} s")
+                per_core[pipeline].append(steady / cores)
+                if pipeline == "cache" and round_index == 0:
+                    decoded = cache_dataset.decoded_images()
+                    print(f"  cache: {decoded.num_bytes / 1e9:.2f} GB for {len(decoded.offsets)} images")
+        print(f"load average {os.getloadavg()[0]:.1f} at the end")
+        median = {pipeline: float(np.median(rates)) for pipeline, rates in per_core.items()}
         if "torch" in per_core:
             for pipeline in ("files", "cache"):
                 if pipeline in per_core:
-                    print(f"{pipeline} / torch, per core at steady state (last epoch): "
-                          f"{per_core[pipeline] / per_core['torch']:.2f}x")
-        for pipeline, rate in per_core.items():
+                    ratios = np.array(per_core[pipeline]) / np.array(per_core["torch"])
+                    print(f"{pipeline} / torch, per core at steady state (each round's last epoch): "
+                          f"{' '.join(f'{ratio:.2f}x' for ratio in ratios)}; median {np.median(ratios):.2f}x")
+        for pipeline, rate in median.items():
             needed = ", ".join(f"{math.ceil(float(step) / rate)} cores for {float(step):,.0f} images/s"
                                for step in FLAGS.step_images_per_s)
-            print(f"host cores to feed one accelerator from {pipeline} (last epoch's rate per core): {needed}")
+            print(f"host cores to feed one accelerator from {pipeline} (median of the rounds' last epochs, "
+                  f"{rate:.1f} images/s per core): {needed}")
     finally:
         shutil.rmtree(root)
 

@@ -64,6 +64,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 import tensorflow as tf
+from PIL import Image
 from absl import logging
 
 # TensorFlow only reads and decodes images here; it must never take the GPU/TPU memory JAX uses.
@@ -92,26 +93,30 @@ DCT_RATIOS = (1, 2, 4, 8)
 # ----------------------------------------------------------------------------------------------------------
 # Pixels.
 
-def to_pixels(image: tf.Tensor) -> tf.Tensor:
-    """f32[..., 3] in 0..255 (a resized crop) -> u8[..., 3], rounded: what the batches carry to the devices (a
-    quarter of float32's bytes), where data.normalize_pixels makes the network's input."""
-    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+def _resample(pixels: np.ndarray, window: np.ndarray, height: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """PIL's bilinear resize of the window (top, left, height, width) of u8[h, w, 3] to u8[height, width, 3]."""
+    top, left, window_height, window_width = (float(value) for value in window)
+    rows, columns = pixels.shape[:2]
+    # PIL refuses a box a float rounding puts past the edge; the kernel is cut at the edge anyway.
+    box = (max(left, 0.0), max(top, 0.0), min(left + window_width, columns), min(top + window_height, rows))
+    return np.asarray(Image.fromarray(pixels).resize((int(width), int(height)), Image.Resampling.BILINEAR, box=box))
 
 
 def resize_window(image: tf.Tensor, window: tf.Tensor, size) -> tf.Tensor:
     """The window f32[4] (top, left, height, width; fractional, in pixels) of u8[h, w, 3], resized to `size`
-    (height, width; ints or i32 scalars): f32[height, width, 3] in 0..255.
+    (height, width; ints or i32 scalars): u8[height, width, 3].
 
-    tf.image.resize's antialiased bilinear kernel (ScaleAndTranslate's triangle, widened by the downscale factor)
-    with the window's scale and offset: for the whole image, tf.image.resize(image, size, antialias=True) exactly; a
-    fractional window samples the pixels around it as that resize samples the whole image.
+    PIL's bilinear resampling, the one torchvision's RandomResizedCrop and Resize run on the official recipes' PIL
+    images: a triangle kernel widened by the downscale factor (antialiased), its weights cut at the image's edge and
+    renormalised, computed in fixed point, rounded to u8 after each of its two passes. That is the kernel of
+    tf.image.resize(antialias=True) (ScaleAndTranslate's triangle) to within one and a half levels (tested), at about
+    a quarter of its CPU time (docs/benchmarks.md). It runs on tf.data's threads as a NumPy function; PIL lets go
+    of the GIL while it resamples, so the parallel map still uses every core.
     """
-    top, left, height, width = tf.unstack(tf.cast(window, tf.float32))
-    size = tf.stack([size[0], size[1]])
-    scale = tf.cast(size, tf.float32) / tf.stack([height, width])
-    return tf.raw_ops.ScaleAndTranslate(images=image[None], size=size, scale=scale,
-                                        translation=-tf.stack([top, left]) * scale, kernel_type="triangle",
-                                        antialias=True)[0]
+    pixels = tf.numpy_function(_resample, [image, tf.cast(window, tf.float32), size[0], size[1]], tf.uint8,
+                               stateful=False)
+    pixels.set_shape([dim if isinstance(dim, int) else None for dim in size] + [3])
+    return pixels
 
 
 def whole(image: tf.Tensor) -> tf.Tensor:
@@ -204,7 +209,7 @@ def decode_window_at_scale(image_bytes: tf.Tensor, window_fn, min_side: int) -> 
 def crop_to_pixels(pixels: tf.Tensor, window: tf.Tensor, flip_seed: tf.Tensor, *, image_size: int,
                    horizontal_flip: bool) -> tf.Tensor:
     """The window f32[4] of u8[h, w, 3] resized to u8[image_size, image_size, 3], flipped or not by flip_seed."""
-    image = to_pixels(resize_window(pixels, window, (image_size, image_size)))
+    image = resize_window(pixels, window, (image_size, image_size))
     if horizontal_flip:
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     return image
@@ -225,7 +230,7 @@ def train_image(image_bytes: tf.Tensor, seed: tf.Tensor, *, image_size: int, cro
 
 
 def eval_image(image_bytes: tf.Tensor, *, image_size: int, resize_size: int) -> tf.Tensor:
-    """Shorter side to resize_size, centre crop image_size: f32[image_size, image_size, 3] in 0..255."""
+    """Shorter side to resize_size, centre crop image_size: u8[image_size, image_size, 3]."""
     image = decode_window(image_bytes, lambda shape: central_crop_window(shape, fraction=image_size / resize_size))
     return resize_window(image, whole(image), (image_size, image_size))
 
@@ -756,7 +761,7 @@ def decode_for_cache(image_bytes: tf.Tensor, shorter_side: int) -> Tuple[tf.Tens
     shape = tf.shape(image)[:2]
     size = cached_shape(shape, shorter_side)
     resized = tf.cond(tf.reduce_all(size == shape), lambda: image,
-                      lambda: to_pixels(resize_window(image, whole(image), (size[0], size[1]))))
+                      lambda: resize_window(image, whole(image), (size[0], size[1])))
     return resized, shape
 
 
@@ -960,8 +965,8 @@ class TfDataset:
         self._cache_max_bytes = int(dataset.cache_max_gb * 1e9)
         self._cache: Optional[DecodedImages] = None  # filled by the first epoch asked for
         self._cache_lock = threading.Lock()
-        self._eval_transform = lambda image_bytes: to_pixels(eval_image(
-            image_bytes, image_size=dataset.image_size, resize_size=dataset.resize_size))
+        self._eval_transform = lambda image_bytes: eval_image(
+            image_bytes, image_size=dataset.image_size, resize_size=dataset.resize_size)
 
     def _count_skipped(self, what: str, num_skipped: int) -> None:
         if num_skipped:

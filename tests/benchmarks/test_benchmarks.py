@@ -46,3 +46,25 @@ def test_retrieval_benchmark_times_the_device_path_and_measures_approx_recall():
     # XLA's CPU falls back to the exact top-k.
     assert re.search(r"^approx_max_k \(recall target 0.9\) against lax.top_k at k = 600 on the first 600 items: "
                      r"recall 1.0000$", result.stdout, flags=re.M), result.stdout
+
+
+def test_input_pipeline_benchmark_rounds_over_the_pipelines_and_takes_medians():
+    # CUB's recipe on tiny JPEGs, files and cache (torch only where it is installed), two rounds.
+    command = [sys.executable, "-m", "hpl_jax.benchmarks.input_pipeline", "--config=configs/cub.py",
+               "--config.batch_size=8", "--config.eval.batch_size=8", "--config.dataset.image_size=32",
+               "--config.dataset.resize_size=40", "--config.dataset.cache_shorter_side=48", "--num_images=60",
+               "--num_classes=4", "--width=80", "--height=60", "--rounds=2", "--pipelines=files,cache,torch"]
+    result = subprocess.run(command, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    epochs = re.findall(r"^  (files|cache|torch) epoch (\d): [0-9.]+ images/s = [0-9.]+ per core", result.stdout,
+                        flags=re.M)
+    pipelines = ["files", "cache"] + (["torch"] if "torch epoch" in result.stdout else [])
+    # Round 0 draws epochs 0 and 1 of each pipeline in turn, round 1 one more epoch of each.
+    assert epochs == [(p, str(e)) for p in pipelines for e in (0, 1)] + [(p, "2") for p in pipelines]
+    assert "cache: 0.00 GB for 45 images" in result.stdout
+    for pipeline in pipelines:
+        assert re.search(rf"^host cores to feed one accelerator from {pipeline} \(median of the rounds' last "
+                         r"epochs, [0-9.]+ images/s per core\): \d+ cores for 6,478", result.stdout, flags=re.M)
+    if "torch" in pipelines:
+        assert re.search(r"^cache / torch, per core at steady state \(each round's last epoch\): [0-9.]+x "
+                         r"[0-9.]+x; median [0-9.]+x$", result.stdout, flags=re.M), result.stdout
