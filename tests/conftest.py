@@ -1,13 +1,13 @@
-"""Test session setup, done before JAX is imported anywhere: two simulated CPU devices, and one persistent
-compilation cache shared by every test process of the session (the xdist workers and the subprocess runs they
+"""Test session setup, done before JAX is imported anywhere: two simulated CPU devices compiling without XLA's
+backend optimisation (tests/xla.py), and one persistent compilation cache shared by every test process of the session (the xdist workers and the subprocess runs they
 start inherit this environment), so a program that several tests compile alike is compiled once."""
 import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-).strip()
+from tests import xla
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla.flags(2)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -16,6 +16,7 @@ import hpl_jax
 from configs import default
 from hpl_jax.core import optimizer_state
 from hpl_jax.grouping import refresh
+from tests import xla
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +43,7 @@ def test_own_training_loop_learns_with_the_default_reset_policy():
 
 
 def test_multi_device_example_equals_one_device_on_the_whole_batch():
-    out = _run_documented("multi_device_loss.py", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    out = _run_documented("multi_device_loss.py", XLA_FLAGS=xla.flags(4))
     loss, reference = map(float, re.search(r"loss ([\d.]+) \(one device, whole batch: ([\d.]+)\)", out).groups())
     assert out.startswith("4 devices") and loss == pytest.approx(reference, rel=1e-5), out
     # The per-device losses without the gather are another number: the gather is what makes it the same.

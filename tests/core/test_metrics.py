@@ -14,6 +14,7 @@ import pytest
 
 from hpl_jax.core import metrics
 from hpl_jax.core.metrics import normalized_mutual_information, retrieval_metrics, sharded_retrieval_metrics
+from tests import xla
 
 RETRIEVAL_KEYS = ("precision@1", "r_precision", "map@r", "num_queries", "num_queries_without_positive")
 
@@ -446,7 +447,7 @@ def test_sharded_metrics_on_four_devices_equal_the_single_device_metrics():
         "    t.assert_sharded_equals_single(sharded, single, name)\n"
         "print('compared', len(t.sharded_cases(12)))\n")
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla.flags(4), JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0 and "compared 6" in result.stdout, result.stderr[-3000:]

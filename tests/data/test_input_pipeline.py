@@ -28,6 +28,7 @@ from hpl_jax.data import input_pipeline
 from hpl_jax.data import inshop
 from hpl_jax.models import convert as convert_weights
 from hpl_jax.trainer import config_checks
+from tests import xla
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -951,8 +952,7 @@ def test_a_train_class_whose_images_all_fail_to_decode_is_one_data_error(tmp_pat
              "--config.model.dtype=float32", "--config.hpl.num_coarse=(2,)", "--config.batch_size=4",
              "--config.eval.batch_size=4", "--config.eval.nmi=False", "--config.num_epochs=1",
              "--config.optim.warmup_epochs=0", "--config.model.bn_frozen=False"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2 "
-               "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla.flags(2))
     result = subprocess.run([sys.executable, "-m", "hpl_jax.main", "--config=configs/image_folder.py",
                              f"--workdir={tmp_path / 'workdir'}", *flags], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=600)

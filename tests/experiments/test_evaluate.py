@@ -16,6 +16,7 @@ from hpl_jax.experiments import visualize
 from hpl_jax.trainer import checkpointing
 from hpl_jax.trainer import evaluation
 from hpl_jax.trainer import restore
+from tests import xla
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,10 +28,8 @@ TINY = ["--config.dataset.image_size=16", "--config.dataset.resize_size=18",
         "--config.model.embedding_dim=16", "--config.hpl.num_coarse=(3,)", "--config.batch_size=16",
         "--config.eval.batch_size=16", "--config.eval.nmi=False", "--config.num_epochs=2",
         "--config.optim.warmup_epochs=0", "--config.dataset.num_val_classes=0"]
-# Subprocesses compile without XLA's expensive passes (test_multihost.py); training and `evaluate` then run the
-# same code, so the metrics agree exactly.
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2 "
-           "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+# Training and `evaluate` compile with the same flags (tests/xla.py), so the metrics agree exactly.
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla.flags(2))
 
 
 def command(module, *args):

@@ -28,6 +28,7 @@ from hpl_jax.trainer import reporting
 from hpl_jax.trainer import train
 from hpl_jax.trainer import train_state
 from tests.trainer.test_train import REPO, tiny_config
+from tests import xla
 
 
 def test_folds_cut_the_sorted_classes_into_contiguous_blocks():
@@ -200,7 +201,7 @@ def test_four_folds_stop_early_and_the_runner_prints_them(four_folds):
         assert sorted(result["history"]) == [0, 1, 2, 3]  # best at epoch 1, 3 - 1 > 1: no epoch 4
         assert reporting.run_has_ended(mlrc.fold_workdir(str(root), fold))
     assert not reporting.run_has_ended(str(root / "fold_9"))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla.flags(2), JAX_PLATFORMS="cpu")
     command = [sys.executable, "-m", "hpl_jax.mlrc", "run", "--config=configs/mlrc/synthetic.py",
                f"--workdir={root}", "--config.batch_size=8", "--config.dataset.synthetic.num_families=4"]
     printed = subprocess.run(command + ["--run=print"], cwd=REPO, env=env, capture_output=True, text=True,

@@ -26,6 +26,7 @@ import pytest
 from hpl_jax.trainer import checkpointing
 from hpl_jax.trainer import distributed
 from hpl_jax.trainer import preemption
+from tests import xla
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCH = os.path.join(REPO, "launch")
@@ -37,13 +38,11 @@ FLAGS = ["--config=configs/default.py", "--config.dataset.image_size=16", "--con
          "--config.eval.batch_size=16", "--config.eval.nmi=False", "--config.num_epochs=1",
          "--config.optim.warmup_epochs=0", "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=10",
          "--config.dataset.num_val_classes=2"]
-# Compiling dominates these runs; XLA's backend optimisation off halves them. Every run here uses it.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 TIMEOUT_S = 900  # generous: the CPU is shared
 
 
 def _two_processes(workdir, log_dir) -> subprocess.Popen:
-    env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(log_dir), XLA_FLAGS=FAST_COMPILE)
+    env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(log_dir), XLA_FLAGS=xla.FAST_COMPILE)
     return subprocess.Popen(["bash", os.path.join(LAUNCH, "local_multiprocess.sh"), "2", "2", *FLAGS,
                              f"--workdir={workdir}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -86,7 +85,7 @@ def test_two_processes_match_one_process_and_resume_exactly_after_sigterm(tmp_pa
     straight, single = str(tmp_path / "two_processes"), str(tmp_path / "one_process")
     logs = _finish(_two_processes(straight, tmp_path / "logs_straight"), tmp_path / "logs_straight")
     assert "JAX process 1/2" in logs and "on 4 devices (2 processes)" in logs
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count=4")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla.flags(4))
     result = subprocess.run([sys.executable, "-m", "hpl_jax.main", *FLAGS, f"--workdir={single}"], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -174,7 +173,7 @@ def _start(workdir, log_dir, *flags, num_processes=2, devices=2, code_0=None, fa
     `code_0` if given; `fault` is HPL_JAX_FAULT, the same in every process (hpl_jax/trainer/distributed.py)."""
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-               XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=xla.flags(devices))
     env.pop(distributed.FAULT_ENV, None)
     if fault:
         env[distributed.FAULT_ENV] = fault

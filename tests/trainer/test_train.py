@@ -30,10 +30,9 @@ from hpl_jax.trainer import reporting
 from hpl_jax.trainer import sharding
 from hpl_jax.trainer import train
 from hpl_jax.trainer import train_state
+from tests import xla
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Subprocess runs compile with XLA's backend optimisation off: about half the compile time (tests/trainer/test_multihost.py).
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def tiny_config(**overrides):
@@ -368,7 +367,7 @@ def test_a_config_the_dataset_refuses_leaves_no_record_so_the_corrected_rerun_is
 
 def _main(workdir, *overrides, code=None):
     """Runs `python -m hpl_jax.main` on the tiny config (or `python -c code` with the same arguments)."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla.flags(2), JAX_PLATFORMS="cpu")
     tiny = ["--config.dataset.image_size=16", "--config.dataset.resize_size=18",
             "--config.dataset.synthetic.num_families=3", "--config.dataset.synthetic.classes_per_family=4",
             "--config.dataset.synthetic.images_per_class=7", "--config.model.width=0.125",
