@@ -51,6 +51,7 @@ training image it reads once, shorter side resized to config.dataset.cache_short
 """
 from __future__ import annotations
 
+import atexit
 import csv
 import dataclasses
 import hashlib
@@ -60,6 +61,7 @@ import json
 import os
 import threading
 import uuid
+import weakref
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -796,7 +798,7 @@ def decode_into_cache(records: tf.data.Dataset, num_records: int, *, shorter_sid
 
     stream = records.enumerate().map(decoded, num_parallel_calls=AUTOTUNE).ignore_errors().prefetch(AUTOTUNE)
     images, positions, full_shapes, labels, total = [], [], [], [], 0
-    for example in stream.as_numpy_iterator():
+    for example in numpy_batches(stream):
         total += example["image"].nbytes
         if total > max_bytes:
             count = len(images) + 1
@@ -856,6 +858,38 @@ def cached_train_image(cache: DecodedImages, slot: tf.Tensor, seed: tf.Tensor, *
 
 # ----------------------------------------------------------------------------------------------------------
 # Batches.
+
+# Every NumPy stream this module hands out that may still hold a tf.data iterator (`numpy_batches`).
+_OPEN_STREAMS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def numpy_batches(dataset: tf.data.Dataset) -> Iterator[Dict[str, np.ndarray]]:
+    """The elements of `dataset` as NumPy, from a tf.data iterator that is let go of when the stream closes
+    (exhausted, closed, collected, or at the interpreter's exit: `_close_open_streams`)."""
+    stream = _numpy_stream(dataset)
+    _OPEN_STREAMS.add(stream)
+    return stream
+
+
+def _numpy_stream(dataset: tf.data.Dataset) -> Iterator[Dict[str, np.ndarray]]:
+    iterator = dataset.as_numpy_iterator()
+    try:
+        yield from iterator
+    finally:
+        del iterator  # the pipeline's threads stop here, while Python still runs their NumPy calls
+
+
+@atexit.register
+def _close_open_streams() -> None:
+    """Closes the streams still open when the interpreter exits (a run stopped early, an error, an epoch drawn
+    ahead): a tf.data iterator freed later, at interpreter teardown, can wait forever for a thread of its pipeline
+    that waits for the GIL to call PIL (`resize_window`). atexit runs after Python's own threads are joined."""
+    for stream in list(_OPEN_STREAMS):
+        try:
+            stream.close()
+        except ValueError:  # running on a thread that is still alive (a daemon): it is that thread's to close
+            pass
+
 
 def _one_thread_per_op() -> tf.data.Options:
     """tf.data options that run each op of an image's map on one thread: the map's parallel calls already use
@@ -1007,10 +1041,10 @@ class TfDataset:
         else:
             records, _ = train.host_records(self._process_index, self._process_count, seed)
             transform = lambda record, seed: train_image(_encoded_image(record), seed, **self._augmentation)
-        return train_dataset(
+        return numpy_batches(train_dataset(
             records, epoch_seed_value=seed, local_batch_size=self._local_batch_size,
             num_steps=self._steps_per_epoch, start_step=start_step, transform=transform,
-            sampler=self._sampler, samples_per_class=self._samples_per_class).as_numpy_iterator()
+            sampler=self._sampler, samples_per_class=self._samples_per_class))
 
     def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[data.Batch]:
         """See data.Dataset.train_batches.
@@ -1055,7 +1089,7 @@ class TfDataset:
         batches = eval_dataset(records, num_batches=num_batches, local_batch_size=self._local_eval_batch_size,
                                transform=self._eval_transform, image_shape=self.info.image_shape)
         decoded = 0
-        for batch in batches.as_numpy_iterator():
+        for batch in numpy_batches(batches):
             decoded += int(batch["mask"].sum())
             yield batch
         self._count_skipped(f"{self.info.name} eval split {split!r}", count - decoded)

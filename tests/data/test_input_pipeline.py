@@ -915,6 +915,38 @@ def test_dataset_configs_follow_the_published_recipe(name, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # End to end: the training loop on an image folder.
 
+EXIT_WITH_STREAMS_OPEN = """
+import sys, time
+from configs import image_folder as image_folder_config
+from hpl_jax.data import input_pipeline
+from tests.data.test_input_pipeline import make_image_folder, tiny
+resample = input_pipeline._resample  # slowed, so that resizes are in flight when the process exits
+input_pipeline._resample = lambda *args: (time.sleep(0.02), resample(*args))[1]
+make_image_folder(sys.argv[1], ["a", "b", "c", "d"], [40] * 4)
+config = tiny(image_folder_config, **{"dataset.data_dir": sys.argv[1]})
+dataset = input_pipeline.create_dataset(config, local_batch_size=2, local_eval_batch_size=2)
+train, test = dataset.train_batches(0), dataset.eval_batches("test")
+print(next(train)["image"].shape, next(test)["image"].shape, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_process_exits_while_its_pipelines_are_still_resizing(tmp_path):
+    """A process that stops with batches still being made (an early stop, an error, an epoch drawn ahead) exits:
+    its streams are closed at exit, before the interpreter's teardown, where a tf.data thread waiting for the GIL to
+    run PIL's resize never gets it and the iterator's destructor waits for that thread forever (5 runs of 5 hung
+    without the close, with the resize slowed as here)."""
+    import subprocess
+    import sys
+
+    for run in range(2):
+        result = subprocess.run([sys.executable, "-c", EXIT_WITH_STREAMS_OPEN, str(tmp_path / f"images_{run}")],
+                                cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.strip() == "(2, 16, 16, 3) (2, 16, 16, 3)"
+
+
 @pytest.mark.slow
 def test_training_runs_end_to_end_on_an_image_folder(tmp_path, capsys):
     """One epoch of train_and_evaluate on an image folder (a small ResNet-18 keeps the compile short); the
