@@ -1,6 +1,7 @@
 """Test session setup, done before JAX is imported anywhere: two simulated CPU devices compiling without XLA's
-backend optimisation (tests/xla.py), and one persistent compilation cache shared by every test process of the session (the xdist workers and the subprocess runs they
-start inherit this environment), so a program that several tests compile alike is compiled once."""
+backend optimisation (tests/xla.py), and one persistent compilation cache shared by every test process of the
+session (the xdist workers and the subprocess runs they start inherit this environment), so a program that several
+tests compile alike is compiled once."""
 import os
 import shutil
 import tempfile

@@ -905,8 +905,9 @@ def train_dataset(records: tf.data.Dataset, *, epoch_seed_value: int, local_batc
 
     records: this host's records in the epoch's order; transform(record, seed i64[2]) makes a record's image.
     'index' is each image's position in the stream (after class-balanced grouping), the seed of its augmentation
-    together with the epoch seed; gaps in it are images that failed to decode. 'class_balanced' groups `samples_per_class` images of one class together (tf.data
-    group_by_window over the repeated stream; each host's batches hold whole groups).
+    together with the epoch seed; gaps in it are images that failed to decode. 'class_balanced' groups
+    `samples_per_class` images of one class together (tf.data group_by_window over the repeated stream; each host's
+    batches hold whole groups).
     """
     records = records.repeat()
     if sampler == "class_balanced":

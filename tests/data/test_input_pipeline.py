@@ -163,7 +163,8 @@ def test_device_normalisation_equals_the_former_host_normalisation(settings):
 
 
 def test_eval_image_is_resize_then_centre_crop():
-    """Shorter side 40 -> 20, centre crop 16, on a linear ramp: exact at every interior pixel to one u8 level (PIL rounds after each of its two passes)."""
+    """Shorter side 40 -> 20, centre crop 16, on a linear ramp: exact at every interior pixel to one u8 level (PIL
+    rounds after each of its two passes)."""
     y, x = np.mgrid[0:40, 0:60]
     ramp = np.repeat((2 * y + x + 10)[..., None], 3, axis=-1).astype(np.uint8)
     png = tf.io.encode_png(ramp).numpy()
