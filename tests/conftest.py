@@ -20,6 +20,12 @@ if _OWN_CACHE:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
+def pytest_collection_modifyitems(items):
+    """The tests marked `long` (minutes on 2 cores) go first, in their collected order, then the rest: pytest-xdist
+    hands work out in this order, so no worker is left running a long test alone at the end of the session."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 def pytest_unconfigure(config):
     if _OWN_CACHE and not hasattr(config, "workerinput"):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -21,6 +21,7 @@ def _torch_importable() -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_dry_run_runs_every_stage_and_writes_both_files(tmp_path):
     out = tmp_path / "out"
     # The launch script, as a GPU machine runs it: it must parse its flags and write into OUT.

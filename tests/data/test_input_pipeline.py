@@ -1002,6 +1002,7 @@ E2E_OVERRIDES = {
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_every_dataset_config_trains_end_to_end_on_mock_data(tmp_path, inshop_dirs):
     """The real configs (CUB, Cars, SOP, CIFAR-100 via mock TFDS; In-Shop via its builder on a tiny tree),
     each with a tiny model, through train_and_evaluate: the same call the training uses."""
@@ -1066,6 +1067,7 @@ INSHOP_GT_ROWS = INSHOP_ROWS + [("img/WOMEN/Dresses/id_00000009/01_1_front.jpg",
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_ground_truth_level1_trains_end_to_end_on_every_dataset_config(tmp_path):
     """hpl.ground_truth_level1 through train_and_evaluate for every dataset config on its mock data, with a K_1
     that differs from the number of super-classes; CUB has none and stops with a Config error."""

@@ -16,6 +16,7 @@ from hpl_jax.experiments import visualize
 from hpl_jax.trainer import checkpointing
 from hpl_jax.trainer import evaluation
 from hpl_jax.trainer import restore
+from tests import once
 from tests import xla
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -39,16 +40,17 @@ def command(module, *args):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("run"))
-    result = command("hpl_jax.main", "--config=configs/default.py", f"--workdir={workdir}", *TINY)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
+    """A finished tiny run that the tests below only read, trained once per session (tests/once.py)."""
+    def train(root):
+        result = command("hpl_jax.main", "--config=configs/default.py", f"--workdir={root}", *TINY)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return str(once.made_once(tmp_path_factory, "evaluate_run", train))
 
 
 @pytest.fixture(scope="module")
-def evaluated(workdir):
+def evaluated(workdir, tmp_path_factory):
     """`python -m hpl_jax.evaluate` on the latest checkpoint, with --export: (its stdout, the .npz path)."""
-    export = os.path.join(workdir, "exported", "test.npz")
+    export = str(tmp_path_factory.mktemp("exported") / "test.npz")  # not in the shared workdir
     result = command("hpl_jax.evaluate", f"--workdir={workdir}", f"--export={export}")
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout, export

@@ -2,6 +2,8 @@
 and the report, on the embedded data with a tiny model."""
 import json
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 
@@ -28,6 +30,7 @@ from hpl_jax.trainer import reporting
 from hpl_jax.trainer import train
 from hpl_jax.trainer import train_state
 from tests.trainer.test_train import REPO, tiny_config
+from tests import once
 from tests import xla
 
 
@@ -188,9 +191,18 @@ def compile_once(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def four_folds(tmp_path_factory, compile_once):
-    """ROOT with 4 trained folds, each run's result, and the report."""
+    """ROOT with 4 trained folds, each run's result, and the report. The folds are trained once per session
+    (tests/once.py) and copied here: a test moves a fold away and back."""
+    def train_folds(shared):
+        results = [train.train_and_evaluate(_fold_config(fold), mlrc.fold_workdir(str(shared), fold))
+                   for fold in range(4)]
+        (shared / "results.pickle").write_bytes(pickle.dumps(results))
+
+    shared = once.made_once(tmp_path_factory, "mlrc_four_folds", train_folds)
     root = tmp_path_factory.mktemp("mlrc")
-    results = [train.train_and_evaluate(_fold_config(fold), mlrc.fold_workdir(str(root), fold)) for fold in range(4)]
+    for fold in range(4):
+        shutil.copytree(mlrc.fold_workdir(str(shared), fold), mlrc.fold_workdir(str(root), fold))
+    results = pickle.loads((shared / "results.pickle").read_bytes())
     return root, results, mlrc_report.write_report(str(root))
 
 

@@ -26,6 +26,7 @@ import pytest
 from hpl_jax.trainer import checkpointing
 from hpl_jax.trainer import distributed
 from hpl_jax.trainer import preemption
+from tests import once
 from tests import xla
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -79,11 +80,12 @@ def _assert_same_up_to_rounding(two, one):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_and_resume_exactly_after_sigterm(tmp_path):
-    # One test, not two: the uninterrupted two-process run is the reference of both halves, and pytest-xdist
-    # could otherwise run it once per worker.
-    straight, single = str(tmp_path / "two_processes"), str(tmp_path / "one_process")
-    logs = _finish(_two_processes(straight, tmp_path / "logs_straight"), tmp_path / "logs_straight")
+@pytest.mark.long
+def test_two_processes_match_one_process_and_resume_exactly_after_sigterm(tmp_path, uninterrupted):
+    # One test, not two: the SIGTERM half compares with the same uninterrupted run.
+    straight, single = uninterrupted, str(tmp_path / "one_process")
+    logs = "".join(open(path).read() for path in sorted(glob.glob(os.path.join(straight, os.pardir, "logs",
+                                                                              "process_*.log"))))
     assert "JAX process 1/2" in logs and "on 4 devices (2 processes)" in logs
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla.flags(4))
     result = subprocess.run([sys.executable, "-m", "hpl_jax.main", *FLAGS, f"--workdir={single}"], cwd=REPO,
@@ -228,10 +230,11 @@ def _resume_exactly(workdir, log_dir, straight, step):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """The workdir of a 2-process run of FLAGS that nothing interrupted."""
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    _finish(_two_processes(workdir / "run", workdir / "logs"), workdir / "logs")
-    return str(workdir / "run")
+    """The workdir of a 2-process run of FLAGS that nothing interrupted (its logs in ../logs): the reference of
+    three tests, run once per session whichever worker asks first (tests/once.py)."""
+    def run(root):
+        _finish(_two_processes(root / "run", root / "logs"), root / "logs")
+    return str(once.made_once(tmp_path_factory, "uninterrupted_2_processes", run) / "run")
 
 
 def _kill_in_turn(workdir, log_root, uninterrupted, faults, *flags, num_processes=2, devices=2):
@@ -299,11 +302,13 @@ FAULTS_2 = ("1:save_barrier@4", "1:train_gather@4", "1:between_steps@4", "1:eval
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_peers_death_is_named_wherever_it_shows_up_first_and_a_rerun_resumes_exactly(tmp_path, uninterrupted):
     _kill_in_turn(tmp_path / "run", tmp_path / "logs", uninterrupted, FAULTS_2)
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_failed_save_on_process_0_stops_both_at_once_and_a_rerun_resumes_exactly(tmp_path, uninterrupted):
     workdir, log_dir = tmp_path / "run", tmp_path / "logs"
     log_dir.mkdir()

@@ -30,6 +30,7 @@ def uninterrupted_3(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_peers_death_among_3_processes_is_named_by_both_survivors_and_a_rerun_resumes_exactly(tmp_path,
                                                                                               uninterrupted_3):
     _kill_in_turn(tmp_path / "run", tmp_path / "logs", uninterrupted_3, FAULTS_3, *FLAGS_3, num_processes=3,
