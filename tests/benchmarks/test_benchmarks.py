@@ -21,9 +21,11 @@ def test_epoch_boundary_times_every_piece_of_a_tiny_sop_boundary(rank_on_device)
     result = subprocess.run(command, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     device_s = {name.split(" (")[0]: float(seconds) for name, seconds in re.findall(
-        r"^\| ([^|*]+?) \| -?[0-9.]+ \| ([0-9.]+)", result.stdout, flags=re.M)}
+        r"^\| ([^|*]+?) \| -?[0-9.]+ \| (-?[0-9.]+)", result.stdout, flags=re.M)}
     if rank_on_device == "true":  # the device program's seconds are the device's, not the host's
-        assert device_s["metrics"] > 0 and device_s["super metrics"] > 0, result.stdout
+        # "super metrics" is a difference of two timings, the second with the first's programs compiled: it can be
+        # below zero (CI once printed -0.0x), so the call with super-classes is checked whole.
+        assert device_s["metrics"] > 0 and device_s["metrics"] + device_s["super metrics"] > 0, result.stdout
     rows = dict(re.findall(r"^\| ([^|*]+?) \| (-?[0-9.]+) \| ", result.stdout, flags=re.M))
     names = [name.split(" (")[0] for name in rows]
     assert names == ["refresh", "embed-transfer", "metrics", "super metrics", "NMI", "checkpoint save", "logging",
