@@ -2,6 +2,8 @@
 import glob
 import os
 import struct
+import subprocess
+import sys
 import time
 
 from tensorboardX.proto import event_pb2
@@ -114,3 +116,24 @@ def test_progress_lines_queue_tensorboard_scalars_and_epoch_ends_flush_them(tmp_
     points = _as_tensorboard_shows(_events(tmp_path / "tensorboard"))
     assert sorted(step for tag, step in points if tag == "loss") == list(range(1, 12))
     assert points[("eval/recall_at_1", 10)] == [0.5]
+
+
+def test_a_run_writes_tensorboard_without_loading_pytorch(tmp_path):
+    # tensorboardX imports torch wherever it is installed (about 3 CPU-seconds in every training process); the
+    # Reporter's writer is imported without it, and torch, where installed, still imports afterwards.
+    code = f"""
+import importlib.util, sys
+from etils import epath
+from hpl_jax.trainer import reporting
+reporter = reporting.Reporter(epath.Path({str(tmp_path)!r}), total_steps=10)
+reporter.scalars(1, {{"loss": 1.0}})
+reporter.close()
+assert "torch" not in sys.modules, "tensorboardX loaded torch"
+if importlib.util.find_spec("torch") is not None:
+    import torch
+    print("torch", torch.__version__)
+"""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(_events(os.path.join(tmp_path, "tensorboard"))) >= 2  # the file version and the scalar
