@@ -2,12 +2,10 @@
 backend optimisation (tests/xla.py), and one persistent compilation cache shared by every test process of the
 session (the xdist workers and the subprocess runs they start inherit this environment), so a program that several
 tests compile alike is compiled once."""
-import inspect
 import os
 import shutil
 import tempfile
 
-from tests import once
 from tests import xla
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla.flags(2)).strip()
@@ -25,19 +23,15 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 def pytest_collection_modifyitems(items):
     """The tests marked `long` (minutes on 2 cores) go first, then the rest: pytest-xdist hands work out in this
     order, so no worker is left running a long test alone at the end of the session. Of the tests that read a run
-    made once per session (tests/once.py: a module fixture of a module that imports it), the first makes the run
-    and goes ahead of its group; the others go behind their group, so they find the run made instead of waiting on
-    its lock beside the test that makes it (a timeline of the suite at d5fa967: 28-45 s waits)."""
-    first_reader, later_reader = set(), set()
-    made = set()
+    made once per session (a fixture marked `@once.shared`), the first makes the run and goes ahead of its group; the
+    others go behind their group, so they find the run made instead of waiting on its lock beside the test that
+    makes it (a timeline of the suite at d5fa967: 28-45 s waits)."""
+    first_reader, later_reader, made = set(), set(), set()
     for item in items:
-        module = getattr(item, "module", None)
-        if getattr(module, "once", None) is not once:
-            continue
-        shared = {(module.__name__, name) for name in item.fixturenames
-                  if item._fixtureinfo.name2fixturedefs.get(name, [None])[-1] is not None
-                  and item._fixtureinfo.name2fixturedefs[name][-1].scope == "module"
-                  and "made_once" in _source_of(item._fixtureinfo.name2fixturedefs[name][-1].func)}
+        definitions = getattr(item, "_fixtureinfo", None)
+        shared = {definition for name in item.fixturenames
+                  for definition in (definitions.name2fixturedefs.get(name, ()) if definitions else ())
+                  if getattr(definition.func, "made_once", False)}
         if shared - made:
             first_reader.add(item.nodeid)
         elif shared:
@@ -48,13 +42,6 @@ def pytest_collection_modifyitems(items):
         place = 0 if item.nodeid in first_reader else 2 if item.nodeid in later_reader else 1
         return item.get_closest_marker("long") is None, place
     items.sort(key=rank)
-
-
-def _source_of(function) -> str:
-    try:
-        return inspect.getsource(function)
-    except (OSError, TypeError):
-        return ""
 
 
 def pytest_unconfigure(config):

@@ -4,7 +4,8 @@
 (their base temporary directories' parent; a session without workers uses its own). The first process that asks
 runs `make(path)` under a file lock; the others wait on the lock and read what it made. The tests that read it must
 not write into it. A `make` that fails leaves no `.made` mark, so the next process that asks makes it again (and
-fails the same way, in its own test).
+fails the same way, in its own test). A fixture that returns such a directory is marked `@once.shared` (under
+`@pytest.fixture`): tests/conftest.py runs the first test that reads it ahead of the others.
 """
 import fcntl
 import os
@@ -31,3 +32,9 @@ def made_once(tmp_path_factory, name: str, make: Callable[[pathlib.Path], None])
             make(path)
             (path / ".made").touch()
     return path
+
+
+def shared(fixture_function: Callable) -> Callable:
+    """Marks a fixture that returns a `made_once` directory (tests/conftest.py orders the tests that read it)."""
+    fixture_function.made_once = True
+    return fixture_function

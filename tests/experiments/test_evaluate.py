@@ -39,6 +39,7 @@ def command(module, *args):
 
 
 @pytest.fixture(scope="module")
+@once.shared
 def workdir(tmp_path_factory):
     """A finished tiny run that the tests below only read, trained once per session (tests/once.py)."""
     def train(root):

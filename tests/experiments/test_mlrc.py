@@ -190,6 +190,7 @@ def compile_once(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+@once.shared
 def four_folds(tmp_path_factory, compile_once):
     """ROOT with 4 trained folds, each run's result, and the report. The folds are trained once per session
     (tests/once.py) and copied here: a test moves a fold away and back."""

@@ -229,6 +229,7 @@ def _resume_exactly(workdir, log_dir, straight, step):
 
 
 @pytest.fixture(scope="module")
+@once.shared
 def uninterrupted(tmp_path_factory):
     """The workdir of a 2-process run of FLAGS that nothing interrupted (its logs in ../logs): the reference of
     three tests, run once per session whichever worker asks first (tests/once.py)."""
