@@ -1,13 +1,15 @@
 """The train step on a CPU against its PyTorch peer, and where the JAX step's time goes (issue 25).
 
     python -m hpl_jax.benchmarks.cpu_vs_torch [--conv_impls auto,xla] [--steps 8] [--repeats 2]
+    python -m hpl_jax.benchmarks.cpu_vs_torch --width 0.25 --embedding_dim 64 --image_size 32  # the embedded default
 
 JAX: `train.train_step` of configs/default.py with ResNet-18 at width 1.0, a 512-d embedding, 64 x 64 images,
-batch 64, HPL on Proxy-Anchor, float32, under pmap on the local devices (one CPU device by default), once per
+batch 64 (each flag changes one; width 0.25, 64-d, 32 px is the embedded default's model), HPL on Proxy-Anchor, float32, under pmap on the local devices (one CPU device by default), once per
 `model.conv_impl` asked for ('xla': XLA's convolution op, as on GPUs and TPUs and before issue 25; 'auto': the
 CPU choice, see hpl_jax/models/layers.py).
 PyTorch (benchmark-only imports; skipped with a line when torch or pytorch-metric-learning is absent): the
-official Proxy-Anchor step on the same shapes: ResNet-18 in torchvision's layout, written out below since
+official Proxy-Anchor step on the same shapes: ResNet-18 in torchvision's layout (every layer's channels scaled by
+the width as the JAX model scales them), written out below since
 torchvision may not be importable beside the installed torch (same layers, same parameter count, printed),
 average + max pooling summed, a 512-d linear layer, pytorch-metric-learning's ProxyAnchorLoss (alpha 32,
 margin 0.1), AdamW (weight decay 1e-4) with the proxies at 100x, gradients clipped to [-10, 10].
@@ -56,16 +58,18 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--image_size", type=int, default=64)
+    parser.add_argument("--width", type=float, default=1.0, help="ResNet-18's width multiplier (model.width)")
+    parser.add_argument("--embedding_dim", type=int, default=512)
     parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch peer")
     parser.add_argument("--no_profile", action="store_true", help="skip the profile of the JAX step")
     return parser.parse_args()
 
 
-def benchmark_config(conv_impl: str, batch: int, image_size: int):
-    """configs/default.py at the issue's shapes: ResNet-18 x1.0, 512-d, HPL-PA, float32."""
+def benchmark_config(conv_impl: str, batch: int, image_size: int, width: float = 1.0, embedding_dim: int = 512):
+    """configs/default.py at the issue's shapes (ResNet-18 x1.0, 512-d) or others, HPL-PA, float32."""
     config = default.get_config()
-    config.model.width = 1.0
-    config.model.embedding_dim = 512
+    config.model.width = width
+    config.model.embedding_dim = embedding_dim
     config.model.conv_impl = conv_impl
     config.dataset.image_size = image_size
     config.batch_size = batch
@@ -99,13 +103,13 @@ def jax_side(config, batch) -> Callable[[], None]:
     return step
 
 
-def torch_side(batch, embedding_dim: int = 512) -> Callable[[], None]:
+def torch_side(batch, embedding_dim: int = 512, width: float = 1.0) -> Callable[[], None]:
     """One step of the official Proxy-Anchor recipe in PyTorch per call; raises ImportError without torch/pml."""
     import torch  # benchmark-only: not a dependency of the project
     from pytorch_metric_learning import losses as pml_losses
 
     torch.manual_seed(0)
-    model = torch_embedder(torch, embedding_dim)
+    model = torch_embedder(torch, embedding_dim, width)
     model.train()
     loss_fn = pml_losses.ProxyAnchorLoss(NUM_CLASSES, embedding_dim, margin=0.1, alpha=32)
     lr = default.get_config().optim.lr
@@ -125,9 +129,10 @@ def torch_side(batch, embedding_dim: int = 512) -> Callable[[], None]:
     return step
 
 
-def torch_embedder(torch, embedding_dim: int):
-    """torchvision's resnet18 (v1.5, kaiming-normal fan-out convs, BN weight 1 / bias 0) without its fc, then
-    the official Proxy-Anchor head: adaptive avg + max pooling summed, Linear to d (kaiming fan-out, bias 0)."""
+def torch_embedder(torch, embedding_dim: int, width: float = 1.0):
+    """torchvision's resnet18 (v1.5, kaiming-normal fan-out convs, BN weight 1 / bias 0) without its fc, its channels
+    scaled by `width` (models.scaled_channels), then the official Proxy-Anchor head: adaptive avg + max pooling
+    summed, Linear to d (kaiming fan-out, bias 0)."""
     tnn = torch.nn
 
     def conv_bn(cin, cout, kernel, stride, padding):
@@ -148,10 +153,10 @@ def torch_embedder(torch, embedding_dim: int):
     class Embedder(tnn.Module):
         def __init__(self):
             super().__init__()
-            layers = [conv_bn(3, 64, 7, 2, 3), tnn.ReLU(inplace=True), tnn.MaxPool2d(3, 2, 1)]
-            cin = 64
+            cin = models.scaled_channels(64, width)
+            layers = [conv_bn(3, cin, 7, 2, 3), tnn.ReLU(inplace=True), tnn.MaxPool2d(3, 2, 1)]
             for stage in range(4):
-                cout = 64 * 2**stage
+                cout = models.scaled_channels(64 * 2**stage, width)
                 layers += [BasicBlock(cin, cout, 2 if stage else 1), BasicBlock(cout, cout, 1)]
                 cin = cout
             self.backbone = tnn.Sequential(*layers)
@@ -164,6 +169,14 @@ def torch_embedder(torch, embedding_dim: int):
             return self.embedding(torch.amax(x, dim=(2, 3)) + torch.mean(x, dim=(2, 3)))
 
     return Embedder()
+
+
+def trunk_size(config) -> int:
+    """The number of parameters of the JAX model's backbone (what torchvision's resnet18 has without its fc)."""
+    model = models.create_model(config.model)
+    images = jnp.zeros((1, config.dataset.image_size, config.dataset.image_size, 3), jnp.float32)
+    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
+    return sum(leaf.size for leaf in jax.tree_util.tree_leaves(variables["params"]["backbone"]))
 
 
 def images_per_second(step: Callable[[], None], batch: int, steps: int) -> float:
@@ -302,22 +315,23 @@ def main() -> None:
     batch = random_batch(args.batch, args.image_size)
     sides = {}
     for conv_impl in args.conv_impls.split(","):
-        config = benchmark_config(conv_impl, args.batch, args.image_size)
+        config = benchmark_config(conv_impl, args.batch, args.image_size, args.width, args.embedding_dim)
         sides[f"jax conv_impl={conv_impl}"] = (config, jax_side(config, batch))
     if args.no_torch:
         print("PyTorch peer: skipped (--no_torch)")
     else:
         try:
             import torch
-            torch_step = torch_side(batch)
-            count = sum(p.numel() for p in torch_embedder(torch, 512).backbone.parameters())
+            torch_step = torch_side(batch, args.embedding_dim, args.width)
+            count = sum(p.numel() for p in torch_embedder(torch, args.embedding_dim, args.width).backbone.parameters())
             print(f"PyTorch {torch.__version__} peer, {torch.get_num_threads()} threads; its ResNet-18 trunk has "
-                  f"{count:,} parameters (torchvision's resnet18 without fc: {11_689_512 - 513_000:,})")
+                  f"{count:,} parameters (ours: {trunk_size(config):,}; torchvision's resnet18 without fc, "
+                  f"width 1: {11_689_512 - 513_000:,})")
             sides["pytorch"] = (None, torch_step)
         except ImportError as error:
             print(f"PyTorch peer: skipped ({error}; pip install torch pytorch-metric-learning to run it)")
 
-    print(f"ResNet-18 x1.0, 512-d, {args.image_size} px, batch {args.batch}, HPL-PA, float32; JAX "
+    print(f"ResNet-18 x{args.width:g}, {args.embedding_dim}-d, {args.image_size} px, batch {args.batch}, HPL-PA, float32; JAX "
           f"{jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); {args.steps} timed steps "
           f"after {WARMUP_STEPS} warm-up steps, {args.repeats} repeats taking turns")
     for _, step in sides.values():

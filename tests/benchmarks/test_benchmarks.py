@@ -70,3 +70,24 @@ def test_input_pipeline_benchmark_rounds_over_the_pipelines_and_takes_medians():
     if "torch" in pipelines:
         assert re.search(r"^cache / torch, per core at steady state \(each round's last epoch\): [0-9.]+x "
                          r"[0-9.]+x; median [0-9.]+x$", result.stdout, flags=re.M), result.stdout
+
+
+@pytest.mark.parametrize("width", [1.0, 0.25])
+def test_cpu_vs_torch_peer_has_our_trunk_at_every_width(width):
+    # The embedded default's ratio (width 0.25) is only a ratio if the PyTorch peer is the same network at that width.
+    torch = pytest.importorskip("torch")
+    from hpl_jax import models
+    from hpl_jax.benchmarks import cpu_vs_torch
+    peer = cpu_vs_torch.torch_embedder(torch, 64, width)
+    config = cpu_vs_torch.benchmark_config("auto", 8, 32, width, 64)
+    assert sum(p.numel() for p in peer.backbone.parameters()) == cpu_vs_torch.trunk_size(config)
+    assert (peer.embedding.in_features, peer.embedding.out_features) == (models.scaled_channels(512, width), 64)
+
+
+def test_cpu_vs_torch_times_both_sides_at_a_tiny_size():
+    command = [sys.executable, "-m", "hpl_jax.benchmarks.cpu_vs_torch", "--conv_impls=auto", "--steps=1",
+               "--repeats=1", "--batch=4", "--image_size=16", "--width=0.125", "--embedding_dim=8", "--no_profile"]
+    result = subprocess.run(command, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ResNet-18 x0.125, 8-d, 16 px, batch 4" in result.stdout
+    assert re.search(r"^jax conv_impl=auto +[0-9.]+ images/s \(median\)", result.stdout, flags=re.M), result.stdout
