@@ -22,7 +22,7 @@ photos of one SOP-like target and 30x those of the default one.
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 from absl import logging

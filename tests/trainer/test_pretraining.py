@@ -1,5 +1,4 @@
 """Pretraining here (export_backbone), the embedded source, and what fine-tuning checks of pretrained weights."""
-import json
 import os
 
 import jax
