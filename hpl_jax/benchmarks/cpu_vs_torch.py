@@ -4,7 +4,8 @@
     python -m hpl_jax.benchmarks.cpu_vs_torch --width 0.25 --embedding_dim 64 --image_size 32  # the embedded default
 
 JAX: `train.train_step` of configs/default.py with ResNet-18 at width 1.0, a 512-d embedding, 64 x 64 images,
-batch 64 (each flag changes one; width 0.25, 64-d, 32 px is the embedded default's model), HPL on Proxy-Anchor, float32, under pmap on the local devices (one CPU device by default), once per
+batch 64 (each flag changes one; width 0.25, 64-d, 32 px is the embedded default's model), HPL on
+Proxy-Anchor, float32, under pmap on the local devices (one CPU device by default), once per
 `model.conv_impl` asked for ('xla': XLA's convolution op, as on GPUs and TPUs and before issue 25; 'auto': the
 CPU choice, see hpl_jax/models/layers.py).
 PyTorch (benchmark-only imports; skipped with a line when torch or pytorch-metric-learning is absent): the
@@ -21,7 +22,8 @@ The profile times jitted pieces of the JAX step one by one, on one device: every
 (forward; the backward's input gradient and kernel gradient, with the implementation the model uses for it),
 every BatchNorm (train mode, forward and backward), the HPL loss (value and gradient w.r.t. the embeddings and
 the proxies), and the optimiser (AdamW update + apply). What the pieces leave of the step is ReLU, pooling,
-residual adds, the head and the copies between the pieces.
+residual adds, the head and the copies between the pieces. Where torch is installed, each convolution pass is also
+timed in PyTorch on the same convolutions (its forward, input gradient and weight gradient), beside ours.
 """
 from __future__ import annotations
 
@@ -234,6 +236,29 @@ def conv_times(module: nn.Conv, x_shape, needs_input_grad: bool) -> Dict[str, fl
             "kernel_grad": median_ms(kernel_grad, x, w, ct)}
 
 
+def torch_conv_times(torch, module: nn.Conv, x_shape, needs_input_grad: bool) -> Dict[str, float]:
+    """ms of the same convolution's forward, input gradient and weight gradient in PyTorch (NCHW, its own
+    kernels: torch.ops.aten.convolution_backward), on PyTorch's threads."""
+    (top, bottom), (left, right) = module.padding
+    assert top == bottom and left == right, module.padding  # the backbones pad as PyTorch does (models/layers.py)
+    rng = np.random.default_rng(0)
+    n, h, w, c = x_shape.shape
+    x = torch.from_numpy(rng.normal(size=(n, c, h, w)).astype(np.float32))
+    weight = torch.from_numpy((rng.normal(size=(module.features, c) + module.kernel_size) * 0.05).astype(np.float32))
+    strides, padding = list(module.strides), [top, left]
+    with torch.no_grad():
+        y = torch.nn.functional.conv2d(x, weight, stride=strides, padding=padding)
+        ct = torch.ones_like(y)
+
+        def backward(input_grad: bool, weight_grad: bool):
+            return torch.ops.aten.convolution_backward(ct, x, weight, None, strides, padding, [1, 1], False, [0, 0],
+                                                       1, [input_grad, weight_grad, False])
+
+        return {"forward": median_ms(lambda: torch.nn.functional.conv2d(x, weight, stride=strides, padding=padding)),
+                "input_grad": median_ms(lambda: backward(True, False)) if needs_input_grad else 0.0,
+                "kernel_grad": median_ms(lambda: backward(False, True))}
+
+
 def batch_norm_times(x_shape) -> Dict[str, float]:
     """ms of a train-mode BatchNorm's forward (with its running-statistics update) and backward."""
     bn = models.batch_norm(None, jnp.float32, "bn")
@@ -252,12 +277,14 @@ def batch_norm_times(x_shape) -> Dict[str, float]:
             "backward": median_ms(backward, variables["params"], x, ct)}
 
 
-def profile(config, batch, step_ms: float) -> None:
-    """Prints where the time of one JAX train step goes (see the module docstring)."""
+def profile(config, batch, step_ms: float, torch=None) -> None:
+    """Prints where the time of one JAX train step goes (see the module docstring); with `torch`, each
+    convolution pass beside PyTorch's time for the same convolutions."""
     model = models.create_model(config.model)
     images = jnp.asarray(batch["image"])
     totals = {"conv forward": 0.0, "conv backward (input grad)": 0.0, "conv backward (kernel grad)": 0.0,
               "BatchNorm forward": 0.0, "BatchNorm backward": 0.0}
+    torch_totals = {name: 0.0 for name in totals if name.startswith("conv")}
     cache = {}
     for index, (kind, module, x_shape) in enumerate(recorded_layers(model, images)):
         # The first layer's input is the image, which the step never differentiates.
@@ -266,11 +293,15 @@ def profile(config, batch, step_ms: float) -> None:
         if key not in cache:
             cache[key] = (conv_times(module, x_shape, needs_input_grad=index > 0) if kind == "conv"
                           else batch_norm_times(x_shape))
+            if kind == "conv" and torch is not None:
+                cache[key + ("torch",)] = torch_conv_times(torch, module, x_shape, needs_input_grad=index > 0)
         times = cache[key]
         if kind == "conv":
-            totals["conv forward"] += times["forward"]
-            totals["conv backward (input grad)"] += times["input_grad"]
-            totals["conv backward (kernel grad)"] += times["kernel_grad"]
+            for sums, side in ((totals, times), (torch_totals, cache.get(key + ("torch",)))):
+                if side is not None:
+                    sums["conv forward"] += side["forward"]
+                    sums["conv backward (input grad)"] += side["input_grad"]
+                    sums["conv backward (kernel grad)"] += side["kernel_grad"]
         else:
             totals["BatchNorm forward"] += times["forward"]
             totals["BatchNorm backward"] += times["backward"]
@@ -300,10 +331,21 @@ def profile(config, batch, step_ms: float) -> None:
     print(f"  profile of the JAX step, conv_impl {config.model.conv_impl!r} (pieces jitted and timed alone, ms, "
           "share of their sum):")
     for name, ms in totals.items():
-        print(f"    {name:34s} {ms:8.1f}  {100 * ms / pieces:5.1f}%")
+        peer = (f"   PyTorch {torch_totals[name]:7.1f} ms: ours {ms / torch_totals[name]:.1f}x its time"
+                if torch is not None and name in torch_totals else "")
+        print(f"    {name:34s} {ms:8.1f}  {100 * ms / pieces:5.1f}%{peer}")
     # Timed alone, a piece misses the fusions and overlap it has inside the step, and sees other load.
     print(f"    {'sum of the pieces':34s} {pieces:8.1f}   against the step's {step_ms:.1f} ms (median above); the "
           f"difference, {step_ms - pieces:.1f} ms, is ReLU, pooling, adds, the head, copies, and timing noise")
+
+
+def torch_module():
+    """torch, or None where it is not installed (the profile then has no PyTorch column)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
 
 
 def load_average() -> str:
@@ -331,9 +373,9 @@ def main() -> None:
         except ImportError as error:
             print(f"PyTorch peer: skipped ({error}; pip install torch pytorch-metric-learning to run it)")
 
-    print(f"ResNet-18 x{args.width:g}, {args.embedding_dim}-d, {args.image_size} px, batch {args.batch}, HPL-PA, float32; JAX "
-          f"{jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); {args.steps} timed steps "
-          f"after {WARMUP_STEPS} warm-up steps, {args.repeats} repeats taking turns")
+    print(f"ResNet-18 x{args.width:g}, {args.embedding_dim}-d, {args.image_size} px, batch {args.batch}, HPL-PA, "
+          f"float32; JAX {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); {args.steps} "
+          f"timed steps after {WARMUP_STEPS} warm-up steps, {args.repeats} repeats taking turns")
     for _, step in sides.values():
         for _ in range(WARMUP_STEPS):
             step()
@@ -352,7 +394,7 @@ def main() -> None:
     if not args.no_profile:
         for name, (config, _) in sides.items():
             if config is not None:
-                profile(config, batch, 1e3 * args.batch / medians[name])
+                profile(config, batch, 1e3 * args.batch / medians[name], torch_module())
     print(f"({load_average()} at the end)")
 
 

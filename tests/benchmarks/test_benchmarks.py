@@ -91,3 +91,16 @@ def test_cpu_vs_torch_times_both_sides_at_a_tiny_size():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ResNet-18 x0.125, 8-d, 16 px, batch 4" in result.stdout
     assert re.search(r"^jax conv_impl=auto +[0-9.]+ images/s \(median\)", result.stdout, flags=re.M), result.stdout
+
+
+def test_cpu_vs_torch_times_a_convolution_in_both_frameworks():
+    torch = pytest.importorskip("torch")
+    import jax
+    from hpl_jax import models
+    from hpl_jax.benchmarks import cpu_vs_torch
+    module = models.conv(8, 3, 2, 1, jax.numpy.float32, "conv")
+    x_shape = jax.ShapeDtypeStruct((2, 9, 9, 4), jax.numpy.float32)
+    for times in (cpu_vs_torch.conv_times(module, x_shape, needs_input_grad=True),
+                  cpu_vs_torch.torch_conv_times(torch, module, x_shape, needs_input_grad=True)):
+        assert set(times) == {"forward", "input_grad", "kernel_grad"} and min(times.values()) > 0, times
+    assert cpu_vs_torch.torch_conv_times(torch, module, x_shape, needs_input_grad=False)["input_grad"] == 0.0
