@@ -12,7 +12,7 @@ PyTorch (benchmark-only imports; skipped with a line when torch or pytorch-metri
 official Proxy-Anchor step on the same shapes: ResNet-18 in torchvision's layout (every layer's channels scaled by
 the width as the JAX model scales them), written out below since
 torchvision may not be importable beside the installed torch (same layers, same parameter count, printed),
-average + max pooling summed, a 512-d linear layer, pytorch-metric-learning's ProxyAnchorLoss (alpha 32,
+average + max pooling summed, a linear layer to the embedding, pytorch-metric-learning's ProxyAnchorLoss (alpha 32,
 margin 0.1), AdamW (weight decay 1e-4) with the proxies at 100x, gradients clipped to [-10, 10].
 Both sides train in train-mode BatchNorm on one fixed random batch (no data loading), `steps` timed steps
 after two warm-up steps; the sides take turns within each repeat, so load from other processes hits them
