@@ -4,8 +4,8 @@ processes of their own pass `flags(devices)` on.
 Compiling dominates most tests' time, and XLA's backend optimisation off about halves it (the device check's dry
 run: 146 s -> 72 s); every test process runs with it off, so the programs two tests compare are compiled alike.
 XLA:CPU's older elemental emitters (--xla_cpu_use_fusion_emitters=false) compile a tiny run's train step in 3.2 s
-instead of 5.3 s on the 2-core machine; with them the suite went from 23 min 26 s to 19 min 10 s (2,861 -> 2,242
-worker-seconds).
+instead of 5.3 s on the 2-core machine; with them the suite went from 24 min 24 s to 19 min 10 s (2,861 -> 2,242
+worker-seconds, the same way each time).
 HPL_TESTS_XLA_OPTIMIZE=1 runs the suite with XLA's full optimisation, as users run the code."""
 import os
 

@@ -105,8 +105,9 @@ def jax_side(config, batch) -> Callable[[], None]:
     return step
 
 
-def torch_side(batch, embedding_dim: int = 512, width: float = 1.0) -> Callable[[], None]:
-    """One step of the official Proxy-Anchor recipe in PyTorch per call; raises ImportError without torch/pml."""
+def torch_side(batch, embedding_dim: int = 512, width: float = 1.0):
+    """(one step of the official Proxy-Anchor recipe in PyTorch per call, the model it trains); raises ImportError
+    without torch/pml."""
     import torch  # benchmark-only: not a dependency of the project
     from pytorch_metric_learning import losses as pml_losses
 
@@ -128,7 +129,7 @@ def torch_side(batch, embedding_dim: int = 512, width: float = 1.0) -> Callable[
         torch.nn.utils.clip_grad_value_(loss_fn.parameters(), 10)
         optimizer.step()
 
-    return step
+    return step, model
 
 
 def torch_embedder(torch, embedding_dim: int, width: float = 1.0):
@@ -359,13 +360,13 @@ def main() -> None:
     for conv_impl in args.conv_impls.split(","):
         config = benchmark_config(conv_impl, args.batch, args.image_size, args.width, args.embedding_dim)
         sides[f"jax conv_impl={conv_impl}"] = (config, jax_side(config, batch))
+    torch = None if args.no_torch else torch_module()
     if args.no_torch:
         print("PyTorch peer: skipped (--no_torch)")
     else:
         try:
-            import torch
-            torch_step = torch_side(batch, args.embedding_dim, args.width)
-            count = sum(p.numel() for p in torch_embedder(torch, args.embedding_dim, args.width).backbone.parameters())
+            torch_step, torch_model = torch_side(batch, args.embedding_dim, args.width)
+            count = sum(p.numel() for p in torch_model.backbone.parameters())
             print(f"PyTorch {torch.__version__} peer, {torch.get_num_threads()} threads; its ResNet-18 trunk has "
                   f"{count:,} parameters (ours: {trunk_size(config):,}; torchvision's resnet18 without fc, "
                   f"width 1: {11_689_512 - 513_000:,})")
@@ -394,7 +395,7 @@ def main() -> None:
     if not args.no_profile:
         for name, (config, _) in sides.items():
             if config is not None:
-                profile(config, batch, 1e3 * args.batch / medians[name], torch_module())
+                profile(config, batch, 1e3 * args.batch / medians[name], torch)
     print(f"({load_average()} at the end)")
 
 
