@@ -64,7 +64,11 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--embedding_dim", type=int, default=512)
     parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch peer")
     parser.add_argument("--no_profile", action="store_true", help="skip the profile of the JAX step")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if not args.width > 0 or args.embedding_dim < 1:
+        parser.error(f"--width must be above 0 and --embedding_dim at least 1 (got {args.width} and "
+                     f"{args.embedding_dim})")
+    return args
 
 
 def benchmark_config(conv_impl: str, batch: int, image_size: int, width: float = 1.0, embedding_dim: int = 512):

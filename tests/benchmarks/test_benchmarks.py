@@ -104,3 +104,11 @@ def test_cpu_vs_torch_times_a_convolution_in_both_frameworks():
                   cpu_vs_torch.torch_conv_times(torch, module, x_shape, needs_input_grad=True)):
         assert set(times) == {"forward", "input_grad", "kernel_grad"} and min(times.values()) > 0, times
     assert cpu_vs_torch.torch_conv_times(torch, module, x_shape, needs_input_grad=False)["input_grad"] == 0.0
+
+
+def test_cpu_vs_torch_refuses_a_width_of_zero_in_one_line():
+    result = subprocess.run([sys.executable, "-m", "hpl_jax.benchmarks.cpu_vs_torch", "--width=0"], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "--width must be above 0 and --embedding_dim at least 1 (got 0.0 and 512)")
