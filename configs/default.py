@@ -125,11 +125,13 @@ def get_config():
     model.pretrained = ""
     # How the backbone's convolutions are computed; the parameters and checkpoints are the same under each, so a
     # run may resume or be evaluated under another. 'auto': XLA's convolution op on GPUs and TPUs (cuDNN, the MXU);
-    # on CPUs patches + one matmul (im2col) for the convolutions whose feature map is smaller than their kernel,
-    # where XLA:CPU's convolution leaves its fast path, and XLA's op elsewhere (faster than im2col there). 'xla':
-    # XLA's op everywhere. 'im2col': patches + matmul everywhere. Measured in docs/benchmarks.md, section "CPU
-    # convolutions" (and python -m hpl_jax.benchmarks.cpu_vs_torch). A ViT's one convolution, the patch projection,
-    # is always computed as patches times the kernel (one matmul).
+    # on CPUs, per convolution, what was measured fastest there: patches + one matmul (im2col) where the feature
+    # map is smaller than the kernel, XLA's op for 1x1 kernels, oneDNN's convolutions elsewhere (XLA's op where
+    # oneDNN is unavailable: hpl_jax/models/onednn.py builds it on first use from the oneDNN wheels of
+    # requirements.txt and a C++ compiler, and the run's log says which). 'xla': XLA's op everywhere. 'im2col':
+    # patches + matmul everywhere. 'onednn': oneDNN everywhere (CPU only; refused where it is unavailable).
+    # Measured in docs/benchmarks.md, section "CPU convolutions" (python -m hpl_jax.benchmarks.cpu_vs_torch). A
+    # ViT's one convolution, the patch projection, is always computed as patches times the kernel (one matmul).
     model.conv_impl = "auto"
     # Side in pixels of a ViT's square patches: 16 for the published ViT-*/16, 14 for DINOv2-style weights, small
     # values (e.g. 4) for CPU-sized images; converted weights must have it. The image is cut into

@@ -1,6 +1,8 @@
 """The models layer: backbones, the embedding head, and the conversion of published weights.
 
-  layers.py        convolutions (XLA or im2col, `model.conv_impl`), BatchNorm with PyTorch's constants, width
+  layers.py        convolutions (XLA, im2col or oneDNN: `model.conv_impl`), BatchNorm with PyTorch's constants,
+                   width
+  onednn.py        oneDNN's convolutions as XLA FFI custom calls on CPUs (built on first use)
   resnet.py        ResNet-18/34/50 (torchvision v1.5 layout)
   bn_inception.py  BN-Inception (the PyTorch port the official Proxy-Anchor code trains)
   vit.py           ViT-Ti/S/B (timm's vit_*_patch16_224 layout, any patch size), position embeddings resampled
@@ -15,15 +17,15 @@ from hpl_jax.models.bn_inception import BNInception, max_pool_ceil_mode
 from hpl_jax.models.embedder import (BACKBONES, DTYPES, POOLINGS, VIT_BACKBONES, Embedder, backbone_poolings,
                                      create_model, l2_normalize, pooled_features, pooled_tokens, standardize)
 from hpl_jax.models.layers import (CONV_FUNCTIONS, CONV_IMPLS, NHWC_DIMENSION_NUMBERS, batch_norm, conv,
-                                   conv_kernel_init, cpu_conv, im2col_conv, resolve_conv_impl, scaled_channels,
-                                   smaller_than_kernel)
+                                   conv_kernel_init, cpu_conv, describe_conv_impl, im2col_conv, onednn_conv,
+                                   resolve_conv_impl, scaled_channels, smaller_than_kernel)
 from hpl_jax.models.resnet import BasicBlock, Bottleneck, ResNet
 from hpl_jax.models.vit import VIT_LAYOUTS, VisionTransformer, resample_pos_embed, vit_width
 
 __all__ = [
-    "BACKBONES", "BNInception", "BasicBlock", "Bottleneck", "CONV_FUNCTIONS", "CONV_IMPLS", "DTYPES",
-    "Embedder", "NHWC_DIMENSION_NUMBERS", "POOLINGS", "ResNet", "VIT_BACKBONES", "VIT_LAYOUTS",
-    "VisionTransformer", "backbone_poolings", "batch_norm", "conv", "conv_kernel_init", "cpu_conv", "create_model",
-    "im2col_conv", "l2_normalize", "max_pool_ceil_mode", "pooled_features", "pooled_tokens", "resample_pos_embed",
-    "resolve_conv_impl", "scaled_channels", "smaller_than_kernel", "standardize", "vit_width",
+    "BACKBONES", "BNInception", "BasicBlock", "Bottleneck", "CONV_FUNCTIONS", "CONV_IMPLS", "DTYPES", "Embedder",
+    "NHWC_DIMENSION_NUMBERS", "POOLINGS", "ResNet", "VIT_BACKBONES", "VIT_LAYOUTS", "VisionTransformer",
+    "backbone_poolings", "batch_norm", "conv", "conv_kernel_init", "cpu_conv", "create_model", "describe_conv_impl",
+    "im2col_conv", "l2_normalize", "max_pool_ceil_mode", "onednn_conv", "pooled_features", "pooled_tokens",
+    "resample_pos_embed", "resolve_conv_impl", "scaled_channels", "smaller_than_kernel", "standardize", "vit_width",
 ]

@@ -9,8 +9,11 @@ parameters (flax `nn.Conv`'s tree: 'kernel' HWIO, 'bias'), so a checkpoint of on
 - 'xla': XLA's convolution op (cuDNN on GPUs, the MXU on TPUs).
 - 'im2col': every convolution as shifted slices of the padded input, concatenated into patches, times the
   kernel in one matmul (`im2col_conv`).
-- 'auto': 'xla' on GPUs and TPUs; on CPUs `cpu_conv`, which takes im2col only where XLA:CPU's convolution
-  is slow (a feature map smaller than the kernel) and XLA's convolution elsewhere.
+- 'onednn': every convolution and its gradients computed by oneDNN, through XLA FFI custom calls (CPU only;
+  onednn.py, which compiles the library on first use).
+- 'auto': 'xla' on GPUs and TPUs; on CPUs `cpu_conv`, which picks per convolution what was measured fastest
+  there: im2col where a feature map is smaller than the kernel, XLA's op for 1x1 kernels, oneDNN elsewhere
+  (XLA's op where oneDNN is unavailable; `onednn.status()` says why).
 """
 from __future__ import annotations
 
@@ -21,8 +24,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from hpl_jax.models import onednn
 
-CONV_IMPLS = ("auto", "xla", "im2col")
+
+CONV_IMPLS = ("auto", "xla", "im2col", "onednn")
 
 # PyTorch's BatchNorm2d defaults (eps 1e-5, momentum 0.1); Flax's momentum weighs the old running value.
 # One difference stays: PyTorch's running variance averages the unbiased batch variance, Flax's the biased.
@@ -58,6 +63,13 @@ NHWC_DIMENSION_NUMBERS = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spe
                                                   out_spec=(0, 3, 1, 2))
 
 
+def _check_backbone_conv(padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count) -> None:
+    # Only what the backbones use; anything else is a bug of ours, not a user's setting.
+    assert dimension_numbers == NHWC_DIMENSION_NUMBERS, dimension_numbers
+    assert feature_group_count == 1 and not isinstance(padding, str), (feature_group_count, padding)
+    assert all(d == 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1)))
+
+
 def im2col_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                 dimension_numbers=None, feature_group_count: int = 1, precision=None) -> jax.Array:
     """`lax.conv_general_dilated` as patches + one matmul (im2col), for the convolutions of this module.
@@ -76,10 +88,7 @@ def im2col_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dil
     Returns:
       dtype[batch, (H + top + bottom - kh) // sh + 1, (W + left + right - kw) // sw + 1, C_out].
     """
-    # Only what the backbones use; anything else is a bug of ours, not a user's setting.
-    assert dimension_numbers == NHWC_DIMENSION_NUMBERS, dimension_numbers
-    assert feature_group_count == 1 and not isinstance(padding, str), (feature_group_count, padding)
-    assert all(d == 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1)))
+    _check_backbone_conv(padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count)
     kh, kw, c_in, c_out = rhs.shape
     (sh, sw), ((top, bottom), (left, right)) = window_strides, padding
     padded = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
@@ -109,14 +118,28 @@ def smaller_than_kernel(lhs_shape, rhs_shape, window_strides, padding) -> bool:
     return False
 
 
+def onednn_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                dimension_numbers=None, feature_group_count: int = 1, precision=None) -> jax.Array:
+    """`lax.conv_general_dilated` computed by oneDNN (`onednn.onednn_conv`), for the convolutions of this module:
+    lhs f32[batch, H, W, C_in], rhs f32[kh, kw, C_in, C_out], explicit padding, as `im2col_conv`."""
+    _check_backbone_conv(padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count)
+    return onednn.onednn_conv(lhs, rhs, window_strides, padding)
+
+
 def cpu_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, **kwargs) -> jax.Array:
-    """conv_impl 'auto' on a CPU: `im2col_conv` where the feature maps are smaller than the kernel,
-    XLA's convolution elsewhere (faster there: it does not copy the input kh * kw times)."""
-    small = smaller_than_kernel(lhs.shape, rhs.shape, window_strides, padding)
-    return (im2col_conv if small else lax.conv_general_dilated)(lhs, rhs, window_strides, padding, **kwargs)
+    """conv_impl 'auto' on a CPU: per convolution, what is fastest there (docs/benchmarks.md, "CPU convolutions"):
+    `im2col_conv` where a feature map is smaller than the kernel; XLA's op for a 1x1 kernel (a strided slice and
+    a matmul, as fast as oneDNN's) or a dtype other than float32; oneDNN's convolutions elsewhere, or XLA's op
+    where oneDNN is unavailable."""
+    if smaller_than_kernel(lhs.shape, rhs.shape, window_strides, padding):
+        return im2col_conv(lhs, rhs, window_strides, padding, **kwargs)
+    one_by_one = rhs.shape[:2] == (1, 1)
+    if one_by_one or not lhs.dtype == rhs.dtype == jnp.float32 or not onednn.status().available:
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+    return onednn_conv(lhs, rhs, window_strides, padding, **kwargs)
 
 
-CONV_FUNCTIONS = {"xla": lax.conv_general_dilated, "im2col": im2col_conv, "cpu": cpu_conv}
+CONV_FUNCTIONS = {"xla": lax.conv_general_dilated, "im2col": im2col_conv, "onednn": onednn_conv, "cpu": cpu_conv}
 
 
 def resolve_conv_impl(conv_impl: str, platform: Optional[str] = None) -> str:
@@ -127,6 +150,21 @@ def resolve_conv_impl(conv_impl: str, platform: Optional[str] = None) -> str:
     if conv_impl != "auto":
         return conv_impl
     return "cpu" if (platform or jax.default_backend()) == "cpu" else "xla"
+
+
+def describe_conv_impl(conv_impl: str) -> str:
+    """What a resolved conv_impl (a key of CONV_FUNCTIONS) computes the convolutions with, for the run's log; on a
+    CPU it builds and loads oneDNN if that has not happened yet."""
+    if conv_impl == "xla":
+        return "XLA's convolution op"
+    if conv_impl == "im2col":
+        return "patches + one matmul (im2col)"
+    state = onednn.status()
+    if conv_impl == "onednn":
+        return f"oneDNN: {state.detail}"
+    elsewhere = f"oneDNN elsewhere ({state.detail})" if state.available else (
+        f"XLA's op elsewhere (oneDNN unavailable: {state.detail})")
+    return f"im2col where a feature map is smaller than the kernel, XLA's op for 1x1 kernels, {elsewhere}"
 
 
 def conv(features: int, kernel: int, stride: int, padding: int, dtype: Any, name: str,

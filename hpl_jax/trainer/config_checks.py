@@ -13,6 +13,7 @@ import os
 import re
 from typing import Optional, Sequence
 
+import jax
 import numpy as np
 
 from hpl_jax import data
@@ -22,6 +23,7 @@ from hpl_jax import models
 from hpl_jax.core import hierarchy
 from hpl_jax.core import losses
 from hpl_jax.models import convert as convert_weights
+from hpl_jax.models import onednn
 from hpl_jax.trainer import pretraining
 
 BASE_LOSSES = tuple(losses.BASE_LOSSES)
@@ -262,6 +264,12 @@ def check_model(config) -> None:
     _require(model.pooling in poolings, "model.pooling",
              f"{model.pooling!r} is not a pooling of {model.backbone}; use one of {poolings}.")
     _require(model.conv_impl in CONV_IMPLS, "model.conv_impl", f"{model.conv_impl!r}; use one of {CONV_IMPLS}.")
+    if model.conv_impl == "onednn" and model.backbone not in models.VIT_BACKBONES:
+        _require(jax.default_backend() == "cpu", "model.conv_impl",
+                 f"'onednn' runs on CPUs only, not {jax.default_backend()}; use 'auto' (XLA's op there).")
+        onednn_status = onednn.status()
+        _require(onednn_status.available, "model.conv_impl",
+                 f"'onednn' but oneDNN is unavailable here: {onednn_status.detail}; use 'auto' or 'xla'.")
     _require_bool(model.bn_frozen, "model.bn_frozen")
     _require(_is_int(model.patch_size) and model.patch_size >= 1, "model.patch_size",
              f"{model.patch_size!r} must be an integer >= 1 (16 = the published ViTs).")

@@ -361,6 +361,9 @@ def _train_and_evaluate(config, workdir: str, on_exit: contextlib.ExitStack) -> 
                  config.batch_size, device_count, process_count)
 
     model = models.create_model(config.model, bn_axis_name=None if config.model.bn_frozen else AXIS)
+    if not model.is_vit:
+        logging.info("Convolutions (model.conv_impl %r): %s", config.model.conv_impl,
+                     models.describe_conv_impl(model.conv_impl))
     state = create_train_state(jax.random.PRNGKey(config.seed), config, model, info)
     labels, groups = optim.parameter_groups(trainable(state.params, state.hierarchy), config.optim)
 
