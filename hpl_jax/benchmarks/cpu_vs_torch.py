@@ -14,25 +14,31 @@ the width as the JAX model scales them), written out below since
 torchvision may not be importable beside the installed torch (same layers, same parameter count, printed),
 average + max pooling summed, a linear layer to the embedding, pytorch-metric-learning's ProxyAnchorLoss (alpha 32,
 margin 0.1), AdamW (weight decay 1e-4) with the proxies at 100x, gradients clipped to [-10, 10].
-Both sides train in train-mode BatchNorm on one fixed random batch (no data loading), `steps` timed steps
-after two warm-up steps; the sides take turns within each repeat, so load from other processes hits them
-alike. Printed: images/s per side and repeat, the medians, and the ratio JAX / PyTorch.
+PyTorch runs in a process of its own (TorchPeer: in one process the two frameworks' OpenMP runtimes slowed
+PyTorch's step by 15-20%), as a user runs it. Both sides train in train-mode BatchNorm on one fixed random batch
+(no data loading), `steps` timed steps after two warm-up steps; the sides take turns within each repeat, so load
+from other processes hits them alike. Printed: how each conv_impl computes the convolutions, images/s per side and
+repeat, the medians, and the ratio JAX / PyTorch.
 
 The profile times jitted pieces of the JAX step one by one, on one device: every convolution of the model
 (forward; the backward's input gradient and kernel gradient, with the implementation the model uses for it),
 every BatchNorm (train mode, forward and backward), the HPL loss (value and gradient w.r.t. the embeddings and
 the proxies), and the optimiser (AdamW update + apply). What the pieces leave of the step is ReLU, pooling,
 residual adds, the head and the copies between the pieces. Where torch is installed, each convolution pass is also
-timed in PyTorch on the same convolutions (its forward, input gradient and weight gradient), beside ours.
+timed in PyTorch (in its process) on the same convolutions (its forward, input gradient and weight gradient), beside
+ours.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import flax.linen as nn
 import jax
@@ -64,6 +70,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--embedding_dim", type=int, default=512)
     parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch peer")
     parser.add_argument("--no_profile", action="store_true", help="skip the profile of the JAX step")
+    parser.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)  # TorchPeer's process
     args = parser.parse_args()
     if not args.width > 0 or args.embedding_dim < 1:
         parser.error(f"--width must be above 0 and --embedding_dim at least 1 (got {args.width} and "
@@ -241,16 +248,23 @@ def conv_times(module: nn.Conv, x_shape, needs_input_grad: bool) -> Dict[str, fl
             "kernel_grad": median_ms(kernel_grad, x, w, ct)}
 
 
-def torch_conv_times(torch, module: nn.Conv, x_shape, needs_input_grad: bool) -> Dict[str, float]:
-    """ms of the same convolution's forward, input gradient and weight gradient in PyTorch (NCHW, its own
-    kernels: torch.ops.aten.convolution_backward), on PyTorch's threads."""
+def conv_geometry(module: nn.Conv, x_shape) -> dict:
+    """What the PyTorch peer needs to time the same convolution: plain numbers, sent to its process as JSON."""
     (top, bottom), (left, right) = module.padding
     assert top == bottom and left == right, module.padding  # the backbones pad as PyTorch does (models/layers.py)
+    return {"x_shape": list(x_shape.shape), "features": module.features, "kernel_size": list(module.kernel_size),
+            "strides": list(module.strides), "padding": [top, left]}
+
+
+def torch_conv_times(torch, geometry: dict, needs_input_grad: bool) -> Dict[str, float]:
+    """ms of a convolution's (conv_geometry) forward, input gradient and weight gradient in PyTorch (NCHW, its own
+    kernels: torch.ops.aten.convolution_backward), on PyTorch's threads."""
     rng = np.random.default_rng(0)
-    n, h, w, c = x_shape.shape
+    n, h, w, c = geometry["x_shape"]
     x = torch.from_numpy(rng.normal(size=(n, c, h, w)).astype(np.float32))
-    weight = torch.from_numpy((rng.normal(size=(module.features, c) + module.kernel_size) * 0.05).astype(np.float32))
-    strides, padding = list(module.strides), [top, left]
+    weight = torch.from_numpy((rng.normal(size=[geometry["features"], c] + geometry["kernel_size"]) * 0.05)
+                              .astype(np.float32))
+    strides, padding = geometry["strides"], geometry["padding"]
     with torch.no_grad():
         y = torch.nn.functional.conv2d(x, weight, stride=strides, padding=padding)
         ct = torch.ones_like(y)
@@ -282,8 +296,8 @@ def batch_norm_times(x_shape) -> Dict[str, float]:
             "backward": median_ms(backward, variables["params"], x, ct)}
 
 
-def profile(config, batch, step_ms: float, torch=None) -> None:
-    """Prints where the time of one JAX train step goes (see the module docstring); with `torch`, each
+def profile(config, batch, step_ms: float, peer: Optional["TorchPeer"] = None) -> None:
+    """Prints where the time of one JAX train step goes (see the module docstring); with the PyTorch `peer`, each
     convolution pass beside PyTorch's time for the same convolutions."""
     model = models.create_model(config.model)
     images = jnp.asarray(batch["image"])
@@ -298,8 +312,8 @@ def profile(config, batch, step_ms: float, torch=None) -> None:
         if key not in cache:
             cache[key] = (conv_times(module, x_shape, needs_input_grad=index > 0) if kind == "conv"
                           else batch_norm_times(x_shape))
-            if kind == "conv" and torch is not None:
-                cache[key + ("torch",)] = torch_conv_times(torch, module, x_shape, needs_input_grad=index > 0)
+            if kind == "conv" and peer is not None:
+                cache[key + ("torch",)] = peer.conv_times(conv_geometry(module, x_shape), needs_input_grad=index > 0)
         times = cache[key]
         if kind == "conv":
             for sums, side in ((totals, times), (torch_totals, cache.get(key + ("torch",)))):
@@ -337,20 +351,75 @@ def profile(config, batch, step_ms: float, torch=None) -> None:
           "share of their sum):")
     for name, ms in totals.items():
         peer = (f"   PyTorch {torch_totals[name]:7.1f} ms: ours {ms / torch_totals[name]:.1f}x its time"
-                if torch is not None and name in torch_totals else "")
+                if peer is not None and name in torch_totals else "")
         print(f"    {name:34s} {ms:8.1f}  {100 * ms / pieces:5.1f}%{peer}")
     # Timed alone, a piece misses the fusions and overlap it has inside the step, and sees other load.
     print(f"    {'sum of the pieces':34s} {pieces:8.1f}   against the step's {step_ms:.1f} ms (median above); the "
           f"difference, {step_ms - pieces:.1f} ms, is ReLU, pooling, adds, the head, copies, and timing noise")
 
 
-def torch_module():
-    """torch, or None where it is not installed (the profile then has no PyTorch column)."""
+class TorchPeer:
+    """The PyTorch side in a process of its own (`--peer`), driven over its stdin and stdout one JSON line at a time.
+
+    Why not in this process: both frameworks run oneDNN on OpenMP threads, each with its own OpenMP runtime, and
+    beside the JAX side's loaded oneDNN PyTorch's step lost 15-20% of its speed (139 -> 115 images/s at the bench
+    size); a user runs one of them per process. Idle, the peer waits on a read and takes no CPU from the JAX side.
+    """
+
+    def __init__(self, batch: int, image_size: int, width: float, embedding_dim: int):
+        command = [sys.executable, "-m", "hpl_jax.benchmarks.cpu_vs_torch", "--peer", f"--batch={batch}",
+                   f"--image_size={image_size}", f"--width={width}", f"--embedding_dim={embedding_dim}"]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        self.ready = self._receive()  # {'torch': version, 'threads': n, 'trunk': parameters} or {'error': why}
+
+    def _receive(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the PyTorch peer process ended (exit status {self.process.wait()})")
+        return json.loads(line)
+
+    def _ask(self, **request) -> dict:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return self._receive()
+
+    def warm_up(self, steps: int) -> None:
+        self._ask(op="warm_up", steps=steps)
+
+    def images_per_second(self, steps: int) -> float:
+        return self._ask(op="rate", steps=steps)["images_per_second"]
+
+    def conv_times(self, geometry: dict, needs_input_grad: bool) -> Dict[str, float]:
+        return self._ask(op="conv_times", geometry=geometry, needs_input_grad=needs_input_grad)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=60)
+
+
+def serve_peer(args) -> None:
+    """`--peer`: the PyTorch side, answering TorchPeer's requests until its stdin closes."""
     try:
-        import torch
-    except ImportError:
-        return None
-    return torch
+        import torch  # benchmark-only: not a dependency of the project
+        step, model = torch_side(random_batch(args.batch, args.image_size), args.embedding_dim, args.width)
+    except ImportError as error:
+        print(json.dumps({"error": str(error)}), flush=True)
+        return
+    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "trunk": sum(p.numel() for p in model.backbone.parameters())}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["op"] == "warm_up":
+            for _ in range(request["steps"]):
+                step()
+            answer = {}
+        elif request["op"] == "rate":
+            answer = {"images_per_second": images_per_second(step, args.batch, request["steps"])}
+        else:
+            answer = torch_conv_times(torch, request["geometry"], request["needs_input_grad"])
+        print(json.dumps(answer), flush=True)
 
 
 def load_average() -> str:
@@ -359,35 +428,45 @@ def load_average() -> str:
 
 def main() -> None:
     args = _parse_args()
+    if args.peer:
+        serve_peer(args)
+        return
     batch = random_batch(args.batch, args.image_size)
-    sides = {}
+    sides = {}  # name -> (config or None, warm_up(steps), images_per_second(steps))
     for conv_impl in args.conv_impls.split(","):
         config = benchmark_config(conv_impl, args.batch, args.image_size, args.width, args.embedding_dim)
-        sides[f"jax conv_impl={conv_impl}"] = (config, jax_side(config, batch))
-    torch = None if args.no_torch else torch_module()
+        step = jax_side(config, batch)
+        sides[f"jax conv_impl={conv_impl}"] = (config, functools.partial(_repeat, step),
+                                               functools.partial(images_per_second, step, args.batch))
+    peer = None
     if args.no_torch:
         print("PyTorch peer: skipped (--no_torch)")
     else:
-        try:
-            torch_step, torch_model = torch_side(batch, args.embedding_dim, args.width)
-            count = sum(p.numel() for p in torch_model.backbone.parameters())
-            print(f"PyTorch {torch.__version__} peer, {torch.get_num_threads()} threads; its ResNet-18 trunk has "
-                  f"{count:,} parameters (ours: {trunk_size(config):,}; torchvision's resnet18 without fc, "
-                  f"width 1: {11_689_512 - 513_000:,})")
-            sides["pytorch"] = (None, torch_step)
-        except ImportError as error:
-            print(f"PyTorch peer: skipped ({error}; pip install torch pytorch-metric-learning to run it)")
+        peer = TorchPeer(args.batch, args.image_size, args.width, args.embedding_dim)
+        if "error" in peer.ready:
+            print(f"PyTorch peer: skipped ({peer.ready['error']}; pip install torch pytorch-metric-learning to run "
+                  f"it)")
+            peer.close()
+            peer = None
+        else:
+            print(f"PyTorch {peer.ready['torch']} peer in its own process, {peer.ready['threads']} threads; its "
+                  f"ResNet-18 trunk has {peer.ready['trunk']:,} parameters (ours: {trunk_size(config):,}; "
+                  f"torchvision's resnet18 without fc, width 1: {11_689_512 - 513_000:,})")
+            sides["pytorch"] = (None, peer.warm_up, peer.images_per_second)
 
     print(f"ResNet-18 x{args.width:g}, {args.embedding_dim}-d, {args.image_size} px, batch {args.batch}, HPL-PA, "
           f"float32; JAX {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); {args.steps} "
           f"timed steps after {WARMUP_STEPS} warm-up steps, {args.repeats} repeats taking turns")
-    for _, step in sides.values():
-        for _ in range(WARMUP_STEPS):
-            step()
+    for config, _, _ in sides.values():
+        if config is not None:
+            print(f"  jax conv_impl={config.model.conv_impl}: "
+                  f"{models.describe_conv_impl(models.resolve_conv_impl(config.model.conv_impl))}")
+    for _, warm_up, _ in sides.values():
+        warm_up(WARMUP_STEPS)
     rates = {name: [] for name in sides}
     for repeat in range(args.repeats):
-        for name, (_, step) in sides.items():
-            rates[name].append(images_per_second(step, args.batch, args.steps))
+        for name, (_, _, rate) in sides.items():
+            rates[name].append(rate(args.steps))
             print(f"  repeat {repeat}: {name:24s} {rates[name][-1]:7.1f} images/s   ({load_average()})", flush=True)
     medians = {name: statistics.median(values) for name, values in rates.items()}
     for name, value in medians.items():
@@ -397,10 +476,17 @@ def main() -> None:
             line += f"  = {value / medians['pytorch']:.2f}x PyTorch (per repeat {per_repeat})"
         print(line)
     if not args.no_profile:
-        for name, (config, _) in sides.items():
+        for name, (config, _, _) in sides.items():
             if config is not None:
-                profile(config, batch, 1e3 * args.batch / medians[name], torch)
+                profile(config, batch, 1e3 * args.batch / medians[name], peer)
+    if peer is not None:
+        peer.close()
     print(f"({load_average()} at the end)")
+
+
+def _repeat(step: Callable[[], None], times: int) -> None:
+    for _ in range(times):
+        step()
 
 
 if __name__ == "__main__":

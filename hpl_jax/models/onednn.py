@@ -124,13 +124,18 @@ def _attributes(strides: Tuple[int, int], padding: Tuple[Tuple[int, int], Tuple[
                                                            (sh, sw, pt, pb, pl, pr))}
 
 
+def _result_type(shape, like: jax.Array):
+    # Inside shard_map a value's type says which mesh axes it varies over; a result varies as the operand it
+    # stands for (the output and dx as x; dkernel as the kernel, which shard_map has already made per-device).
+    return jax.typeof(like).update(shape=tuple(shape))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
     (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
     batch, height, width, _ = x.shape
     kh, kw, _, features = kernel.shape
-    out = jax.ShapeDtypeStruct((batch, (height + pt + pb - kh) // sh + 1, (width + pl + pr - kw) // sw + 1,
-                                features), x.dtype)
+    out = _result_type((batch, (height + pt + pb - kh) // sh + 1, (width + pl + pr - kw) // sw + 1, features), x)
     return jax.ffi.ffi_call("hpl_onednn_conv_forward", out)(x, kernel, **_attributes(strides, padding))
 
 
@@ -141,9 +146,8 @@ def _conv_forward(x, kernel, strides, padding):
 def _conv_backward(strides, padding, residuals, dy):
     x, kernel = residuals
     attributes = _attributes(strides, padding)
-    dx = jax.ffi.ffi_call("hpl_onednn_conv_input_grad", jax.ShapeDtypeStruct(x.shape, x.dtype))(
-        x, kernel, dy, **attributes)
-    dkernel = jax.ffi.ffi_call("hpl_onednn_conv_kernel_grad", jax.ShapeDtypeStruct(kernel.shape, kernel.dtype))(
+    dx = jax.ffi.ffi_call("hpl_onednn_conv_input_grad", _result_type(x.shape, x))(x, kernel, dy, **attributes)
+    dkernel = jax.ffi.ffi_call("hpl_onednn_conv_kernel_grad", _result_type(kernel.shape, kernel))(
         x, kernel, dy, **attributes)
     return dx, dkernel
 

@@ -1,4 +1,5 @@
 """The benchmark scripts run and print their tables (their figures are measured, never asserted)."""
+import importlib.util
 import os
 import re
 import subprocess
@@ -91,6 +92,12 @@ def test_cpu_vs_torch_times_both_sides_at_a_tiny_size():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ResNet-18 x0.125, 8-d, 16 px, batch 4" in result.stdout
     assert re.search(r"^jax conv_impl=auto +[0-9.]+ images/s \(median\)", result.stdout, flags=re.M), result.stdout
+    # The PyTorch side answers from its own process, or says in one line why it is skipped.
+    if not all(importlib.util.find_spec(name) for name in ("torch", "pytorch_metric_learning")):
+        assert "PyTorch peer: skipped (No module named" in result.stdout, result.stdout
+    else:
+        assert "peer in its own process" in result.stdout
+        assert re.search(r"^jax conv_impl=auto .* = [0-9.]+x PyTorch", result.stdout, flags=re.M), result.stdout
 
 
 def test_cpu_vs_torch_times_a_convolution_in_both_frameworks():
@@ -100,10 +107,13 @@ def test_cpu_vs_torch_times_a_convolution_in_both_frameworks():
     from hpl_jax.benchmarks import cpu_vs_torch
     module = models.conv(8, 3, 2, 1, jax.numpy.float32, "conv")
     x_shape = jax.ShapeDtypeStruct((2, 9, 9, 4), jax.numpy.float32)
+    geometry = cpu_vs_torch.conv_geometry(module, x_shape)
+    assert geometry == {"x_shape": [2, 9, 9, 4], "features": 8, "kernel_size": [3, 3], "strides": [2, 2],
+                        "padding": [1, 1]}
     for times in (cpu_vs_torch.conv_times(module, x_shape, needs_input_grad=True),
-                  cpu_vs_torch.torch_conv_times(torch, module, x_shape, needs_input_grad=True)):
+                  cpu_vs_torch.torch_conv_times(torch, geometry, needs_input_grad=True)):
         assert set(times) == {"forward", "input_grad", "kernel_grad"} and min(times.values()) > 0, times
-    assert cpu_vs_torch.torch_conv_times(torch, module, x_shape, needs_input_grad=False)["input_grad"] == 0.0
+    assert cpu_vs_torch.torch_conv_times(torch, geometry, needs_input_grad=False)["input_grad"] == 0.0
 
 
 def test_cpu_vs_torch_refuses_a_width_of_zero_in_one_line():

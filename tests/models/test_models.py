@@ -12,6 +12,7 @@ import pytest
 from configs import default
 from hpl_jax import data
 from hpl_jax import models
+from hpl_jax.models import onednn
 from hpl_jax.trainer import checkpointing
 from hpl_jax.trainer import config_checks
 from hpl_jax.trainer import evaluation
@@ -342,9 +343,10 @@ def lowering_setup():
     return config, state, per_device(state), per_device(batch)
 
 
-def convolutions_in_lowered_steps(conv_impl, platform):
-    """Number of convolution ops in the StableHLO of the pmapped train step and eval (embed) step of the
-    default config (ResNet-18, 32 px), with conv_impl resolved as on `platform`; lowered, never compiled."""
+def convolutions_in_lowered_steps(conv_impl, platform, op="stablehlo.convolution"):
+    """Number of `op`s (XLA's convolution, or a custom call's target name) in the StableHLO of the pmapped train
+    step and eval (embed) step of the default config (ResNet-18, 32 px), with conv_impl resolved as on `platform`;
+    lowered, never compiled."""
     config, state, state_shapes, batch_shapes = lowering_setup()
     config = config.copy_and_resolve_references()
     config.model.conv_impl = conv_impl
@@ -354,8 +356,7 @@ def convolutions_in_lowered_steps(conv_impl, platform):
                           axis_name=train.AXIS)
     embed_step = jax.pmap(functools.partial(evaluation.embed_step, model=model, dataset_config=config.dataset),
                           axis_name=train.AXIS)
-    return tuple(step.lower(state_shapes, batch_shapes).as_text().count("stablehlo.convolution")
-                 for step in (train_step, embed_step))
+    return tuple(step.lower(state_shapes, batch_shapes).as_text().count(op) for step in (train_step, embed_step))
 
 
 @pytest.mark.slow
@@ -364,9 +365,12 @@ def test_lowered_steps_keep_xla_convolutions_off_cpu_and_im2col_has_none():
     # input is the image) have an input gradient. (conv_impl 'auto' is 'xla' on TPUs too: see the test above.)
     assert convolutions_in_lowered_steps("auto", "gpu") == (3 * 20 - 1, 20)
     assert convolutions_in_lowered_steps("im2col", "gpu") == (0, 0)
-    # On a CPU at 32 px, layer3 (2x2 maps) and layer4 (1x1) leave their 3x3 convolutions to im2col: XLA keeps
-    # the stem, layer1 and layer2 (4 each) and the three 1x1 downsampling convolutions.
-    assert convolutions_in_lowered_steps("auto", "cpu") == (3 * 12 - 1, 12)
+    # On a CPU at 32 px, layer3 (2x2 maps) and layer4 (1x1) leave their 3x3 convolutions to im2col; XLA keeps the
+    # three 1x1 downsampling convolutions; oneDNN computes the stem, layer1 and layer2's 3x3 convolutions (4 each).
+    assert convolutions_in_lowered_steps("auto", "cpu") == (3 * 3, 3)
+    calls = {target: convolutions_in_lowered_steps("auto", "cpu", f"@{target}(") for target in onednn.TARGETS}
+    assert calls == {"hpl_onednn_conv_forward": (9, 9), "hpl_onednn_conv_input_grad": (8, 0),
+                      "hpl_onednn_conv_kernel_grad": (9, 0)}
 
 
 def test_conv_impl_is_checked_and_may_change_on_resume():
