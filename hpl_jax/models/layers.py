@@ -17,6 +17,7 @@ parameters (flax `nn.Conv`'s tree: 'kernel' HWIO, 'bias'), so a checkpoint of on
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -165,6 +166,60 @@ def describe_conv_impl(conv_impl: str) -> str:
     elsewhere = f"oneDNN elsewhere ({state.detail})" if state.available else (
         f"XLA's op elsewhere (oneDNN unavailable: {state.detail})")
     return f"im2col where a feature map is smaller than the kernel, XLA's op for 1x1 kernels, {elsewhere}"
+
+
+def _pool_taps(x: jax.Array) -> list:
+    """The 9 taps of a 3x3, stride-2 window over x padded by one with -inf (PyTorch's MaxPool2d(3, 2, 1)), in
+    (row, column) order: 9 x dtype[batch, (H - 1) // 2 + 1, (W - 1) // 2 + 1, C]."""
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    batch, height, width, channels = x.shape
+    out_h, out_w = (height - 1) // 2 + 1, (width - 1) // 2 + 1
+    return [lax.slice(padded, (0, i, j, 0), (batch, i + 2 * out_h - 1, j + 2 * out_w - 1, channels), (1, 2, 2, 1))
+            for i in range(3) for j in range(3)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool_3x3_s2(x: jax.Array, shape) -> jax.Array:
+    return _max_pool_with_taps(x, shape)[0]
+
+
+def _max_pool_with_taps(x, shape):
+    taps = _pool_taps(x)
+    best, index = taps[0], jnp.zeros(taps[0].shape, jnp.int8)
+    for tap_index, tap in enumerate(taps[1:], 1):
+        better = tap > best  # on a tie the first tap in (row, column) order wins, as in PyTorch
+        best, index = jnp.where(better, tap, best), jnp.where(better, jnp.int8(tap_index), index)
+    return best, index
+
+
+def _max_pool_backward(shape, index, dy):
+    # Padded input row r = 2 * out_row + i for tap row i: even rows receive taps 0 (same out_row) and 2 (the
+    # previous), odd rows tap 1; columns alike. Each of the 4 (row, column) parities is a sum of shifted, masked
+    # dy, and the 4 interleave into the padded input's gradient. XLA's own gradient of reduce_window
+    # (select-and-scatter) took 96 of this pooling's 102 ms on a CPU (ResNet-18's stem, 64 px, batch 64).
+    _, height, width, _ = shape
+    routed = [jnp.where(index == t, dy, jnp.zeros((), dy.dtype)) for t in range(9)]
+    shift = {0: (0, 1), 1: (0, 1), 2: (1, 0)}  # (before, after) padding: tap 2 lands one row/column further
+
+    def plane(rows, columns):
+        return sum(jnp.pad(routed[3 * i + j], ((0, 0), shift[i], shift[j], (0, 0))) for i in rows for j in columns)
+    even, odd = (0, 2), (1,)
+    planes = jnp.stack([jnp.stack([plane(even, even), plane(even, odd)], axis=3),
+                        jnp.stack([plane(odd, even), plane(odd, odd)], axis=3)], axis=2)
+    batch, rows, _, columns, _, channels = planes.shape
+    padded = planes.reshape(batch, 2 * rows, 2 * columns, channels)
+    return (padded[:, 1:1 + height, 1:1 + width, :],)
+
+
+_max_pool_3x3_s2.defvjp(lambda x, shape: _max_pool_with_taps(x, shape), _max_pool_backward)
+
+
+def max_pool_3x3_stride_2(x: jax.Array) -> jax.Array:
+    """PyTorch's MaxPool2d(3, stride=2, padding=1) (ResNet's stem): dtype[batch, H, W, C] ->
+    dtype[batch, (H - 1) // 2 + 1, (W - 1) // 2 + 1, C]; the same values as flax's nn.max_pool with that window,
+    its gradient routed by the index of each window's maximum (the first on a tie) as PyTorch's is. For CPUs,
+    where it runs at several times the speed of XLA's gradient of nn.max_pool."""
+    return _max_pool_3x3_s2(x, x.shape)
 
 
 def conv(features: int, kernel: int, stride: int, padding: int, dtype: Any, name: str,

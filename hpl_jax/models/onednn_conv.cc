@@ -102,21 +102,31 @@ struct Operand {
   bool output;
 };
 
+// Memory a call needs besides XLA's buffers (the scratchpad, operands in oneDNN's layouts), kept per thread and
+// reused: allocating it afresh every call costs a page fault per page touched, on every call.
+char* Workspace(size_t slot, size_t bytes) {
+  thread_local std::vector<std::vector<char>> slots;
+  if (slots.size() <= slot) slots.resize(slot + 1);
+  if (slots[slot].size() < bytes) slots[slot].resize(bytes);
+  return slots[slot].data();
+}
+
 void Run(const dnnl::primitive& primitive, const dnnl::primitive_desc& pd, const std::vector<Operand>& operands) {
   auto& engine = Engine();
   dnnl::stream stream(engine);
   auto scratchpad_desc = pd.scratchpad_desc();
-  std::vector<char> scratchpad(scratchpad_desc.get_size());
-  std::unordered_map<int, memory> args{{DNNL_ARG_SCRATCHPAD, memory(scratchpad_desc, engine, scratchpad.data())}};
+  std::unordered_map<int, memory> args{
+      {DNNL_ARG_SCRATCHPAD, memory(scratchpad_desc, engine, Workspace(0, scratchpad_desc.get_size()))}};
   std::vector<std::pair<memory, memory>> reorder_out;  // (primitive's layout, XLA's buffer)
-  for (const auto& operand : operands) {
+  for (size_t i = 0; i < operands.size(); ++i) {
+    const auto& operand = operands[i];
     memory held(operand.layout, engine, const_cast<void*>(operand.data));
     auto wanted = pd.query_md(dnnl::query::exec_arg_md, operand.arg);
     if (wanted == operand.layout) {
       args.insert({operand.arg, held});
       continue;
     }
-    memory inner(wanted, engine);
+    memory inner(wanted, engine, Workspace(1 + i, wanted.get_size()));
     if (operand.output) {
       reorder_out.emplace_back(inner, held);
     } else {

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hpl_jax.models.layers import batch_norm, conv, scaled_channels
+from hpl_jax.models.layers import batch_norm, conv, max_pool_3x3_stride_2, scaled_channels
 
 
 class BasicBlock(nn.Module):
@@ -91,8 +91,12 @@ class ResNet(nn.Module):
         x = conv(scaled_channels(64, self.width), 7, 2, 3, self.dtype, "conv1", conv_impl=self.conv_impl)(x)
         x = batch_norm(self.bn_axis_name, self.dtype, "bn1")(x, use_running_average=use_running_average)
         x = nn.relu(x)
-        # Flax pads max pooling with -inf, as PyTorch's MaxPool2d(3, 2, padding=1) does.
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        # PyTorch's MaxPool2d(3, 2, padding=1), padded with -inf. On a CPU (conv_impl 'cpu', i.e. 'auto' there, or
+        # 'onednn') its gradient is routed by tap index: XLA:CPU's gradient of reduce_window is 10x slower.
+        if self.conv_impl in ("cpu", "onednn"):
+            x = max_pool_3x3_stride_2(x)
+        else:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, num_blocks in enumerate(blocks_per_stage):
             for index in range(num_blocks):
                 x = block_cls(

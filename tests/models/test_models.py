@@ -382,3 +382,28 @@ def test_conv_impl_is_checked_and_may_change_on_resume():
     for impl in ("xla", "im2col"):
         config.model.conv_impl = impl
         checkpointing.check_resumed_config(saved, config, "config.json")
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 9, 3), (2, 8, 7, 3), (1, 2, 2, 4), (1, 1, 1, 2)])
+def test_max_pool_with_tap_gradients_equals_flax_max_pool(shape):
+    # The CPU path of ResNet's stem pooling: the same values as nn.max_pool, and the same gradient, also after a
+    # ReLU, whose zeros tie within a window.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    reference = lambda v: nn.max_pool(v, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    weights = jnp.asarray(rng.normal(size=reference(x).shape), jnp.float32)
+    assert jnp.array_equal(models.max_pool_3x3_stride_2(x), reference(x))
+    for before in (lambda v: v, jax.nn.relu):
+        grads = [jax.grad(lambda v: jnp.sum(pool(before(v)) * weights))(x)
+                 for pool in (models.max_pool_3x3_stride_2, reference)]
+        np.testing.assert_allclose(grads[0], grads[1], rtol=1e-6, atol=1e-6)
+
+
+def test_resnet_pools_with_tap_gradients_on_a_cpu_only():
+    images = jnp.zeros((1, 32, 32, 3))
+    for conv_impl, tap_pooling in (("cpu", True), ("onednn", True), ("xla", False), ("im2col", False)):
+        model = models.ResNet("resnet18", width=0.125, conv_impl=conv_impl)
+        variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, use_running_average=True))
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(model.apply(v, images, use_running_average=True))))(
+            variables))
+        assert ("reduce_window_max" not in jaxpr) == tap_pooling, conv_impl
