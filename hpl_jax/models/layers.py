@@ -12,8 +12,8 @@ parameters (flax `nn.Conv`'s tree: 'kernel' HWIO, 'bias'), so a checkpoint of on
 - 'onednn': every convolution and its gradients computed by oneDNN, through XLA FFI custom calls (CPU only;
   onednn.py, which compiles the library on first use).
 - 'auto': 'xla' on GPUs and TPUs; on CPUs `cpu_conv`, which picks per convolution what was measured fastest
-  there: im2col where a feature map is smaller than the kernel, XLA's op for 1x1 kernels, oneDNN elsewhere
-  (XLA's op where oneDNN is unavailable; `onednn.status()` says why).
+  there: im2col where a feature map is smaller than the kernel, oneDNN for the stem's 7x7 kernel and 3x3 kernels
+  of 64 channels or more, XLA's op elsewhere (and where oneDNN is unavailable; `onednn.status()` says why).
 """
 from __future__ import annotations
 
@@ -129,15 +129,25 @@ def onednn_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dil
 
 def cpu_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, **kwargs) -> jax.Array:
     """conv_impl 'auto' on a CPU: per convolution, what is fastest there (docs/benchmarks.md, "CPU convolutions"):
-    `im2col_conv` where a feature map is smaller than the kernel; XLA's op for a 1x1 kernel (a strided slice and
-    a matmul, as fast as oneDNN's) or a dtype other than float32; oneDNN's convolutions elsewhere, or XLA's op
-    where oneDNN is unavailable."""
+    `im2col_conv` where a feature map is smaller than the kernel; oneDNN's convolution where `onednn_is_faster`
+    (float32 only, and where oneDNN is available); XLA's op elsewhere."""
     if smaller_than_kernel(lhs.shape, rhs.shape, window_strides, padding):
         return im2col_conv(lhs, rhs, window_strides, padding, **kwargs)
-    one_by_one = rhs.shape[:2] == (1, 1)
-    if one_by_one or not lhs.dtype == rhs.dtype == jnp.float32 or not onednn.status().available:
-        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
-    return onednn_conv(lhs, rhs, window_strides, padding, **kwargs)
+    if onednn_is_faster(rhs.shape) and lhs.dtype == rhs.dtype == jnp.float32 and onednn.status().available:
+        return onednn_conv(lhs, rhs, window_strides, padding, **kwargs)
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+
+
+def onednn_is_faster(kernel_shape) -> bool:
+    """Whether oneDNN's convolution (forward and both gradients) beat XLA:CPU's on a kernel of this shape
+    [kh, kw, C_in, C_out], measured on ResNet-18's convolutions at widths 1 and 0.25, batch 64 (docs/benchmarks.md,
+    "CPU convolutions"): kernels larger than 3x3 (the stem: 0.53-0.63x XLA's time) and 3x3 kernels with 64 channels
+    or more in and out (0.39-0.90x); not 3x3 kernels with 16-32 channels (1.17-1.78x) nor 1x1 kernels (a strided
+    slice and a matmul for XLA, as fast)."""
+    kh, kw, c_in, c_out = kernel_shape
+    if kh == kw == 1:
+        return False
+    return max(kh, kw) > 3 or min(c_in, c_out) >= 64
 
 
 CONV_FUNCTIONS = {"xla": lax.conv_general_dilated, "im2col": im2col_conv, "onednn": onednn_conv, "cpu": cpu_conv}
@@ -163,9 +173,10 @@ def describe_conv_impl(conv_impl: str) -> str:
     state = onednn.status()
     if conv_impl == "onednn":
         return f"oneDNN: {state.detail}"
-    elsewhere = f"oneDNN elsewhere ({state.detail})" if state.available else (
-        f"XLA's op elsewhere (oneDNN unavailable: {state.detail})")
-    return f"im2col where a feature map is smaller than the kernel, XLA's op for 1x1 kernels, {elsewhere}"
+    onednn_part = (f"oneDNN for kernels larger than 3x3 and 3x3 kernels of >= 64 channels ({state.detail})"
+                   if state.available else f"XLA's op for the others (oneDNN unavailable: {state.detail})")
+    xla_part = ", XLA's op for the others" if state.available else ""
+    return f"im2col where a feature map is smaller than the kernel, {onednn_part}{xla_part}"
 
 
 def _pool_taps(x: jax.Array) -> list:

@@ -72,22 +72,24 @@ def _custom_calls(fn, *args) -> int:
 def test_auto_on_a_cpu_picks_per_convolution():
     conv = lambda shape, size, stride, pad, dtype=jnp.float32: lambda x, k: layers.cpu_conv(
         x, k, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=models.NHWC_DIMENSION_NUMBERS)
-    x16, x2 = jnp.zeros((2, 16, 16, 8)), jnp.zeros((2, 2, 2, 8))
-    k3, k1 = jnp.zeros((3, 3, 8, 8)), jnp.zeros((1, 1, 8, 8))
+    x16, x2 = jnp.zeros((2, 16, 16, 64)), jnp.zeros((2, 2, 2, 64))
+    k3, k1, k7 = jnp.zeros((3, 3, 64, 64)), jnp.zeros((1, 1, 64, 64)), jnp.zeros((7, 7, 3, 8))
     assert _custom_calls(conv(x16, 3, 1, 1), x16, k3) == 1  # oneDNN
+    assert _custom_calls(conv(x16, 7, 2, 3), jnp.zeros((2, 16, 16, 3)), k7) == 1  # the stem: oneDNN
+    assert _custom_calls(conv(x16, 3, 1, 1), x16[..., :32], k3[:, :, :32, :32]) == 0  # 32 channels: XLA's op
     assert _custom_calls(conv(x16, 1, 2, 0), x16, k1) == 0  # 1x1: XLA's op
     jaxpr = str(jax.make_jaxpr(conv(x2, 3, 1, 1))(x2, k3))
     assert "ffi_call" not in jaxpr and "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr  # im2col
-    bf16 = jnp.zeros((2, 16, 16, 8), jnp.bfloat16), jnp.zeros((3, 3, 8, 8), jnp.bfloat16)
+    bf16 = jnp.zeros((2, 16, 16, 64), jnp.bfloat16), jnp.zeros((3, 3, 64, 64), jnp.bfloat16)
     assert _custom_calls(conv(None, 3, 1, 1), *bf16) == 0  # oneDNN's calls here are float32 only
 
 
 def test_auto_falls_back_to_xla_where_onednn_is_unavailable(monkeypatch):
     monkeypatch.setattr(onednn, "status", lambda: onednn.OnednnStatus(False, "no C++ compiler (set CXX)"))
-    x, k = jnp.zeros((2, 16, 16, 8)), jnp.zeros((3, 3, 8, 8))
+    x, k = jnp.zeros((2, 16, 16, 64)), jnp.zeros((3, 3, 64, 64))
     fn = lambda x, k: layers.cpu_conv(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=models.NHWC_DIMENSION_NUMBERS)
     assert _custom_calls(fn, x, k) == 0
-    assert "XLA's op elsewhere (oneDNN unavailable: no C++ compiler (set CXX))" in models.describe_conv_impl("cpu")
+    assert "XLA's op for the others (oneDNN unavailable: no C++ compiler (set CXX))" in models.describe_conv_impl("cpu")
     config = default.get_config()
     config.model.conv_impl = "onednn"
     with pytest.raises(config_checks.ConfigError, match=r"model.conv_impl: 'onednn' but oneDNN is unavailable here: "
