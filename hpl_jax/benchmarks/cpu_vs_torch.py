@@ -350,9 +350,9 @@ def profile(config, batch, step_ms: float, peer: Optional["TorchPeer"] = None) -
     print(f"  profile of the JAX step, conv_impl {config.model.conv_impl!r} (pieces jitted and timed alone, ms, "
           "share of their sum):")
     for name, ms in totals.items():
-        peer = (f"   PyTorch {torch_totals[name]:7.1f} ms: ours {ms / torch_totals[name]:.1f}x its time"
-                if peer is not None and name in torch_totals else "")
-        print(f"    {name:34s} {ms:8.1f}  {100 * ms / pieces:5.1f}%{peer}")
+        beside = (f"   PyTorch {torch_totals[name]:7.1f} ms: ours {ms / torch_totals[name]:.1f}x its time"
+                  if peer is not None and name in torch_totals else "")
+        print(f"    {name:34s} {ms:8.1f}  {100 * ms / pieces:5.1f}%{beside}")
     # Timed alone, a piece misses the fusions and overlap it has inside the step, and sees other load.
     print(f"    {'sum of the pieces':34s} {pieces:8.1f}   against the step's {step_ms:.1f} ms (median above); the "
           f"difference, {step_ms - pieces:.1f} ms, is ReLU, pooling, adds, the head, copies, and timing noise")

@@ -122,3 +122,27 @@ def test_cpu_vs_torch_refuses_a_width_of_zero_in_one_line():
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith(
         "--width must be above 0 and --embedding_dim at least 1 (got 0.0 and 512)")
+
+
+def test_cpu_convolutions_times_each_implementation_and_says_what_auto_picks():
+    command = [sys.executable, "-m", "hpl_jax.benchmarks.cpu_convolutions", "--batch=2", "--repeats=1",
+               "--widths=0.25"]
+    result = subprocess.run(command, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("  width 0.25:")]
+    # The stem, layer1's 3x3, layer2's stride-2 and stride-1 3x3 and the three 1x1 downsamplings; layer3's and
+    # layer4's 3x3 convolutions see maps smaller than their kernel (im2col in 'auto') and are left out.
+    assert len(lines) == 7, result.stdout
+    assert lines[0].startswith("  width 0.25: 7x7/2   3 ->  16 on 32x32") and lines[0].endswith("auto: oneDNN")
+    assert all(re.search(r"xla +[0-9.]+  onednn +[0-9.]+  im2col +[0-9.]+ +oneDNN/XLA [0-9.]+", line)
+               for line in lines), lines
+    assert all(line.endswith("auto: XLA") for line in lines[1:]), lines
+
+
+def test_cpu_vs_torch_profiles_the_jax_step_without_the_peer():
+    command = [sys.executable, "-m", "hpl_jax.benchmarks.cpu_vs_torch", "--conv_impls=auto", "--steps=1",
+               "--repeats=1", "--batch=4", "--image_size=16", "--width=0.125", "--embedding_dim=8", "--no_torch"]
+    result = subprocess.run(command, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"^    conv forward +[0-9.]+ +[0-9.]+%$", result.stdout, flags=re.M), result.stdout
+    assert "PyTorch" not in result.stdout.split("profile of the JAX step")[1]
