@@ -140,10 +140,10 @@ def cpu_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, **kwargs) 
 
 def onednn_is_faster(kernel_shape) -> bool:
     """Whether oneDNN's convolution (forward and both gradients) beat XLA:CPU's on a kernel of this shape
-    [kh, kw, C_in, C_out], measured on ResNet-18's convolutions at widths 1 and 0.25, batch 64 (docs/benchmarks.md,
-    "CPU convolutions"): kernels larger than 3x3 (the stem: 0.53-0.63x XLA's time) and 3x3 kernels with 64 channels
-    or more in and out (0.39-0.90x); not 3x3 kernels with 16-32 channels (1.17-1.78x) nor 1x1 kernels (a strided
-    slice and a matmul for XLA, as fast)."""
+    [kh, kw, C_in, C_out], measured on ResNet-18's convolutions at widths 1 and 0.25, batch 64
+    (`python -m hpl_jax.benchmarks.cpu_convolutions`; docs/benchmarks.md, "CPU convolutions"): kernels larger than 3x3
+    (the stem: 0.51-0.56x XLA's time) and 3x3 kernels with 64 channels or more in and out (0.36-0.93x); not 3x3
+    kernels with 16-32 channels (1.03-1.13x) nor 1x1 kernels (1.5-2.8x)."""
     kh, kw, c_in, c_out = kernel_shape
     if kh == kw == 1:
         return False
