@@ -1,5 +1,5 @@
 """ResNet-18's convolutions on a CPU, one at a time: XLA's op against oneDNN's (and im2col's), forward and both
-gradients, the figures behind `models.layers.onednn_is_faster` (which 'auto' uses on a CPU).
+gradients, the figures behind `models.layers.cpu_conv_choice` (which 'auto' uses on a CPU).
 
     python -m hpl_jax.benchmarks.cpu_convolutions [--batch 64] [--repeats 15] [--widths 1,0.25]
 
@@ -81,8 +81,10 @@ def main() -> None:
     for width in (float(w) for w in args.widths.split(",")):
         for geometry in geometries(width):
             ms = compare(args.batch, geometry, args.repeats)
-            side, c_in, c_out, kernel, stride, _ = geometry
-            picks = "oneDNN" if layers.onednn_is_faster((kernel, kernel, c_in, c_out)) else "XLA"
+            side, c_in, c_out, kernel, stride, padding = geometry
+            choice = layers.cpu_conv_choice((args.batch, side, side, c_in), (kernel, kernel, c_in, c_out),
+                                            (stride, stride), ((padding, padding), (padding, padding)))
+            picks = {"onednn": "oneDNN", "xla": "XLA", "im2col": "im2col"}[choice]
             print(f"  width {width:g}: {kernel}x{kernel}/{stride} {c_in:3d} -> {c_out:3d} on {side:2d}x{side:<2d}  "
                   + "  ".join(f"{name} {value:7.2f}" for name, value in ms.items())
                   + f"   oneDNN/XLA {ms['onednn'] / ms['xla']:.2f}   auto: {picks}", flush=True)

@@ -6,7 +6,6 @@ from typing import Dict
 import jax
 import jax.numpy as jnp
 import numpy as np
-import sklearn.metrics
 
 from hpl_jax.core import hier as hier_lib
 from hpl_jax.core.hierarchy import ProxyHierarchy, cluster_means, host_matrix, l2_normalised
@@ -54,6 +53,9 @@ def hierarchy_metrics(hierarchy: ProxyHierarchy, *, super_labels=None, previous:
     Returns:
       {name: float}, names without a prefix (e.g. 'level_1_nmi').
     """
+    # Imported here, not with the module: sklearn (and the scipy.stats it imports) takes 1.6 s to load, which a
+    # process that never groups (--help, a config error, an evaluation) need not pay.
+    import sklearn.metrics
     values = {}
     proxies = [host_matrix(p) for p in hierarchy.proxies]
     if len(proxies) > 1:

@@ -12,8 +12,9 @@ parameters (flax `nn.Conv`'s tree: 'kernel' HWIO, 'bias'), so a checkpoint of on
 - 'onednn': every convolution and its gradients computed by oneDNN, through XLA FFI custom calls (CPU only;
   onednn.py, which compiles the library on first use).
 - 'auto': 'xla' on GPUs and TPUs; on CPUs `cpu_conv`, which picks per convolution what was measured fastest
-  there: im2col where a feature map is smaller than the kernel, oneDNN for the stem's 7x7 kernel and 3x3 kernels
-  of 64 channels or more, XLA's op elsewhere (and where oneDNN is unavailable; `onednn.status()` says why).
+  there (`cpu_conv_choice`): im2col where a feature map is smaller than the kernel and for 1x1 kernels, oneDNN for
+  the stem's 7x7 kernel and 3x3 kernels of 64 channels or more, XLA's op elsewhere (and where oneDNN is
+  unavailable; `onednn.status()` says why).
 """
 from __future__ import annotations
 
@@ -128,22 +129,37 @@ def onednn_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dil
 
 
 def cpu_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, **kwargs) -> jax.Array:
-    """conv_impl 'auto' on a CPU: per convolution, what is fastest there (docs/benchmarks.md, "CPU convolutions"):
-    `im2col_conv` where a feature map is smaller than the kernel; oneDNN's convolution where `onednn_is_faster`
-    (float32 only, and where oneDNN is available); XLA's op elsewhere."""
-    if smaller_than_kernel(lhs.shape, rhs.shape, window_strides, padding):
+    """conv_impl 'auto' on a CPU: per convolution, what `cpu_conv_choice` says is fastest there."""
+    choice = cpu_conv_choice(lhs.shape, rhs.shape, window_strides, padding, lhs.dtype, rhs.dtype)
+    if choice == "im2col":
         return im2col_conv(lhs, rhs, window_strides, padding, **kwargs)
-    if onednn_is_faster(rhs.shape) and lhs.dtype == rhs.dtype == jnp.float32 and onednn.status().available:
+    if choice == "onednn":
         return onednn_conv(lhs, rhs, window_strides, padding, **kwargs)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+
+
+def cpu_conv_choice(lhs_shape, rhs_shape, window_strides, padding, lhs_dtype=jnp.float32,
+                    rhs_dtype=jnp.float32) -> str:
+    """Which of 'im2col', 'onednn' and 'xla' computes a convolution under conv_impl 'auto' on a CPU, by what was
+    measured fastest there (`python -m hpl_jax.benchmarks.cpu_convolutions`; docs/benchmarks.md, "CPU
+    convolutions"): im2col where a feature map is smaller than the kernel and for 1x1 kernels (a strided slice and one
+    matmul: 0.45-0.96x XLA's time on every 1x1 of ResNet-18 at widths 1 and 0.25, on an AVX-512 Xeon and an AVX2
+    EPYC); oneDNN where `onednn_is_faster` (float32 only, and where oneDNN is available); XLA's op elsewhere."""
+    if smaller_than_kernel(lhs_shape, rhs_shape, window_strides, padding) or tuple(rhs_shape[:2]) == (1, 1):
+        return "im2col"
+    if (onednn_is_faster(rhs_shape) and jnp.dtype(lhs_dtype) == jnp.dtype(rhs_dtype) == jnp.float32
+            and onednn.status().available):
+        return "onednn"
+    return "xla"
 
 
 def onednn_is_faster(kernel_shape) -> bool:
     """Whether oneDNN's convolution (forward and both gradients) beat XLA:CPU's on a kernel of this shape
     [kh, kw, C_in, C_out], measured on ResNet-18's convolutions at widths 1 and 0.25, batch 64
     (`python -m hpl_jax.benchmarks.cpu_convolutions`; docs/benchmarks.md, "CPU convolutions"): kernels larger than 3x3
-    (the stem: 0.51-0.56x XLA's time) and 3x3 kernels with 64 channels or more in and out (0.36-0.93x); not 3x3
-    kernels with 16-32 channels (1.03-1.13x) nor 1x1 kernels (1.5-2.8x)."""
+    (the stem: 0.51-0.56x XLA's time on an AVX-512 Xeon, 0.27-0.62x on an AVX2 EPYC) and 3x3 kernels with 64 channels
+    or more in and out (0.36-0.93x; 0.40-1.18x); not 3x3 kernels with 16-32 channels (1.03-1.13x; 0.95-1.44x) nor 1x1
+    kernels (1.5-2.8x; 0.77-6.7x), which `cpu_conv_choice` gives to im2col."""
     kh, kw, c_in, c_out = kernel_shape
     if kh == kw == 1:
         return False
@@ -176,7 +192,7 @@ def describe_conv_impl(conv_impl: str) -> str:
     onednn_part = (f"oneDNN for kernels larger than 3x3 and 3x3 kernels of >= 64 channels ({state.detail})"
                    if state.available else f"XLA's op for the others (oneDNN unavailable: {state.detail})")
     xla_part = ", XLA's op for the others" if state.available else ""
-    return f"im2col where a feature map is smaller than the kernel, {onednn_part}{xla_part}"
+    return f"im2col where a feature map is smaller than the kernel and for 1x1 kernels, {onednn_part}{xla_part}"
 
 
 def _pool_taps(x: jax.Array) -> list:

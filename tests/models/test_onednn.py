@@ -77,9 +77,10 @@ def test_auto_on_a_cpu_picks_per_convolution():
     assert _custom_calls(conv(x16, 3, 1, 1), x16, k3) == 1  # oneDNN
     assert _custom_calls(conv(x16, 7, 2, 3), jnp.zeros((2, 16, 16, 3)), k7) == 1  # the stem: oneDNN
     assert _custom_calls(conv(x16, 3, 1, 1), x16[..., :32], k3[:, :, :32, :32]) == 0  # 32 channels: XLA's op
-    assert _custom_calls(conv(x16, 1, 2, 0), x16, k1) == 0  # 1x1: XLA's op
-    jaxpr = str(jax.make_jaxpr(conv(x2, 3, 1, 1))(x2, k3))
-    assert "ffi_call" not in jaxpr and "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr  # im2col
+    assert "conv_general_dilated" in str(jax.make_jaxpr(conv(x16, 3, 1, 1))(x16[..., :32], k3[:, :, :32, :32]))
+    for x, k, size, stride, pad in ((x2, k3, 3, 1, 1), (x16, k1, 1, 2, 0)):  # a 2x2 map, a 1x1 kernel: im2col
+        jaxpr = str(jax.make_jaxpr(conv(x, size, stride, pad))(x, k))
+        assert "ffi_call" not in jaxpr and "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
     bf16 = jnp.zeros((2, 16, 16, 64), jnp.bfloat16), jnp.zeros((3, 3, 64, 64), jnp.bfloat16)
     assert _custom_calls(conv(None, 3, 1, 1), *bf16) == 0  # oneDNN's calls here are float32 only
 
