@@ -142,9 +142,10 @@ def cpu_conv_choice(lhs_shape, rhs_shape, window_strides, padding, lhs_dtype=jnp
                     rhs_dtype=jnp.float32) -> str:
     """Which of 'im2col', 'onednn' and 'xla' computes a convolution under conv_impl 'auto' on a CPU, by what was
     measured fastest there (`python -m hpl_jax.benchmarks.cpu_convolutions`; docs/benchmarks.md, "CPU
-    convolutions"): im2col where a feature map is smaller than the kernel and for 1x1 kernels (a strided slice and one
-    matmul: 0.45-0.96x XLA's time on every 1x1 of ResNet-18 at widths 1 and 0.25, on an AVX-512 Xeon and an AVX2
-    EPYC); oneDNN where `onednn_is_faster` (float32 only, and where oneDNN is available); XLA's op elsewhere."""
+    convolutions"; two 2-core machines, an earlier one and an AMD EPYC with AVX2): im2col where a feature map is
+    smaller than the kernel and for 1x1 kernels (a strided slice and one matmul: 0.46-0.96x XLA's time on every 1x1
+    of ResNet-18 at widths 1 and 0.25 on the EPYC, 0.73x on the earlier machine's one figure); oneDNN where
+    `onednn_is_faster` (float32 only, and where oneDNN is available); XLA's op elsewhere."""
     if smaller_than_kernel(lhs_shape, rhs_shape, window_strides, padding) or tuple(rhs_shape[:2]) == (1, 1):
         return "im2col"
     if (onednn_is_faster(rhs_shape) and jnp.dtype(lhs_dtype) == jnp.dtype(rhs_dtype) == jnp.float32
@@ -156,10 +157,10 @@ def cpu_conv_choice(lhs_shape, rhs_shape, window_strides, padding, lhs_dtype=jnp
 def onednn_is_faster(kernel_shape) -> bool:
     """Whether oneDNN's convolution (forward and both gradients) beat XLA:CPU's on a kernel of this shape
     [kh, kw, C_in, C_out], measured on ResNet-18's convolutions at widths 1 and 0.25, batch 64
-    (`python -m hpl_jax.benchmarks.cpu_convolutions`; docs/benchmarks.md, "CPU convolutions"): kernels larger than 3x3
-    (the stem: 0.51-0.56x XLA's time on an AVX-512 Xeon, 0.27-0.62x on an AVX2 EPYC) and 3x3 kernels with 64 channels
-    or more in and out (0.36-0.93x; 0.40-1.18x); not 3x3 kernels with 16-32 channels (1.03-1.13x; 0.95-1.44x) nor 1x1
-    kernels (1.5-2.8x; 0.77-6.7x), which `cpu_conv_choice` gives to im2col."""
+    (`python -m hpl_jax.benchmarks.cpu_convolutions`; docs/benchmarks.md, "CPU convolutions"), on the earlier machine
+    and the EPYC: kernels larger than 3x3 (the stem: 0.51-0.56x XLA's time; 0.27-0.62x) and 3x3 kernels with 64
+    channels or more in and out (0.36-0.93x; 0.40-1.18x); not 3x3 kernels with 16-32 channels (1.03-1.13x;
+    0.95-1.44x) nor 1x1 kernels (1.5-2.8x; 0.77-6.7x), which `cpu_conv_choice` gives to im2col."""
     kh, kw, c_in, c_out = kernel_shape
     if kh == kw == 1:
         return False
