@@ -239,7 +239,17 @@ def _max_pool_backward(shape, index, dy):
     return (padded[:, 1:1 + height, 1:1 + width, :],)
 
 
-_max_pool_3x3_s2.defvjp(lambda x, shape: _max_pool_with_taps(x, shape), _max_pool_backward)
+def _max_pool_forward(x, shape):
+    best, index = _max_pool_with_taps(x, shape)
+    # The index through a reduction, whose result XLA writes to memory: otherwise XLA fuses the 9-tap comparison
+    # (and the BatchNorm and ReLU before it) into the gradient's fusion, recomputed for every tap that reads it
+    # (ResNet-18's stem on a CPU: 35-38 ms of the step's largest fusion; `lax.optimization_barrier` does not
+    # survive XLA:CPU's passes).
+    # A bitwise or (index | 0): XLA:CPU hands a max-reduction of int8 to YNNPACK, which took 48 ms over it.
+    return best, lax.reduce(jnp.stack([index, jnp.zeros_like(index)]), jnp.int8(0), lax.bitwise_or, (0,))
+
+
+_max_pool_3x3_s2.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 def max_pool_3x3_stride_2(x: jax.Array) -> jax.Array:
