@@ -125,10 +125,11 @@ def get_config():
     model.pretrained = ""
     # How the backbone's convolutions are computed; the parameters and checkpoints are the same under each, so a
     # run may resume or be evaluated under another. 'auto': XLA's convolution op on GPUs and TPUs (cuDNN, the MXU);
-    # on CPUs, per convolution, what was measured fastest there: patches + one matmul (im2col) where the feature
-    # map is smaller than the kernel, XLA's op for 1x1 kernels, oneDNN's convolutions elsewhere (XLA's op where
-    # oneDNN is unavailable: hpl_jax/models/onednn.py builds it on first use from the oneDNN wheels of
-    # requirements.txt and a C++ compiler, and the run's log says which). 'xla': XLA's op everywhere. 'im2col':
+    # on CPUs, per convolution, what was measured fastest there (models.layers.cpu_conv_choice): patches + one
+    # matmul (im2col) where the feature map is smaller than the kernel and for 1x1 kernels, oneDNN's convolutions
+    # for the 7x7 stem and 3x3 kernels of >= 64 channels, XLA's op elsewhere (and where oneDNN is unavailable:
+    # hpl_jax/models/onednn.py builds it on first use from the oneDNN wheels of requirements.txt and a C++
+    # compiler, and the run's log says which). 'xla': XLA's op everywhere. 'im2col':
     # patches + matmul everywhere. 'onednn': oneDNN everywhere (CPU only; refused where it is unavailable).
     # Measured in docs/benchmarks.md, section "CPU convolutions" (python -m hpl_jax.benchmarks.cpu_vs_torch). A
     # ViT's one convolution, the patch projection, is always computed as patches times the kernel (one matmul).
